@@ -1,0 +1,428 @@
+//! The node's address allocator: addresses inside the blocks a node holds.
+//!
+//! Blocks of a pool are used in address order, the first with room first; inside a block the
+//! search is next-fit from where the last allocation stopped, so an address just freed is not
+//! handed straight back.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::cidr::{self, Family};
+
+/// Blocks up to this many usable addresses track use in a bitmap; larger ones in a set.
+const BITMAP_LIMIT: u128 = 1 << 20;
+
+#[derive(Debug, Clone)]
+enum Used {
+    Bitmap(Vec<u64>),
+    Sparse(BTreeSet<u128>),
+}
+
+impl Used {
+    fn new(count: u128) -> Used {
+        if count <= BITMAP_LIMIT {
+            Used::Bitmap(vec![0; count.div_ceil(64) as usize])
+        } else {
+            Used::Sparse(BTreeSet::new())
+        }
+    }
+
+    fn get(&self, off: u128) -> bool {
+        match self {
+            Used::Bitmap(words) => words[(off / 64) as usize] & (1 << (off % 64)) != 0,
+            Used::Sparse(set) => set.contains(&off),
+        }
+    }
+
+    fn set(&mut self, off: u128, value: bool) {
+        match self {
+            Used::Bitmap(words) => {
+                let w = &mut words[(off / 64) as usize];
+                if value { *w |= 1 << (off % 64) } else { *w &= !(1 << (off % 64)) }
+            }
+            Used::Sparse(set) => {
+                if value {
+                    set.insert(off);
+                } else {
+                    set.remove(&off);
+                }
+            }
+        }
+    }
+
+    /// First free offset in `[from, to)`.
+    fn first_free(&self, from: u128, to: u128) -> Option<u128> {
+        match self {
+            Used::Bitmap(words) => {
+                let mut off = from;
+                while off < to {
+                    let word = words[(off / 64) as usize] | ((1u64 << (off % 64)) - 1);
+                    if word != u64::MAX {
+                        let found = (off / 64) * 64 + u128::from(word.trailing_ones());
+                        return (found < to).then_some(found);
+                    }
+                    off = (off / 64 + 1) * 64;
+                }
+                None
+            }
+            Used::Sparse(set) => {
+                let mut off = from;
+                for &u in set.range(from..to) {
+                    if u != off {
+                        break;
+                    }
+                    off += 1;
+                }
+                (off < to).then_some(off)
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub net: IpNet,
+    /// Address value of the first usable address.
+    first: u128,
+    /// Usable addresses.
+    pub capacity: u128,
+    pub in_use: u128,
+    used: Used,
+    cursor: u128,
+    /// Set while the block is being given back: nothing new is allocated from it.
+    pub draining: bool,
+}
+
+impl Block {
+    fn new(net: IpNet) -> Block {
+        let (skip, capacity) = cidr::usable_range(&net);
+        Block {
+            net,
+            first: cidr::addr_to_u128(net.network()) + skip,
+            capacity,
+            in_use: 0,
+            used: Used::new(capacity),
+            cursor: 0,
+            draining: false,
+        }
+    }
+
+    fn offset(&self, ip: IpAddr) -> Option<u128> {
+        let v = cidr::addr_to_u128(ip);
+        (self.net.contains(&ip) && v >= self.first && v - self.first < self.capacity).then(|| v - self.first)
+    }
+
+    fn take(&mut self) -> Option<u128> {
+        if self.draining || self.in_use >= self.capacity {
+            return None;
+        }
+        let off = self
+            .used
+            .first_free(self.cursor, self.capacity)
+            .or_else(|| self.used.first_free(0, self.cursor))?;
+        self.used.set(off, true);
+        self.in_use += 1;
+        self.cursor = if off + 1 == self.capacity { 0 } else { off + 1 };
+        Some(off)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MarkError {
+    #[error("{ip} lies in no block of pool {pool:?} that this node holds")]
+    NoBlock { pool: String, ip: IpAddr },
+    #[error("{ip} is already allocated")]
+    AlreadyUsed { ip: IpAddr },
+}
+
+/// Use of one family of one pool on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub blocks: usize,
+    pub capacity: u128,
+    pub in_use: u128,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct NodeAllocator {
+    /// Blocks per (pool, family), kept sorted by address.
+    pools: BTreeMap<(String, Family), Vec<Block>>,
+}
+
+impl NodeAllocator {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn blocks_mut(&mut self, pool: &str, family: Family) -> Option<&mut Vec<Block>> {
+        // Avoid allocating a key String on the hot path.
+        self.pools.iter_mut().find(|((p, f), _)| p == pool && *f == family).map(|(_, v)| v)
+    }
+
+    fn blocks(&self, pool: &str, family: Family) -> Option<&Vec<Block>> {
+        self.pools.iter().find(|((p, f), _)| p == pool && *f == family).map(|(_, v)| v)
+    }
+
+    /// Adds a block the node now holds. Adding a block twice is a no-op.
+    pub fn add_block(&mut self, pool: &str, net: IpNet) {
+        let blocks = self.pools.entry((pool.to_string(), Family::of(&net))).or_default();
+        if let Err(at) = blocks.binary_search_by_key(&net, |b| b.net) {
+            blocks.insert(at, Block::new(net));
+        }
+    }
+
+    /// Removes a block. Refused (false) while any address in it is in use.
+    pub fn remove_block(&mut self, pool: &str, net: &IpNet) -> bool {
+        let Some(blocks) = self.blocks_mut(pool, Family::of(net)) else { return true };
+        match blocks.iter().position(|b| b.net == *net) {
+            Some(i) if blocks[i].in_use > 0 => false,
+            Some(i) => {
+                blocks.remove(i);
+                true
+            }
+            None => true,
+        }
+    }
+
+    pub fn set_draining(&mut self, pool: &str, net: &IpNet, draining: bool) {
+        if let Some(b) = self.blocks_mut(pool, Family::of(net)).and_then(|v| v.iter_mut().find(|b| b.net == *net)) {
+            b.draining = draining;
+        }
+    }
+
+    pub fn holds(&self, pool: &str, net: &IpNet) -> bool {
+        self.blocks(pool, Family::of(net)).is_some_and(|v| v.iter().any(|b| b.net == *net))
+    }
+
+    pub fn block_list(&self) -> impl Iterator<Item = (&str, &Block)> {
+        self.pools.iter().flat_map(|((p, _), v)| v.iter().map(move |b| (p.as_str(), b)))
+    }
+
+    /// Takes a free address of the pool, or None when the node's blocks are full.
+    pub fn allocate(&mut self, pool: &str, family: Family) -> Option<IpAddr> {
+        let blocks = self.blocks_mut(pool, family)?;
+        blocks.iter_mut().find_map(|b| b.take().map(|off| cidr::u128_to_addr(family, b.first + off)))
+    }
+
+    /// Marks a known address as used (restore after restart).
+    pub fn mark_used(&mut self, pool: &str, ip: IpAddr) -> Result<(), MarkError> {
+        let no_block = || MarkError::NoBlock { pool: pool.to_string(), ip };
+        let blocks = self.blocks_mut(pool, Family::of_addr(&ip)).ok_or_else(no_block)?;
+        let (b, off) = blocks.iter_mut().find_map(|b| b.offset(ip).map(|o| (b, o))).ok_or_else(no_block)?;
+        if b.used.get(off) {
+            return Err(MarkError::AlreadyUsed { ip });
+        }
+        b.used.set(off, true);
+        b.in_use += 1;
+        Ok(())
+    }
+
+    /// Frees an address. False when it was not in use.
+    pub fn release(&mut self, pool: &str, ip: IpAddr) -> bool {
+        let Some(blocks) = self.blocks_mut(pool, Family::of_addr(&ip)) else { return false };
+        for b in blocks.iter_mut() {
+            if let Some(off) = b.offset(ip) {
+                if !b.used.get(off) {
+                    return false;
+                }
+                b.used.set(off, false);
+                b.in_use -= 1;
+                return true;
+            }
+        }
+        false
+    }
+
+    pub fn usage(&self, pool: &str, family: Family) -> Usage {
+        self.blocks(pool, family).map_or(Usage::default(), |v| Usage {
+            blocks: v.len(),
+            capacity: v.iter().filter(|b| !b.draining).map(|b| b.capacity).sum(),
+            in_use: v.iter().map(|b| b.in_use).sum(),
+        })
+    }
+
+    pub fn pools(&self) -> impl Iterator<Item = (&str, Family)> {
+        self.pools.iter().filter(|(_, v)| !v.is_empty()).map(|((p, f), _)| (p.as_str(), *f))
+    }
+
+    /// Empty blocks that can be given back while the rest still covers `needed`: the last ones
+    /// first, so the low blocks stay in use.
+    pub fn releasable(&self, pool: &str, family: Family, needed: u128) -> Vec<IpNet> {
+        let Some(blocks) = self.blocks(pool, family) else { return Vec::new() };
+        let mut capacity: u128 = blocks.iter().filter(|b| !b.draining).map(|b| b.capacity).sum();
+        let mut out = Vec::new();
+        for b in blocks.iter().rev().filter(|b| !b.draining) {
+            if b.in_use == 0 && capacity - b.capacity >= needed {
+                capacity -= b.capacity;
+                out.push(b.net);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashSet;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn skips_network_and_broadcast() {
+        let mut a = NodeAllocator::new();
+        a.add_block("p", "10.0.0.0/30".parse().unwrap());
+        assert_eq!(a.allocate("p", Family::V4), Some(ip("10.0.0.1")));
+        assert_eq!(a.allocate("p", Family::V4), Some(ip("10.0.0.2")));
+        assert_eq!(a.allocate("p", Family::V4), None);
+    }
+
+    #[test]
+    fn point_to_point_blocks_use_every_address() {
+        let mut a = NodeAllocator::new();
+        a.add_block("p", "10.0.0.0/31".parse().unwrap());
+        a.add_block("p", "fd00::/127".parse().unwrap());
+        a.add_block("p", "10.0.1.7/32".parse().unwrap());
+        let v4: Vec<_> = std::iter::from_fn(|| a.allocate("p", Family::V4)).collect();
+        assert_eq!(v4, [ip("10.0.0.0"), ip("10.0.0.1"), ip("10.0.1.7")]);
+        let v6: Vec<_> = std::iter::from_fn(|| a.allocate("p", Family::V6)).collect();
+        assert_eq!(v6, [ip("fd00::"), ip("fd00::1")]);
+    }
+
+    #[test]
+    fn next_fit_does_not_hand_back_a_just_freed_address() {
+        let mut a = NodeAllocator::new();
+        a.add_block("p", "10.0.0.0/29".parse().unwrap());
+        let first = a.allocate("p", Family::V4).unwrap();
+        assert!(a.release("p", first));
+        assert_ne!(a.allocate("p", Family::V4), Some(first));
+    }
+
+    #[test]
+    fn wraps_around_to_freed_addresses_when_the_end_is_reached() {
+        let mut a = NodeAllocator::new();
+        a.add_block("p", "10.0.0.0/30".parse().unwrap());
+        let x = a.allocate("p", Family::V4).unwrap();
+        let _y = a.allocate("p", Family::V4).unwrap();
+        a.release("p", x);
+        assert_eq!(a.allocate("p", Family::V4), Some(x));
+    }
+
+    #[test]
+    fn blocks_in_order_first_with_room() {
+        let mut a = NodeAllocator::new();
+        a.add_block("p", "10.0.1.0/30".parse().unwrap());
+        a.add_block("p", "10.0.0.0/30".parse().unwrap());
+        let got: Vec<_> = std::iter::from_fn(|| a.allocate("p", Family::V4)).collect();
+        assert_eq!(got, [ip("10.0.0.1"), ip("10.0.0.2"), ip("10.0.1.1"), ip("10.0.1.2")]);
+        a.release("p", ip("10.0.0.2"));
+        assert_eq!(a.allocate("p", Family::V4), Some(ip("10.0.0.2")));
+    }
+
+    #[test]
+    fn huge_blocks_use_a_sparse_set() {
+        let mut a = NodeAllocator::new();
+        a.add_block("p", "fd00::/64".parse().unwrap());
+        let x = a.allocate("p", Family::V6).unwrap();
+        let y = a.allocate("p", Family::V6).unwrap();
+        assert_eq!((x, y), (ip("fd00::1"), ip("fd00::2")));
+        a.release("p", x);
+        assert_eq!(a.allocate("p", Family::V6), Some(ip("fd00::3")));
+        assert_eq!(a.usage("p", Family::V6).capacity, (1u128 << 64) - 2);
+    }
+
+    #[test]
+    fn draining_blocks_are_skipped_and_releasable_keeps_demand() {
+        let mut a = NodeAllocator::new();
+        for n in ["10.0.0.0/29", "10.0.0.8/29", "10.0.0.16/29"] {
+            a.add_block("p", n.parse().unwrap());
+        }
+        let used = a.allocate("p", Family::V4).unwrap();
+        // 3 blocks × 6 usable; demand 7 keeps two blocks.
+        assert_eq!(a.releasable("p", Family::V4, 7), vec!["10.0.0.16/29".parse::<IpNet>().unwrap()]);
+        assert_eq!(a.releasable("p", Family::V4, 0).len(), 2);
+        assert!(!a.remove_block("p", &"10.0.0.0/29".parse().unwrap()), "block in use");
+        a.set_draining("p", &"10.0.0.0/29".parse().unwrap(), true);
+        assert_eq!(a.allocate("p", Family::V4), Some(ip("10.0.0.9")));
+        a.release("p", used);
+        assert_eq!(a.usage("p", Family::V4).capacity, 12);
+    }
+
+    #[test]
+    fn mark_used_refuses_duplicates_and_foreign_addresses() {
+        let mut a = NodeAllocator::new();
+        a.add_block("p", "10.0.0.0/29".parse().unwrap());
+        a.mark_used("p", ip("10.0.0.3")).unwrap();
+        assert_eq!(a.mark_used("p", ip("10.0.0.3")), Err(MarkError::AlreadyUsed { ip: ip("10.0.0.3") }));
+        assert!(matches!(a.mark_used("p", ip("10.0.0.0")), Err(MarkError::NoBlock { .. })));
+        assert!(matches!(a.mark_used("q", ip("10.0.0.4")), Err(MarkError::NoBlock { .. })));
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Alloc(bool),
+        Release(usize),
+        Restart,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => any::<bool>().prop_map(Op::Alloc),
+            3 => any::<usize>().prop_map(Op::Release),
+            1 => Just(Op::Restart),
+        ]
+    }
+
+    proptest! {
+        /// Against a model set of live addresses: no address is handed out twice under random
+        /// allocate / release / restart (rebuild from the live records), and every address lies
+        /// in a usable part of a held block.
+        #[test]
+        fn no_address_twice(ops in proptest::collection::vec(op(), 1..600)) {
+            let blocks: [IpNet; 3] = ["10.1.0.0/28".parse().unwrap(), "10.1.0.64/30".parse().unwrap(), "fd00::/124".parse().unwrap()];
+            let build = |live: &[IpAddr]| {
+                let mut a = NodeAllocator::new();
+                for b in blocks { a.add_block("p", b); }
+                for ip in live { a.mark_used("p", *ip).unwrap(); }
+                a
+            };
+            let mut live: Vec<IpAddr> = Vec::new();
+            let mut a = build(&live);
+            for op in ops {
+                match op {
+                    Op::Alloc(v6) => {
+                        let family = if v6 { Family::V6 } else { Family::V4 };
+                        match a.allocate("p", family) {
+                            Some(ip) => {
+                                prop_assert!(!live.contains(&ip), "{ip} handed out twice");
+                                let block = blocks.iter().find(|b| b.contains(&ip)).expect("inside a held block");
+                                prop_assert!(ip != block.network() && ip != block.broadcast());
+                                live.push(ip);
+                            }
+                            None => {
+                                let cap = if v6 { 14 } else { 14 + 2 };
+                                let n = live.iter().filter(|ip| ip.is_ipv6() == v6).count();
+                                prop_assert_eq!(n, cap, "refused with room left");
+                            }
+                        }
+                    }
+                    Op::Release(i) if !live.is_empty() => {
+                        let ip = live.swap_remove(i % live.len());
+                        prop_assert!(a.release("p", ip));
+                        prop_assert!(!a.release("p", ip), "double release accepted");
+                    }
+                    Op::Release(_) => {}
+                    Op::Restart => a = build(&live),
+                }
+                let in_use: u128 = Family::ALL.iter().map(|f| a.usage("p", *f).in_use).sum();
+                prop_assert_eq!(in_use as usize, live.len());
+                prop_assert_eq!(live.iter().collect::<HashSet<_>>().len(), live.len());
+            }
+        }
+    }
+}

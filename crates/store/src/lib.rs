@@ -1,0 +1,135 @@
+//! The cluster state behind one trait: pools, nodes, block grants and namespace annotations,
+//! with a revision that grows on every change and a watch on it.
+//!
+//! Rules that span keys (pool validation against held blocks, a block granted only inside a
+//! current CIDR of its pool) are checked inside the same write transaction as the write, so two
+//! writers racing cannot break them. A block grant is a key of its own, created only if absent:
+//! a block has one holder by construction.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::IpAddr;
+
+use allot_core::{ApplyAction, BlockGrant, Pool, PoolError};
+use allot_wire::{
+    NodeAddress, NodeIpamSpec, NodeIpamStatus, NodePools, NodeResource, NodeSpec, NodeStatus,
+    ObjectMeta, OperatorStatus, PoolAllocation, PoolRequest,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+mod embedded;
+pub use embedded::EmbeddedStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Refused(#[from] PoolError),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("cluster store: {0}")]
+    Backend(String),
+}
+
+/// A node as the store keeps it; its blocks are the grants that name it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<IpAddr>,
+    #[serde(default)]
+    pub requested: Vec<PoolRequest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator_error: Option<String>,
+}
+
+pub type Annotations = BTreeMap<String, String>;
+
+/// The cluster store. Reads see one consistent revision; each write is one transaction.
+pub trait Store: Send + Sync + 'static {
+    fn pools(&self) -> impl Future<Output = Result<Vec<Pool>, StoreError>> + Send;
+
+    /// Creates or replaces pools by name, after validating the whole resulting state against
+    /// the blocks nodes hold. A refusal writes nothing.
+    fn apply_pools(&self, pools: Vec<Pool>) -> impl Future<Output = Result<Vec<ApplyAction>, StoreError>> + Send;
+
+    /// Deletes a pool no node holds blocks of.
+    fn delete_pool(&self, name: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    fn grants(&self) -> impl Future<Output = Result<Vec<BlockGrant>, StoreError>> + Send;
+
+    /// Creates the block's key if it is absent and the block is still a block of its pool.
+    /// Ok(false) when another node holds it or the pool no longer covers it.
+    fn grant_block(&self, grant: &BlockGrant) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Deletes the block's key if `grant.node` holds it. Ok(false) otherwise.
+    fn release_block(&self, grant: &BlockGrant) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    fn nodes(&self) -> impl Future<Output = Result<Vec<NodeRecord>, StoreError>> + Send;
+
+    /// Creates the node, or updates its IP.
+    fn register_node(&self, name: &str, ip: Option<IpAddr>) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    fn set_requested(&self, name: &str, requested: Vec<PoolRequest>) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    fn set_operator_error(&self, name: &str, error: Option<String>) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Removes a node and gives back every block it holds; returns those blocks.
+    fn delete_node(&self, name: &str) -> impl Future<Output = Result<Vec<BlockGrant>, StoreError>> + Send;
+
+    fn namespaces(&self) -> impl Future<Output = Result<BTreeMap<String, Annotations>, StoreError>> + Send;
+
+    fn annotate_namespace(
+        &self,
+        namespace: &str,
+        set: Annotations,
+        remove: Vec<String>,
+    ) -> impl Future<Output = Result<Annotations, StoreError>> + Send;
+
+    /// The revision of the last change, and a receiver that sees every later one.
+    fn watch(&self) -> watch::Receiver<u64>;
+}
+
+/// Builds the `CiliumNode`-shaped view of a node from its record and the grants.
+pub fn node_resource(record: &NodeRecord, grants: &[BlockGrant]) -> NodeResource {
+    let mut allocated: BTreeMap<&str, Vec<ipnet::IpNet>> = BTreeMap::new();
+    for g in grants.iter().filter(|g| g.node == record.name) {
+        allocated.entry(&g.pool).or_default().push(g.cidr);
+    }
+    NodeResource {
+        api_version: allot_wire::API_VERSION.into(),
+        kind: allot_wire::NODE_KIND.into(),
+        metadata: ObjectMeta { name: record.name.clone(), annotations: BTreeMap::new() },
+        spec: NodeSpec {
+            addresses: record
+                .ip
+                .map(|ip| vec![NodeAddress { kind: "InternalIP".into(), ip }])
+                .unwrap_or_default(),
+            ipam: NodeIpamSpec {
+                pools: NodePools {
+                    requested: record.requested.clone(),
+                    allocated: allocated
+                        .into_iter()
+                        .map(|(pool, mut cidrs)| {
+                            cidrs.sort();
+                            PoolAllocation { pool: pool.to_string(), cidrs }
+                        })
+                        .collect(),
+                },
+            },
+        },
+        status: NodeStatus {
+            ipam: NodeIpamStatus { operator_status: OperatorStatus { error: record.operator_error.clone() } },
+        },
+    }
+}
+
+/// Whether `grant` is a block of `pool` as it is now: right family, mask, and inside a CIDR.
+pub fn block_fits(pool: &Pool, grant: &BlockGrant) -> bool {
+    let family = allot_core::Family::of(&grant.cidr);
+    pool.spec.family(family).is_some_and(|spec| {
+        grant.cidr.prefix_len() == spec.mask_size
+            && allot_core::cidr::is_canonical(&grant.cidr)
+            && spec.cidrs.iter().any(|c| c.contains(&grant.cidr))
+    })
+}

@@ -202,8 +202,13 @@ impl NodeAllocator {
 
     /// Takes a free address of the pool, or None when the node's blocks are full.
     pub fn allocate(&mut self, pool: &str, family: Family) -> Option<IpAddr> {
+        self.allocate_in_block(pool, family).map(|(ip, _)| ip)
+    }
+
+    /// Like `allocate`, also naming the block the address came from.
+    pub fn allocate_in_block(&mut self, pool: &str, family: Family) -> Option<(IpAddr, IpNet)> {
         let blocks = self.blocks_mut(pool, family)?;
-        blocks.iter_mut().find_map(|b| b.take().map(|off| cidr::u128_to_addr(family, b.first + off)))
+        blocks.iter_mut().find_map(|b| b.take().map(|off| (cidr::u128_to_addr(family, b.first + off), b.net)))
     }
 
     /// Marks a known address as used (restore after restart).

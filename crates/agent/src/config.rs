@@ -1,0 +1,90 @@
+//! The agent's settings: defaults, an optional YAML file, then flags (the CLI merges them).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use allot_core::PoolSpec;
+use serde::Deserialize;
+
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/allot";
+pub const DEFAULT_POOL: &str = "default";
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node: String,
+    pub data_dir: PathBuf,
+    pub socket: PathBuf,
+    /// `pool=count` addresses kept in reserve per family (`ipam-multi-pool-pre-allocation`).
+    pub pre_allocation: BTreeMap<String, u64>,
+    pub default_pool: String,
+    /// Pools created at start when absent (`autoCreateCiliumPodIPPools`).
+    pub auto_create_pools: BTreeMap<String, PoolSpec>,
+    /// How long an ADD waits for a new block before answering "try again later".
+    pub add_wait: Duration,
+    /// How long a failed attempt counts as pending demand.
+    pub pending_ttl: Duration,
+}
+
+impl AgentConfig {
+    pub fn new(node: impl Into<String>) -> Self {
+        AgentConfig {
+            node: node.into(),
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            socket: PathBuf::from(allot_client::DEFAULT_SOCKET),
+            pre_allocation: [(DEFAULT_POOL.to_string(), 8)].into(),
+            default_pool: DEFAULT_POOL.into(),
+            auto_create_pools: BTreeMap::new(),
+            add_wait: Duration::from_secs(10),
+            pending_ttl: allot_core::demand::PENDING_TTL,
+        }
+    }
+
+    pub fn pre_alloc(&self, pool: &str) -> u64 {
+        self.pre_allocation.get(pool).copied().unwrap_or(0)
+    }
+}
+
+/// The agent's config file (YAML). Every field is optional; flags override it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConfigFile {
+    pub node: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    pub pre_allocation: Option<BTreeMap<String, u64>>,
+    pub default_pool: Option<String>,
+    pub auto_create_pools: Option<BTreeMap<String, PoolSpec>>,
+    /// Seconds.
+    pub add_wait_seconds: Option<f64>,
+}
+
+/// Parses `pool=count,pool=count` (Cilium's `ipam-multi-pool-pre-allocation` form).
+pub fn parse_pre_allocation(s: &str) -> Result<BTreeMap<String, u64>, String> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (pool, n) = part
+            .split_once('=')
+            .ok_or_else(|| format!("pre-allocation entry {part:?} is not pool=count"))?;
+        let n: u64 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("pre-allocation count {n:?} for pool {pool:?} is not a whole number"))?;
+        out.insert(pool.trim().to_string(), n);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pre_allocation_map() {
+        let m = parse_pre_allocation("default=8, blue=0,green=16").unwrap();
+        assert_eq!(m, [("default".into(), 8), ("blue".into(), 0), ("green".into(), 16)].into());
+        assert!(parse_pre_allocation("default").unwrap_err().contains("pool=count"));
+        assert!(parse_pre_allocation("default=x").unwrap_err().contains("whole number"));
+        assert!(parse_pre_allocation("").unwrap().is_empty());
+    }
+}

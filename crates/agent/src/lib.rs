@@ -1,0 +1,152 @@
+//! The node agent. It owns the node's address allocator and durable records, serves the CNI
+//! plugin and the CLI over HTTP/JSON on a unix socket, keeps the node's demand in the store, and
+//! gives back blocks it no longer needs. Standalone, it also embeds the store and runs the
+//! operator loop in-process.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+
+use allot_core::Pool;
+use allot_store::{EmbeddedStore, Store, StoreError};
+use allot_wire::{ApiError, ErrorKind};
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+
+mod api;
+pub mod config;
+mod node;
+pub mod records;
+
+pub use config::AgentConfig;
+pub use node::Node;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    TryAgain(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl AgentError {
+    pub fn to_api(&self) -> ApiError {
+        let kind = match self {
+            AgentError::Invalid(_) => ErrorKind::Invalid,
+            AgentError::NotFound(_) => ErrorKind::NotFound,
+            AgentError::Conflict(_) => ErrorKind::Conflict,
+            AgentError::TryAgain(_) => ErrorKind::TryAgain,
+            AgentError::Internal(_) => ErrorKind::Internal,
+        };
+        ApiError { kind, message: self.to_string() }
+    }
+}
+
+impl From<StoreError> for AgentError {
+    fn from(e: StoreError) -> Self {
+        use allot_core::PoolError as P;
+        match e {
+            StoreError::Refused(
+                p @ (P::Overlap { .. } | P::MaskChange { .. } | P::CidrInUse { .. } | P::PoolInUse { .. }),
+            ) => AgentError::Conflict(p.to_string()),
+            StoreError::Refused(p) => AgentError::Invalid(p.to_string()),
+            StoreError::NotFound(m) => AgentError::NotFound(m),
+            StoreError::Backend(m) => AgentError::Internal(m),
+        }
+    }
+}
+
+/// Creates the configured auto-create pools that do not exist yet; existing pools are left as
+/// they are.
+pub async fn auto_create_pools<S: Store>(store: &S, cfg: &AgentConfig) -> Result<(), AgentError> {
+    let existing = store.pools().await?;
+    let missing: Vec<Pool> = cfg
+        .auto_create_pools
+        .iter()
+        .filter(|(name, _)| !existing.iter().any(|p| &p.name == *name))
+        .map(|(name, spec)| Pool { name: name.clone(), spec: spec.clone() })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    store.apply_pools(missing.clone()).await.map_err(|e| {
+        AgentError::Invalid(format!("auto-created pools: {}", AgentError::from(e)))
+    })?;
+    for p in missing {
+        tracing::info!(pool = %p.name, "created pool");
+    }
+    Ok(())
+}
+
+/// Binds the agent's socket, mode 0600. A stale socket file (nobody listening) is replaced; a
+/// live one is refused.
+pub fn bind_socket(path: &Path) -> Result<UnixListener, AgentError> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |what: &str, e: std::io::Error| AgentError::Internal(format!("{what} {}: {e}", path.display()));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| fail("creating the directory of", e))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(AgentError::Conflict(format!(
+                "another agent is already serving on {}: stop it first, or pick another --socket",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path).map_err(|e| fail("removing stale socket", e))?;
+    }
+    let listener = UnixListener::bind(path).map_err(|e| fail("binding", e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| fail("chmod 0600", e))?;
+    Ok(listener)
+}
+
+/// Serves `node` on `listener` until `shutdown` completes, with the node's loops alongside.
+pub async fn serve<S: Store>(
+    node: Arc<Node<S>>,
+    listener: UnixListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    stop: watch::Receiver<bool>,
+) -> Result<(), AgentError> {
+    let loops = [
+        tokio::spawn(node.clone().demand_loop(stop.clone())),
+        tokio::spawn(node.clone().watch_loop(stop.clone())),
+    ];
+    let app = api::router(node);
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| AgentError::Internal(format!("serving: {e}")));
+    for l in loops {
+        l.abort();
+    }
+    result
+}
+
+/// Standalone mode: embedded store under the data dir, operator loop in-process.
+pub async fn run_standalone(
+    cfg: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| AgentError::Internal(format!("creating data dir {}: {e}", cfg.data_dir.display())))?;
+    let store = Arc::new(EmbeddedStore::open(&cfg.data_dir.join("cluster.redb"))?);
+    auto_create_pools(&*store, &cfg).await?;
+    let socket = cfg.socket.clone();
+    let node = Node::start(cfg, store.clone()).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let operator = tokio::spawn(allot_operator::run(store.clone(), stop_rx.clone()));
+    let listener = bind_socket(&socket)?;
+    tracing::info!(socket = %socket.display(), node = %node.cfg.node, "agent serving (standalone)");
+    let result = serve(node, listener, shutdown, stop_rx).await;
+    let _ = stop_tx.send(true);
+    let _ = operator.await;
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("agent stopped");
+    result
+}

@@ -1,0 +1,237 @@
+use std::collections::HashMap;
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn run_with(vars: &HashMap<String, String>, stdin: &str) -> (Value, i32) {
+    let (out, code) = run(&|k| vars.get(k).cloned(), stdin.as_bytes());
+    (serde_json::from_str(&out).unwrap_or(Value::Null), code)
+}
+
+const CONF: &str = r#"{"cniVersion":"1.0.0","name":"net1","type":"bridge","ipam":{"type":"allot-ipam","socket":"/nonexistent/allot.sock"}}"#;
+
+fn add_env() -> HashMap<String, String> {
+    env(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "abc123"), ("CNI_NETNS", "/var/run/netns/x"), ("CNI_IFNAME", "eth0")])
+}
+
+#[test]
+fn version_answers_whatever_stdin_holds() {
+    let vars = env(&[("CNI_COMMAND", "VERSION")]);
+    for stdin in ["", "garbage", r#"{"cniVersion":"0.4.0"}"#, r#"{"cniVersion":"9.9.9"}"#] {
+        let (v, code) = run_with(&vars, stdin);
+        assert_eq!(code, 0);
+        assert_eq!(v["supportedVersions"], json!(SUPPORTED_VERSIONS));
+    }
+    assert_eq!(run_with(&vars, r#"{"cniVersion":"0.4.0"}"#).0["cniVersion"], "0.4.0");
+}
+
+#[test]
+fn error_codes_for_bad_input() {
+    let cases: Vec<(HashMap<String, String>, &str, u32)> = vec![
+        (env(&[]), CONF, code::INVALID_ENV),
+        (env(&[("CNI_COMMAND", "FROB")]), CONF, code::INVALID_ENV),
+        (env(&[("CNI_COMMAND", "ADD"), ("CNI_NETNS", "/x"), ("CNI_IFNAME", "eth0")]), CONF, code::INVALID_ENV),
+        (env(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "abc"), ("CNI_IFNAME", "eth0")]), CONF, code::INVALID_ENV),
+        (env(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "-bad"), ("CNI_NETNS", "/x"), ("CNI_IFNAME", "eth0")]), CONF, code::INVALID_ENV),
+        (env(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "abc"), ("CNI_NETNS", "/x"), ("CNI_IFNAME", "a/b")]), CONF, code::INVALID_ENV),
+        (env(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "abc"), ("CNI_NETNS", "/x"), ("CNI_IFNAME", "sixteen-chars-xx")]), CONF, code::INVALID_ENV),
+        ({ let mut e = add_env(); e.insert("CNI_ARGS".into(), "IgnoreUnknown=1;broken".into()); e }, CONF, code::INVALID_ENV),
+        (add_env(), "", code::DECODE),
+        (add_env(), "{not json", code::DECODE),
+        (add_env(), "[1,2]", code::DECODE),
+        (add_env(), r#"{"cniVersion":"0.2.0","name":"n","ipam":{}}"#, code::INCOMPATIBLE_VERSION),
+        (add_env(), r#"{"name":"n","ipam":{}}"#, code::INVALID_CONFIG),
+        (add_env(), r#"{"cniVersion":"1.0.0","ipam":{}}"#, code::INVALID_CONFIG),
+        (add_env(), r#"{"cniVersion":"1.0.0","name":"bad name","ipam":{}}"#, code::INVALID_CONFIG),
+        (add_env(), r#"{"cniVersion":"1.0.0","name":"n"}"#, code::INVALID_CONFIG),
+        (add_env(), r#"{"cniVersion":"1.0.0","name":"n","ipam":{"pool":"Bad_Pool"}}"#, code::INVALID_CONFIG),
+        (add_env(), r#"{"cniVersion":"1.0.0","name":"n","ipam":{"pool":7}}"#, code::INVALID_CONFIG),
+        (add_env(), r#"{"cniVersion":"1.0.0","name":"n","ipam":{},"runtimeConfig":{"io.kubernetes.cri.pod-annotations":{"a":1}}}"#, code::INVALID_CONFIG),
+        (env(&[("CNI_COMMAND", "CHECK"), ("CNI_CONTAINERID", "abc"), ("CNI_NETNS", "/x"), ("CNI_IFNAME", "eth0")]), r#"{"cniVersion":"0.3.1","name":"n","ipam":{}}"#, code::INCOMPATIBLE_VERSION),
+        (env(&[("CNI_COMMAND", "GC")]), r#"{"cniVersion":"1.0.0","name":"n","ipam":{}}"#, code::INCOMPATIBLE_VERSION),
+        (env(&[("CNI_COMMAND", "GC")]), r#"{"cniVersion":"1.1.0","name":"n","ipam":{}}"#, code::INVALID_CONFIG),
+        // The agent is not running: try again later, naming the socket.
+        (add_env(), CONF, code::TRY_AGAIN),
+        (env(&[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "abc"), ("CNI_IFNAME", "eth0")]), CONF, code::TRY_AGAIN),
+        (env(&[("CNI_COMMAND", "STATUS")]), r#"{"cniVersion":"1.1.0","name":"n","ipam":{"socket":"/nonexistent/allot.sock"}}"#, code::NOT_AVAILABLE),
+    ];
+    for (i, (vars, stdin, want)) in cases.into_iter().enumerate() {
+        let (v, exit) = run_with(&vars, stdin);
+        assert_eq!(exit, 1, "case {i}: exit code");
+        assert_eq!(v["code"], json!(want), "case {i}: {v}");
+        assert!(v["msg"].as_str().is_some_and(|m| !m.is_empty()), "case {i}: no message");
+        assert!(v["cniVersion"].is_string(), "case {i}: no cniVersion");
+    }
+}
+
+#[test]
+fn unreachable_agent_names_the_socket() {
+    let (v, _) = run_with(&add_env(), CONF);
+    assert!(v["msg"].as_str().unwrap().contains("/nonexistent/allot.sock"), "{v}");
+}
+
+#[test]
+fn cni_args_as_runtimes_send_them() {
+    let vars = env(&[
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "c0ffee"),
+        ("CNI_NETNS", "/var/run/netns/p"),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=team-a;K8S_POD_NAME=web-0;K8S_POD_INFRA_CONTAINER_ID=c0ffee;K8S_POD_UID=1234-5678"),
+    ]);
+    let inv = parse(&|k| vars.get(k).cloned(), CONF.as_bytes()).unwrap();
+    assert_eq!(inv.env.pod_namespace.as_deref(), Some("team-a"));
+    assert_eq!(inv.env.pod_name.as_deref(), Some("web-0"));
+}
+
+#[test]
+fn whole_main_plugin_config_with_runtime_config_is_read() {
+    let conf = r#"{
+        "cniVersion": "1.1.0", "name": "podnet", "type": "bridge", "bridge": "cni0", "isGateway": true,
+        "ipam": {"type": "allot-ipam", "pool": "blue"},
+        "runtimeConfig": {"io.kubernetes.cri.pod-annotations": {"ipam.cilium.io/ip-pool": "green"}, "portMappings": []},
+        "cni.dev/valid-attachments": [{"containerID": "a", "ifname": "eth0"}],
+        "cni.dev/attachments": [{"containerID": "b", "ifname": "net1"}]
+    }"#;
+    let c = parse_config(conf.as_bytes()).unwrap();
+    assert_eq!(c.pool.as_deref(), Some("blue"));
+    assert_eq!(c.annotations["ipam.cilium.io/ip-pool"], "green");
+    assert_eq!(c.valid_attachments.unwrap().len(), 2);
+}
+
+#[test]
+fn results_in_each_versions_shape() {
+    let a = Allocation {
+        owner: Owner { network: "n".into(), container_id: "c".into(), ifname: "eth0".into() },
+        netns: String::new(),
+        pod: PodRef::default(),
+        ips: vec![
+            allot_wire::AllocatedIp { address: "10.0.0.5/24".parse().unwrap(), pool: "p".into(), gateway: None },
+            allot_wire::AllocatedIp { address: "fd00::5/120".parse().unwrap(), pool: "p".into(), gateway: Some("fd00::1".parse().unwrap()) },
+        ],
+        created: 0,
+    };
+    for v in SUPPORTED_VERSIONS {
+        let r: Value = serde_json::from_str(&render_result(v, &a)).unwrap();
+        assert_eq!(r["cniVersion"], v);
+        assert_eq!(r["ips"][0]["address"], "10.0.0.5/24");
+        assert_eq!(r["ips"][1]["gateway"], "fd00::1");
+        let old = v.starts_with("0.");
+        assert_eq!(r["ips"][0].get("version").is_some(), old, "{v}");
+        if old {
+            assert_eq!(r["ips"][1]["version"], "6");
+        }
+    }
+}
+
+// ---- fuzzing the parsers ----
+
+fn piece() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just(String::new()),
+        "[a-z0-9]{1,12}",
+        "[ -~]{0,20}",
+        any::<String>(),
+        Just("eth0".to_string()),
+        Just("..".to_string()),
+    ]
+}
+
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(|n| json!(n)),
+        piece().prop_map(Value::String),
+    ];
+    leaf.prop_recursive(3, 16, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            proptest::collection::btree_map(piece(), inner, 0..4).prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+fn config() -> impl Strategy<Value = Vec<u8>> {
+    let version = prop_oneof![
+        Just(json!("1.1.0")),
+        Just(json!("0.3.1")),
+        Just(json!("0.4.0")),
+        piece().prop_map(Value::String),
+        json_value()
+    ];
+    let structured = (version, piece(), json_value(), json_value(), json_value(), any::<u8>()).prop_map(
+        |(v, name, ipam, rc, extra, mask)| {
+            let mut o = serde_json::Map::new();
+            if mask & 1 != 0 { o.insert("cniVersion".into(), v); }
+            if mask & 2 != 0 { o.insert("name".into(), json!(name)); }
+            if mask & 4 != 0 { o.insert("ipam".into(), ipam); }
+            if mask & 8 != 0 { o.insert("runtimeConfig".into(), json!({"io.kubernetes.cri.pod-annotations": rc})); }
+            if mask & 16 != 0 { o.insert("prevResult".into(), extra.clone()); }
+            if mask & 32 != 0 { o.insert("cni.dev/valid-attachments".into(), extra); }
+            serde_json::to_vec(&Value::Object(o)).unwrap()
+        },
+    );
+    prop_oneof![
+        3 => structured,
+        1 => proptest::collection::vec(any::<u8>(), 0..200),
+        1 => json_value().prop_map(|v| serde_json::to_vec(&v).unwrap()),
+    ]
+}
+
+fn environment() -> impl Strategy<Value = HashMap<String, String>> {
+    let command = prop_oneof![
+        Just("ADD".to_string()), Just("DEL".to_string()), Just("CHECK".to_string()),
+        Just("GC".to_string()), Just("STATUS".to_string()), piece()
+    ];
+    let args = proptest::collection::vec((piece(), piece(), any::<bool>()), 0..5).prop_map(|v| {
+        v.into_iter()
+            .map(|(k, val, eq)| if eq { format!("{k}={val}") } else { k })
+            .collect::<Vec<_>>()
+            .join(";")
+    });
+    (command, piece(), piece(), piece(), args, any::<u8>()).prop_map(|(cmd, id, netns, ifname, args, mask)| {
+        let mut m = HashMap::new();
+        if mask & 1 != 0 { m.insert("CNI_COMMAND".into(), cmd); }
+        if mask & 2 != 0 { m.insert("CNI_CONTAINERID".into(), id); }
+        if mask & 4 != 0 { m.insert("CNI_NETNS".into(), netns); }
+        if mask & 8 != 0 { m.insert("CNI_IFNAME".into(), ifname); }
+        if mask & 16 != 0 { m.insert("CNI_ARGS".into(), args); }
+        m
+    })
+}
+
+fn fuzz_cases() -> u32 {
+    std::env::var("ALLOT_FUZZ_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(20_000)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: fuzz_cases(), failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// No input makes the parser panic; every refusal carries a spec code and a message, and
+    /// every acceptance holds only checked values.
+    #[test]
+    fn fuzz_config_and_environment(vars in environment(), stdin in config()) {
+        match parse(&|k| vars.get(k).cloned(), &stdin) {
+            Ok(inv) => {
+                prop_assert!(SUPPORTED_VERSIONS.contains(&inv.conf.cni_version.as_str()));
+                prop_assert!(valid_network_name(&inv.conf.name));
+                if matches!(inv.command, Command::Add | Command::Del | Command::Check) {
+                    prop_assert!(valid_container_id(&inv.env.container_id));
+                    prop_assert!(valid_ifname(&inv.env.ifname));
+                }
+            }
+            Err(e) => {
+                prop_assert!([1, 4, 6, 7].contains(&e.code), "unexpected code {}", e.code);
+                prop_assert!(!e.msg.is_empty());
+                let doc: Value = serde_json::from_str(&e.to_json(LATEST)).unwrap();
+                prop_assert_eq!(doc["code"].as_u64(), Some(u64::from(e.code)));
+            }
+        }
+    }
+}

@@ -1,0 +1,190 @@
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use allot_agent::config::{AgentConfig, ConfigFile, parse_pre_allocation};
+use allot_core::{FamilySpec, PoolSpec};
+use anyhow::Context;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// This node's name (default: the hostname).
+    #[arg(long)]
+    node: Option<String>,
+    /// Where the agent keeps its files (default /var/lib/allot).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// YAML config file; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Addresses kept in reserve per pool and family, as pool=count,... (default: default=8).
+    #[arg(long, value_name = "POOL=N,...")]
+    pre_allocation: Option<String>,
+    /// The pool for pods no annotation places (default: default).
+    #[arg(long)]
+    default_pool: Option<String>,
+    /// Create this pool at start if it is absent: NAME=CIDR@MASK[,CIDR@MASK...]. Repeatable.
+    #[arg(long = "pool", value_name = "NAME=CIDR@MASK,...")]
+    pools: Vec<String>,
+    /// How long an ADD waits for a new block before answering "try again later" (e.g. 10s, 500ms).
+    #[arg(long, value_name = "DURATION")]
+    add_wait: Option<String>,
+}
+
+/// `10s`, `500ms`, `2m`, or plain seconds.
+pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().with_context(|| format!("duration {s:?}: expected a number with ms, s or m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => anyhow::bail!("duration {s:?}: unit must be ms, s or m"),
+    };
+    anyhow::ensure!(secs.is_finite() && secs >= 0.0, "duration {s:?} must not be negative");
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// `NAME=CIDR@MASK[,CIDR@MASK...]`, CIDRs of either family.
+pub fn parse_pool_flag(s: &str) -> anyhow::Result<(String, PoolSpec)> {
+    let (name, rest) = s.split_once('=').with_context(|| format!("--pool {s:?}: expected NAME=CIDR@MASK,..."))?;
+    let mut spec = PoolSpec::default();
+    for part in rest.split(',').filter(|p| !p.is_empty()) {
+        let (cidr, mask) = part.split_once('@').with_context(|| format!("--pool {s:?}: {part:?} needs @MASK (block size)"))?;
+        let cidr: ipnet::IpNet = cidr.parse().with_context(|| format!("--pool {s:?}: {cidr:?} is not a CIDR"))?;
+        let mask: u8 = mask.parse().with_context(|| format!("--pool {s:?}: mask {mask:?} is not a number"))?;
+        let slot = if cidr.addr().is_ipv4() { &mut spec.ipv4 } else { &mut spec.ipv6 };
+        let fam = slot.get_or_insert_with(|| FamilySpec { cidrs: Vec::new(), mask_size: mask });
+        anyhow::ensure!(fam.mask_size == mask, "--pool {s:?}: one family has one mask size");
+        fam.cidrs.push(cidr);
+    }
+    Ok((name.to_string(), spec))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+pub fn build_config(args: &Args, socket: Option<&str>) -> anyhow::Result<AgentConfig> {
+    let file: ConfigFile = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        None => ConfigFile::default(),
+    };
+    let node = args.node.clone().or(file.node).unwrap_or_else(hostname);
+    let mut cfg = AgentConfig::new(node);
+    if let Some(d) = args.data_dir.clone().or(file.data_dir) {
+        cfg.data_dir = d;
+    }
+    if let Some(s) = socket.map(PathBuf::from).or(file.socket) {
+        cfg.socket = s;
+    }
+    if let Some(m) = file.pre_allocation {
+        cfg.pre_allocation = m;
+    }
+    if let Some(s) = &args.pre_allocation {
+        cfg.pre_allocation = parse_pre_allocation(s).map_err(|e| anyhow::anyhow!("--pre-allocation: {e}"))?;
+    }
+    if let Some(p) = args.default_pool.clone().or(file.default_pool) {
+        cfg.default_pool = p;
+    }
+    let mut pools: BTreeMap<String, PoolSpec> = file.auto_create_pools.unwrap_or_default();
+    for p in &args.pools {
+        let (name, spec) = parse_pool_flag(p)?;
+        pools.insert(name, spec);
+    }
+    cfg.auto_create_pools = pools;
+    if let Some(secs) = file.add_wait_seconds {
+        anyhow::ensure!(secs.is_finite() && secs >= 0.0, "addWaitSeconds must not be negative");
+        cfg.add_wait = Duration::from_secs_f64(secs);
+    }
+    if let Some(w) = &args.add_wait {
+        cfg.add_wait = parse_duration(w).context("--add-wait")?;
+    }
+    Ok(cfg)
+}
+
+pub fn exec(args: Args, socket: Option<&str>) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cfg = build_config(&args, socket)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing a SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: shutting down"),
+            }
+        };
+        allot_agent::run_standalone(cfg, shutdown).await
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("x").is_err());
+    }
+
+    #[test]
+    fn pool_flag() {
+        let (name, spec) = parse_pool_flag("default=10.10.0.0/16@24,fd00:10::/104@120").unwrap();
+        assert_eq!(name, "default");
+        assert_eq!(spec.ipv4.unwrap().mask_size, 24);
+        assert_eq!(spec.ipv6.unwrap().cidrs[0].to_string(), "fd00:10::/104");
+        assert!(parse_pool_flag("x=10.0.0.0/16").is_err());
+        assert!(parse_pool_flag("x=10.0.0.0/16@24,10.1.0.0/16@25").is_err());
+    }
+
+    #[test]
+    fn config_file_with_the_seeds_auto_create_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.yaml");
+        std::fs::write(
+            &path,
+            "node: n1\npreAllocation: {default: 16, other: 2}\naddWaitSeconds: 1.5\nautoCreatePools:\n  default:\n    ipv4:\n      cidrs:\n        - 10.10.0.0/16\n      maskSize: 24\n  other:\n    ipv4:\n      cidrs:\n        - 10.20.0.0/16\n      maskSize: 24\n",
+        )
+        .unwrap();
+        let args = Args {
+            node: None,
+            data_dir: None,
+            config: Some(path),
+            pre_allocation: None,
+            default_pool: Some("other".into()),
+            pools: vec![],
+            add_wait: None,
+        };
+        let cfg = build_config(&args, Some("/tmp/x.sock")).unwrap();
+        assert_eq!(cfg.node, "n1");
+        assert_eq!(cfg.pre_alloc("default"), 16);
+        assert_eq!(cfg.default_pool, "other");
+        assert_eq!(cfg.auto_create_pools.len(), 2);
+        assert_eq!(cfg.add_wait, Duration::from_millis(1500));
+        assert_eq!(cfg.socket, PathBuf::from("/tmp/x.sock"));
+    }
+}

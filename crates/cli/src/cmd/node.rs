@@ -1,0 +1,75 @@
+use allot_client::Client;
+use allot_wire::{NodeResource, Status};
+use clap::Subcommand;
+
+use crate::output::{Format, Table, print};
+
+#[derive(Subcommand)]
+pub enum NodeCmd {
+    /// List nodes.
+    List {
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Show a node (this agent's node when NAME is left out), in CiliumNode shape.
+    Get {
+        name: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Remove a departed node and release every block it holds.
+    Delete { name: String },
+}
+
+fn node_table(nodes: &[NodeResource]) -> Table {
+    let mut t = Table::new(&["name", "pool", "requested v4/v6", "allocated", "error"]);
+    for n in nodes {
+        let pools = &n.spec.ipam.pools;
+        let mut names: Vec<&str> = pools.requested.iter().map(|r| r.pool.as_str()).collect();
+        names.extend(pools.allocated.iter().map(|a| a.pool.as_str()));
+        names.sort();
+        names.dedup();
+        let err = n.status.ipam.operator_status.error.clone().unwrap_or_default();
+        if names.is_empty() {
+            t.row(vec![n.metadata.name.clone(), "-".into(), "-".into(), "-".into(), err.clone()]);
+        }
+        for pool in names {
+            let req = pools.requested.iter().find(|r| r.pool == pool).map(|r| r.needed).unwrap_or_default();
+            let cidrs = pools
+                .allocated
+                .iter()
+                .find(|a| a.pool == pool)
+                .map_or("-".into(), |a| a.cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(","));
+            t.row(vec![
+                n.metadata.name.clone(),
+                pool.to_string(),
+                format!("{}/{}", req.ipv4_addrs, req.ipv6_addrs),
+                cidrs,
+                err.clone(),
+            ]);
+        }
+    }
+    t
+}
+
+pub fn exec(cmd: NodeCmd, client: &Client) -> anyhow::Result<()> {
+    match cmd {
+        NodeCmd::List { output } => {
+            let nodes: Vec<NodeResource> = client.get("/v1/nodes")?;
+            print(output, &nodes, || node_table(&nodes))
+        }
+        NodeCmd::Get { name, output } => {
+            let name = match name {
+                Some(n) => n,
+                None => client.get::<Status>("/v1/status")?.node,
+            };
+            let node: NodeResource = client.get(&format!("/v1/nodes/{name}"))?;
+            print(output, &node, || node_table(std::slice::from_ref(&node)))
+        }
+        NodeCmd::Delete { name } => {
+            let v: serde_json::Value = client.delete(&format!("/v1/nodes/{name}"))?;
+            println!("node/{name} deleted ({} blocks released)", v["releasedBlocks"]);
+            Ok(())
+        }
+    }
+}

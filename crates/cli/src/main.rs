@@ -1,0 +1,60 @@
+//! `allot`: the CLI and the daemon entry point. Thin: parse, call a library, print.
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+mod manifest;
+mod output;
+
+#[derive(Parser)]
+#[command(name = "allot", version, about = "Multi-pool IP address management for Kubernetes and any CNI runtime")]
+struct Cli {
+    /// The agent's unix socket.
+    #[arg(long, global = true, env = "ALLOT_SOCKET", value_name = "PATH")]
+    socket: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent (standalone: embedded store and operator loop in-process).
+    Agent(cmd::agent::Args),
+    /// Manage IP pools.
+    #[command(subcommand)]
+    Pool(cmd::pool::PoolCmd),
+    /// Show or remove nodes.
+    #[command(subcommand)]
+    Node(cmd::node::NodeCmd),
+    /// Annotate namespaces (pool choice for pods without their own annotation).
+    #[command(subcommand)]
+    Namespace(cmd::namespace::NamespaceCmd),
+    /// List this node's allocations.
+    #[command(subcommand)]
+    Allocations(cmd::allocations::AllocationsCmd),
+    /// Pool use on this node and cluster-wide.
+    Status(cmd::status::Args),
+    /// Release allocations whose network namespace no longer exists.
+    Gc(cmd::gc::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let socket = cli.socket.clone().unwrap_or_else(|| allot_client::DEFAULT_SOCKET.to_string());
+    let client = allot_client::Client::new(&socket, Duration::from_secs(60));
+    let result = match cli.command {
+        Command::Agent(args) => cmd::agent::exec(args, cli.socket.as_deref()),
+        Command::Pool(c) => cmd::pool::exec(c, &client),
+        Command::Node(c) => cmd::node::exec(c, &client),
+        Command::Namespace(c) => cmd::namespace::exec(c, &client),
+        Command::Allocations(c) => cmd::allocations::exec(c, &client),
+        Command::Status(a) => cmd::status::exec(a, &client),
+        Command::Gc(a) => cmd::gc::exec(a, &client),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

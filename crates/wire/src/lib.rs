@@ -251,6 +251,7 @@ pub struct AnnotateRequest {
 
 /// `allot status`: how full each pool is, cluster-wide and on this node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Status {
     pub node: String,
     pub ready: bool,
@@ -258,6 +259,7 @@ pub struct Status {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PoolStatus {
     pub pool: String,
     pub family: Family,

@@ -117,6 +117,7 @@ pub fn build_config(args: &Args, socket: Option<&str>) -> anyhow::Result<AgentCo
 pub fn exec(args: Args, socket: Option<&str>) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )

@@ -215,6 +215,18 @@ fn gc_releases_only_invalid_attachments_of_its_own_network() {
     let nets: Vec<&str> = rows.as_array().unwrap().iter().filter(|r| r["containerID"] == "a1").map(|r| r["network"].as_str().unwrap()).collect();
     assert_eq!(nets.len(), 2, "a1 on both networks: {nets:?}");
 
+    // CHECK: an unknown owner is code 3; a prevResult that differs from what allot holds is 110.
+    let check_conf = |prev: Value| {
+        let mut c = ipam_conf(&agent, "net-a", "1.1.0", json!({}));
+        c["prevResult"] = prev;
+        c
+    };
+    let check = |id: &str, prev: Value| cni(&CniCall { plugin: &plugin, command: "CHECK", container_id: id, netns: "/x", ifname: "eth0", args: "" }, &check_conf(prev));
+    let (_, err) = check("a2", json!({"cniVersion": "1.1.0", "ips": []}));
+    assert_eq!(err["code"], 3, "{err}");
+    let (_, err) = check("a1", json!({"cniVersion": "1.1.0", "ips": [{"address": "192.0.2.1/24"}]}));
+    assert_eq!(err["code"], 110, "{err}");
+
     // STATUS: success while the agent serves, 50 once it is gone; ADD then answers 11.
     let status_conf = ipam_conf(&agent, "net-a", "1.1.0", json!({}));
     let status = CniCall { plugin: &plugin, command: "STATUS", container_id: "", netns: "", ifname: "", args: "" };
@@ -406,6 +418,9 @@ fn sigterm_shuts_down_cleanly_and_sweep_releases_dead_namespaces() {
     let owners: Vec<String> = allocations(&agent).into_iter().map(|(_, id)| id).collect();
     assert_eq!(owners, vec!["alive".to_string()]);
 
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&agent.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
     assert!(agent.terminate(), "agent exits 0 on SIGTERM:\n{}", agent.log());
     assert!(!agent.socket.exists(), "socket removed on shutdown");
     assert!(agent.log().contains("agent stopped"));

@@ -1,0 +1,23 @@
+# Shared by the scripts: install the Debian packages the real-part tests and the demo use.
+ensure_packages() {
+    local need=()
+    [ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
+    command -v ip >/dev/null 2>&1 || need+=(iproute2)
+    command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
+    if [ ${#need[@]} -gt 0 ]; then
+        if [ "$(id -u)" != 0 ]; then
+            echo "missing ${need[*]}: run as root (sudo) so they can be installed" >&2
+            exit 1
+        fi
+        echo "installing ${need[*]}" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    fi
+}
+
+require_root() {
+    if [ "$(id -u)" != 0 ]; then
+        echo "$1 creates network namespaces and needs root: run it with sudo" >&2
+        exit 1
+    fi
+}

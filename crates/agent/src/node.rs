@@ -45,8 +45,12 @@ pub struct Node<S> {
     pub(crate) store: Arc<S>,
     state: Mutex<State>,
     records: Records,
-    blocks_changed: Notify,
+    /// Woken when a block arrives or an address is freed: waiting ADDs retry.
+    room_changed: Notify,
     demand_changed: Notify,
+    /// Serialises reading the node's blocks from the store with giving blocks back, so a
+    /// refresh that read the grants before a release cannot re-add the released block.
+    blocks_sync: tokio::sync::Mutex<()>,
 }
 
 fn now_unix() -> u64 {
@@ -74,8 +78,9 @@ impl<S: Store> Node<S> {
             cfg,
             store,
             records,
-            blocks_changed: Notify::new(),
+            room_changed: Notify::new(),
             demand_changed: Notify::new(),
+            blocks_sync: tokio::sync::Mutex::new(()),
         });
         node.refresh().await?;
         node.restore(stored).await?;
@@ -138,6 +143,7 @@ impl<S: Store> Node<S> {
 
     /// Re-reads pools, namespaces, this node's blocks and operator status from the store.
     pub async fn refresh(&self) -> Result<(), StoreError> {
+        let _sync = self.blocks_sync.lock().await;
         let pools = self.store.pools().await?;
         let namespaces = self.store.namespaces().await?;
         let grants = self.store.grants().await?;
@@ -171,7 +177,7 @@ impl<S: Store> Node<S> {
         }
         drop(st);
         if added {
-            self.blocks_changed.notify_waiters();
+            self.room_changed.notify_waiters();
         }
         Ok(())
     }
@@ -222,9 +228,9 @@ impl<S: Store> Node<S> {
     pub async fn add(&self, req: AddRequest) -> Result<Allocation, AgentError> {
         let deadline = tokio::time::Instant::now() + self.cfg.add_wait;
         loop {
-            let blocks_changed = self.blocks_changed.notified();
-            tokio::pin!(blocks_changed);
-            blocks_changed.as_mut().enable();
+            let room_changed = self.room_changed.notified();
+            tokio::pin!(room_changed);
+            room_changed.as_mut().enable();
             match self.try_take(&req)? {
                 Taken::Existing(a) => {
                     // The first ADD may still be committing: writing the same record again
@@ -238,7 +244,7 @@ impl<S: Store> Node<S> {
                 }
                 Taken::Full(pool) => {
                     self.demand_changed.notify_one();
-                    if tokio::time::timeout_at(deadline, blocks_changed).await.is_err() {
+                    if tokio::time::timeout_at(deadline, room_changed).await.is_err() {
                         let op_err = self.lock().operator_error.clone();
                         let why = op_err.map(|e| format!(" (operator: {e})")).unwrap_or_default();
                         return Err(AgentError::TryAgain(format!(
@@ -337,6 +343,7 @@ impl<S: Store> Node<S> {
                 }
             }
         }
+        self.room_changed.notify_waiters();
         self.demand_changed.notify_one();
         Ok(taken)
     }
@@ -455,6 +462,7 @@ impl<S: Store> Node<S> {
 
     /// Gives back empty blocks while what stays still covers the demand.
     async fn release_unused_blocks(&self) -> Result<(), StoreError> {
+        let _sync = self.blocks_sync.lock().await;
         let candidates: Vec<(String, IpNet)> = {
             let mut st = self.lock();
             if !st.restored {

@@ -425,3 +425,24 @@ fn sigterm_shuts_down_cleanly_and_sweep_releases_dead_namespaces() {
     assert!(!agent.socket.exists(), "socket removed on shutdown");
     assert!(agent.log().contains("agent stopped"));
 }
+
+#[test]
+fn a_del_wakes_an_add_waiting_on_a_full_pool() {
+    require_root();
+    let agent = Agent::start("node-h", &["--pool", "tiny=10.71.0.0/30@30", "--add-wait", "20s"]);
+    let plugin = ipam_plugin();
+    let conf = ipam_conf(&agent, "tinynet", "1.0.0", json!({"pool": "tiny"}));
+    let call = |cmd: &str, id: &str| cni(&CniCall { plugin: &plugin, command: cmd, container_id: id, netns: "/x", ifname: "eth0", args: "" }, &conf);
+    let (_, first) = call("ADD", "w1");
+    assert_eq!(call("ADD", "w2").0, 0);
+    let started = Instant::now();
+    let (code, third) = std::thread::scope(|s| {
+        let waiting = s.spawn(|| call("ADD", "w3"));
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(call("DEL", "w1").0, 0);
+        waiting.join().unwrap()
+    });
+    assert_eq!(code, 0, "{third}");
+    assert!(started.elapsed() < Duration::from_secs(10), "the waiting ADD was not woken by the DEL");
+    assert_eq!(ips_of(&third), ips_of(&first), "the only free address is the one just freed");
+}

@@ -63,7 +63,7 @@ impl<S: Store> Node<S> {
     pub async fn start(cfg: AgentConfig, store: Arc<S>) -> Result<Arc<Self>, AgentError> {
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| AgentError::Internal(format!("creating data dir {}: {e}", cfg.data_dir.display())))?;
-        let (records, stored) = Records::open(&cfg.data_dir.join("node.redb")).map_err(|e| AgentError::Internal(e.to_string()))?;
+        let (records, stored) = Records::open(&cfg.data_dir.join("allocations.journal")).map_err(|e| AgentError::Internal(e.to_string()))?;
         store.register_node(&cfg.node, None).await?;
         let node = Arc::new(Node {
             state: Mutex::new(State {

@@ -1,0 +1,348 @@
+//! `allot-bench`: measures allot beside Debian's host-local plugin and the cost of spawning a
+//! trivial process, in one run on one machine. Prints a table, writes the figures as JSON and
+//! draws a chart of latency against live allocations.
+//!
+//! Run it as root with `scripts/bench.sh` (release build, packages installed).
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use allot_client::Client;
+use allot_wire::{AddRequest, Allocation, Owner, PodRef, Status};
+use serde::Serialize;
+use serde_json::json;
+
+mod chart;
+mod inproc;
+
+const HOST_LOCAL: &str = "/usr/lib/cni/host-local";
+const TRUE: &str = "/bin/true";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub mean_ms: f64,
+    pub n: usize,
+}
+
+pub fn latency(mut samples: Vec<Duration>) -> Latency {
+    samples.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let pick = |q: f64| ms(samples[((samples.len() as f64 - 1.0) * q).round() as usize]);
+    Latency {
+        p50_ms: pick(0.5),
+        p99_ms: pick(0.99),
+        mean_ms: samples.iter().map(|d| ms(*d)).sum::<f64>() / samples.len() as f64,
+        n: samples.len(),
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExecPoint {
+    pub live: usize,
+    pub allot_add: Latency,
+    pub allot_del: Latency,
+    pub host_local_add: Latency,
+    pub host_local_del: Latency,
+    pub spawn_floor: Latency,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Concurrency {
+    pub streams: usize,
+    pub adds: usize,
+    pub per_second: f64,
+    pub p99_ms: f64,
+    pub distinct: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    exec: Vec<ExecPoint>,
+    concurrency: Concurrency,
+    core: inproc::CoreFigures,
+}
+
+struct Args {
+    ops: usize,
+    levels: Vec<usize>,
+    out: PathBuf,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args { ops: 200, levels: vec![10, 1_000, 10_000], out: PathBuf::from("bench-out") };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--ops" => a.ops = val().parse().expect("--ops N"),
+            "--levels" => a.levels = val().split(',').map(|s| s.parse().expect("--levels N,N,...")).collect(),
+            "--out" => a.out = PathBuf::from(val()),
+            "--grants-child" => {
+                inproc::grants_child();
+                std::process::exit(0);
+            }
+            "-h" | "--help" => {
+                println!("allot-bench [--ops N] [--levels 10,1000,10000] [--out DIR]");
+                std::process::exit(0);
+            }
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    a
+}
+
+fn bin_dir() -> PathBuf {
+    std::env::current_exe().unwrap().parent().unwrap().to_path_buf()
+}
+
+/// One exec of a CNI plugin (or /bin/true) as a runtime makes it; returns its wall time.
+fn exec(plugin: &Path, command: &str, id: &str, conf: &[u8]) -> (Duration, bool, Vec<u8>) {
+    let start = Instant::now();
+    let mut child = Command::new(plugin)
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", id)
+        .env("CNI_NETNS", "/var/run/netns/bench")
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {}: {e}", plugin.display()));
+    // /bin/true exits without reading stdin: a broken pipe is expected there.
+    let _ = child.stdin.take().unwrap().write_all(conf);
+    let out = child.wait_with_output().unwrap();
+    (start.elapsed(), out.status.success(), out.stdout)
+}
+
+struct AgentProc {
+    child: Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl AgentProc {
+    fn start(pool: &str) -> AgentProc {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("allot.sock");
+        let child = Command::new(bin_dir().join("allot"))
+            .args(["agent", "--node", "bench", "--add-wait", "30s", "--pool", pool, "--data-dir"])
+            .arg(dir.path().join("data"))
+            .arg("--socket")
+            .arg(&socket)
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting allot agent (build with cargo build --release --workspace --bins)");
+        let client = Client::new(&socket, Duration::from_secs(5));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !client.get::<Status>("/v1/status").is_ok_and(|s| s.ready) {
+            assert!(Instant::now() < deadline, "agent did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        AgentProc { child, socket, _dir: dir }
+    }
+
+    fn client(&self) -> Client {
+        Client::new(&self.socket, Duration::from_secs(60))
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Adds allocations through the agent's API until `target` are live, 32 at a time.
+fn populate_allot(agent: &AgentProc, from: usize, target: usize) {
+    let next = std::sync::atomic::AtomicUsize::new(from);
+    std::thread::scope(|s| {
+        for _ in 0..32 {
+            s.spawn(|| {
+                let c = agent.client();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if i >= target {
+                        return;
+                    }
+                    let req = AddRequest {
+                        owner: Owner { network: "bench".into(), container_id: format!("live{i}"), ifname: "eth0".into() },
+                        netns: String::new(),
+                        pod: PodRef::default(),
+                        pool: None,
+                        annotations: Default::default(),
+                    };
+                    let _: Allocation = c.post("/v1/cni/add", &req).expect("populating");
+                }
+            });
+        }
+    });
+}
+
+/// Writes host-local's on-disk records directly: one file per address holding "id\r\nifname".
+fn populate_host_local(dir: &Path, from: usize, target: usize) {
+    let net = dir.join("hlbench");
+    std::fs::create_dir_all(&net).unwrap();
+    for i in from..target {
+        // 10.128.0.0/16 from .0.2 upwards; the measured ADDs land above these.
+        let n = i + 2;
+        let ip = format!("10.128.{}.{}", n / 256, n % 256);
+        std::fs::write(net.join(ip), format!("live{i}\r\neth0")).unwrap();
+    }
+}
+
+fn measure_point(live: usize, ops: usize, agent: &AgentProc, hl_dir: &Path, round: usize) -> ExecPoint {
+    let allot_conf = json!({"cniVersion": "1.0.0", "name": "bench", "type": "bridge",
+        "ipam": {"type": "allot-ipam", "socket": agent.socket}})
+    .to_string();
+    let hl_conf = json!({"cniVersion": "1.0.0", "name": "hlbench", "type": "bridge",
+        "ipam": {"type": "host-local", "dataDir": hl_dir, "ranges": [[{"subnet": "10.128.0.0/16"}]]}})
+    .to_string();
+    // Wrapped the way a main plugin hands its config to the ipam plugin: the ipam plugin reads it whole.
+    let ipam = bin_dir().join("allot-ipam");
+    let run = |plugin: &Path, conf: &str, cmd: &str| -> Vec<Duration> {
+        (0..ops)
+            .map(|i| {
+                let id = format!("m{round}x{i}");
+                let (d, ok, out) = exec(plugin, cmd, &id, conf.as_bytes());
+                assert!(ok, "{} {cmd} failed: {}", plugin.display(), String::from_utf8_lossy(&out));
+                d
+            })
+            .collect()
+    };
+    let allot_add = run(&ipam, &allot_conf, "ADD");
+    let allot_del = run(&ipam, &allot_conf, "DEL");
+    let hl_add = run(Path::new(HOST_LOCAL), &hl_conf, "ADD");
+    let hl_del = run(Path::new(HOST_LOCAL), &hl_conf, "DEL");
+    let floor = run(Path::new(TRUE), &allot_conf, "ADD");
+    ExecPoint {
+        live,
+        allot_add: latency(allot_add),
+        allot_del: latency(allot_del),
+        host_local_add: latency(hl_add),
+        host_local_del: latency(hl_del),
+        spawn_floor: latency(floor),
+    }
+}
+
+fn concurrency(agent: &AgentProc, streams: usize, per_stream: usize) -> Concurrency {
+    let conf = json!({"cniVersion": "1.0.0", "name": "conc", "type": "bridge",
+        "ipam": {"type": "allot-ipam", "socket": agent.socket}})
+    .to_string();
+    let ipam = bin_dir().join("allot-ipam");
+    let start = Instant::now();
+    let results: Vec<(Duration, Vec<u8>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..streams)
+            .map(|t| {
+                let (ipam, conf) = (&ipam, &conf);
+                s.spawn(move || {
+                    (0..per_stream)
+                        .map(|i| {
+                            let (d, ok, out) = exec(ipam, "ADD", &format!("c{t}x{i}"), conf.as_bytes());
+                            assert!(ok, "{}", String::from_utf8_lossy(&out));
+                            (d, out)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let elapsed = start.elapsed();
+    let mut seen = HashSet::new();
+    let mut distinct = true;
+    for (_, out) in &results {
+        let v: serde_json::Value = serde_json::from_slice(out).unwrap();
+        for ip in v["ips"].as_array().unwrap() {
+            distinct &= seen.insert(ip["address"].as_str().unwrap().to_string());
+        }
+    }
+    let lat = latency(results.iter().map(|(d, _)| *d).collect());
+    Concurrency {
+        streams,
+        adds: results.len(),
+        per_second: results.len() as f64 / elapsed.as_secs_f64(),
+        p99_ms: lat.p99_ms,
+        distinct,
+    }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    format!("{:.2}x", a / b)
+}
+
+fn print_tables(r: &Report) {
+    println!("\n## Exec'd CNI path (ms per call, sequential; ratio = allot / host-local)\n");
+    println!("| live | allot ADD p50/p99 | host-local ADD p50/p99 | ADD ratio | allot DEL p50/p99 | host-local DEL p50/p99 | DEL ratio | spawn floor p50 | ADD / floor |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for p in &r.exec {
+        println!(
+            "| {} | {:.2} / {:.2} | {:.2} / {:.2} | {} | {:.2} / {:.2} | {:.2} / {:.2} | {} | {:.2} | {} |",
+            p.live,
+            p.allot_add.p50_ms, p.allot_add.p99_ms,
+            p.host_local_add.p50_ms, p.host_local_add.p99_ms,
+            ratio(p.allot_add.p50_ms, p.host_local_add.p50_ms),
+            p.allot_del.p50_ms, p.allot_del.p99_ms,
+            p.host_local_del.p50_ms, p.host_local_del.p99_ms,
+            ratio(p.allot_del.p50_ms, p.host_local_del.p50_ms),
+            p.spawn_floor.p50_ms,
+            ratio(p.allot_add.p50_ms, p.spawn_floor.p50_ms),
+        );
+    }
+    if let (Some(first), Some(last)) = (r.exec.first(), r.exec.last()) {
+        println!(
+            "\nallot flatness {} -> {} live: ADD {} DEL {}",
+            first.live,
+            last.live,
+            ratio(last.allot_add.p50_ms, first.allot_add.p50_ms),
+            ratio(last.allot_del.p50_ms, first.allot_del.p50_ms)
+        );
+    }
+    let c = &r.concurrency;
+    println!("\n## Concurrency ({} parallel ADD streams through allot-ipam)\n", c.streams);
+    println!("| ADDs | per second | p99 ms | all distinct |\n|---:|---:|---:|---|");
+    println!("| {} | {:.0} | {:.2} | {} |", c.adds, c.per_second, c.p99_ms, c.distinct);
+    inproc::print_core(&r.core);
+}
+
+fn main() {
+    let args = parse_args();
+    assert!(Path::new(HOST_LOCAL).exists(), "needs Debian's containernetworking-plugins (scripts/bench.sh installs it)");
+    std::fs::create_dir_all(&args.out).unwrap();
+
+    eprintln!("core, in process ...");
+    let core = inproc::run();
+
+    let agent = AgentProc::start("default=10.200.0.0/16@24");
+    let hl = tempfile::tempdir().unwrap();
+    let mut exec_points = Vec::new();
+    let mut live = 0;
+    for (round, &level) in args.levels.iter().enumerate() {
+        eprintln!("exec'd path at {level} live allocations ...");
+        populate_allot(&agent, live, level);
+        populate_host_local(hl.path(), live, level);
+        live = level;
+        exec_points.push(measure_point(level, args.ops, &agent, hl.path(), round));
+    }
+    drop(agent);
+
+    eprintln!("64 concurrent streams ...");
+    let agent = AgentProc::start("default=10.201.0.0/16@24");
+    let conc = concurrency(&agent, 64, 16);
+    drop(agent);
+
+    let report = Report { exec: exec_points, concurrency: conc, core };
+    print_tables(&report);
+    let json_path = args.out.join("results.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+    let svg_path = args.out.join("latency.svg");
+    std::fs::write(&svg_path, chart::latency_chart(&report.exec)).unwrap();
+    println!("\nwrote {} and {}", json_path.display(), svg_path.display());
+}

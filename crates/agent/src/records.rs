@@ -1,24 +1,31 @@
 //! The node's durable allocation records: an append-only journal the agent alone owns.
 //!
-//! Each entry is `[len: u32 LE][crc32: u32 LE][JSON of Entry]`. Writes go through one
-//! committer thread that gathers every request waiting at that moment, appends them with one
-//! write and makes them durable with one `fdatasync` (group commit), then answers them all: a
-//! caller is answered only after its entry is on disk. On open, the journal is replayed; a torn
-//! or corrupt tail (a crash mid-append) is cut off. When the journal holds several times more
-//! entries than live allocations, it is rewritten as a snapshot (written aside, synced, renamed).
+//! Each entry is `[len: u32 LE][crc32: u32 LE][JSON of Entry]`; the first header with a zero
+//! length, a bad checksum or an unreadable body ends the log. The file is grown in zero-filled
+//! chunks ahead of the writes, so an append overwrites blocks that already exist and
+//! `fdatasync` has no file size to flush. On open the log is replayed and everything after the
+//! last valid entry is zeroed: an entry that was torn by a crash (and never acknowledged) can
+//! never come back to life later.
+//!
+//! Group commit without a thread hop: a request queues its entries, and whoever takes the
+//! journal lock writes everything queued with one write and one `fdatasync`, then answers every
+//! request in the batch. A caller is answered only after its entries are on disk. When the
+//! journal holds several times more entries than live allocations, it is rewritten as a
+//! snapshot (written aside, synced, renamed).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use allot_wire::{Allocation, Owner};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-/// Most requests one append takes; the rest wait for the next.
-const MAX_BATCH: usize = 4096;
+/// The file grows by this much at a time.
+const CHUNK: u64 = 4 << 20;
 /// Rewrite the journal once it has this many entries and more than twice the live count.
 const COMPACT_MIN_ENTRIES: usize = 8192;
 const HEADER: usize = 8;
@@ -42,17 +49,6 @@ enum Entry {
     Del(Owner),
 }
 
-struct Job {
-    ops: Vec<Op>,
-    done: oneshot::Sender<Result<(), RecordsError>>,
-}
-
-/// Handle to the committer; dropping every handle stops the thread after it drains its queue.
-#[derive(Clone)]
-pub struct Records {
-    queue: mpsc::Sender<Job>,
-}
-
 fn frame(entry: &Entry, out: &mut Vec<u8>) {
     let start = out.len();
     out.extend_from_slice(&[0; HEADER]);
@@ -70,6 +66,9 @@ fn replay(bytes: &[u8]) -> (Vec<Entry>, usize) {
     while bytes.len() - at >= HEADER {
         let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
         let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap());
+        if len == 0 {
+            break;
+        }
         let Some(body) = bytes.get(at + HEADER..at + HEADER + len) else { break };
         if crc32fast::hash(body) != crc {
             break;
@@ -81,12 +80,43 @@ fn replay(bytes: &[u8]) -> (Vec<Entry>, usize) {
     (entries, at)
 }
 
+/// What a queued request changes in the live set once written.
+enum Update {
+    Put(Owner, Vec<u8>),
+    Del(Owner),
+}
+
+struct Job {
+    bytes: Vec<u8>,
+    updates: Vec<Update>,
+    done: oneshot::Sender<Result<(), RecordsError>>,
+}
+
 struct Journal {
     path: PathBuf,
     file: File,
+    /// End of the valid entries: where the next append goes.
+    end: u64,
+    /// Current file size (zero-filled past `end`).
+    capacity: u64,
     /// Live allocations by owner, as encoded entries: what a snapshot writes.
     live: HashMap<Owner, Vec<u8>>,
     entries: usize,
+}
+
+fn zeros(file: &File, from: u64, to: u64) -> std::io::Result<()> {
+    let block = vec![0u8; 1 << 20];
+    let mut at = from;
+    while at < to {
+        let n = ((to - at) as usize).min(block.len());
+        file.write_all_at(&block[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
 }
 
 impl Journal {
@@ -95,25 +125,34 @@ impl Journal {
     }
 
     fn append(&mut self, batch: &[Job]) -> Result<(), RecordsError> {
-        let mut buf = Vec::with_capacity(512 * batch.len());
-        let mut count = 0;
-        for op in batch.iter().flat_map(|j| &j.ops) {
-            let start = buf.len();
-            match op {
-                Op::Put(a) => {
-                    frame(&Entry::Put(a.clone()), &mut buf);
-                    self.live.insert(a.owner.clone(), buf[start..].to_vec());
-                }
-                Op::Delete(o) => {
-                    frame(&Entry::Del(o.clone()), &mut buf);
-                    self.live.remove(o);
-                }
-            }
-            count += 1;
+        let len: u64 = batch.iter().map(|j| j.bytes.len() as u64).sum();
+        if self.end + len > self.capacity {
+            let capacity = (self.end + len).div_ceil(CHUNK) * CHUNK;
+            zeros(&self.file, self.capacity, capacity)
+                .and_then(|_| self.file.sync_all())
+                .map_err(|e| self.fail(format!("growing to {capacity} bytes: {e}")))?;
+            self.capacity = capacity;
         }
-        self.file.write_all(&buf).map_err(|e| self.fail(format!("append: {e}")))?;
+        let mut buf = Vec::with_capacity(len as usize);
+        for job in batch {
+            buf.extend_from_slice(&job.bytes);
+        }
+        self.file.write_all_at(&buf, self.end).map_err(|e| self.fail(format!("write: {e}")))?;
         self.file.sync_data().map_err(|e| self.fail(format!("fdatasync: {e}")))?;
-        self.entries += count;
+        self.end += len;
+        for job in batch {
+            for u in &job.updates {
+                match u {
+                    Update::Put(o, bytes) => {
+                        self.live.insert(o.clone(), bytes.clone());
+                    }
+                    Update::Del(o) => {
+                        self.live.remove(o);
+                    }
+                }
+                self.entries += 1;
+            }
+        }
         if self.entries >= COMPACT_MIN_ENTRIES && self.entries > 2 * self.live.len() {
             if let Err(e) = self.compact() {
                 // The journal as it stands is still complete; compaction is retried later.
@@ -125,22 +164,42 @@ impl Journal {
 
     fn compact(&mut self) -> Result<(), RecordsError> {
         let tmp = self.path.with_extension("compact");
-        let mut f = File::create(&tmp).map_err(|e| self.fail(format!("create {}: {e}", tmp.display())))?;
         let mut buf = Vec::new();
         for entry in self.live.values() {
             buf.extend_from_slice(entry);
         }
-        f.write_all(&buf).and_then(|_| f.sync_all()).map_err(|e| self.fail(format!("write snapshot: {e}")))?;
-        std::fs::rename(&tmp, &self.path).map_err(|e| self.fail(format!("rename snapshot: {e}")))?;
-        sync_dir(&self.path).map_err(|e| self.fail(format!("sync directory: {e}")))?;
-        self.file = OpenOptions::new().append(true).open(&self.path).map_err(|e| self.fail(format!("reopen: {e}")))?;
+        let end = buf.len() as u64;
+        let capacity = (end + 1).div_ceil(CHUNK) * CHUNK;
+        let write = || -> std::io::Result<File> {
+            let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp)?;
+            f.write_all_at(&buf, 0)?;
+            zeros(&f, end, capacity)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)?;
+            sync_dir(&self.path)?;
+            Ok(f)
+        };
+        self.file = write().map_err(|e| self.fail(format!("writing snapshot: {e}")))?;
+        self.end = end;
+        self.capacity = capacity;
         self.entries = self.live.len();
         Ok(())
     }
 }
 
-fn sync_dir(path: &Path) -> std::io::Result<()> {
-    File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
+struct Shared {
+    queue: Mutex<Vec<Job>>,
+    journal: Mutex<Journal>,
+}
+
+/// Handle to the journal; clones share it.
+#[derive(Clone)]
+pub struct Records {
+    shared: Arc<Shared>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Records {
@@ -149,17 +208,22 @@ impl Records {
         let fail = |what: String| RecordsError { path: path.display().to_string(), what };
         let mut file = OpenOptions::new()
             .read(true)
-            .append(true)
+            .write(true)
             .create(true)
+            .truncate(false)
             .open(path)
             .map_err(|e| fail(format!("open: {e}")))?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).map_err(|e| fail(format!("read: {e}")))?;
         let (entries, valid) = replay(&bytes);
-        if valid < bytes.len() {
-            tracing::warn!(journal = %path.display(), dropped_bytes = bytes.len() - valid, "cut a torn tail off the allocation journal");
-            file.set_len(valid as u64).and_then(|_| file.sync_all()).map_err(|e| fail(format!("truncate: {e}")))?;
+        let capacity = (bytes.len() as u64).max(CHUNK).div_ceil(CHUNK) * CHUNK;
+        if bytes[valid..].iter().any(|b| *b != 0) {
+            tracing::warn!(journal = %path.display(), at = valid, "zeroing a torn tail of the allocation journal");
         }
+        zeros(&file, valid as u64, capacity)
+            .and_then(|_| file.sync_all())
+            .and_then(|_| sync_dir(path))
+            .map_err(|e| fail(format!("preparing: {e}")))?;
         let count = entries.len();
         let mut live: HashMap<Owner, Allocation> = HashMap::new();
         for e in entries {
@@ -172,7 +236,6 @@ impl Records {
                 }
             }
         }
-        sync_dir(path).map_err(|e| fail(format!("sync directory: {e}")))?;
         let encoded = live
             .values()
             .map(|a| {
@@ -181,41 +244,66 @@ impl Records {
                 (a.owner.clone(), buf)
             })
             .collect();
-        let journal = Journal { path: path.to_path_buf(), file, live: encoded, entries: count };
-        let (queue, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("allot-records".into())
-            .spawn(move || committer(journal, rx))
-            .map_err(|e| fail(format!("starting committer: {e}")))?;
-        Ok((Records { queue }, live.into_values().collect()))
+        let journal = Journal { path: path.to_path_buf(), file, end: valid as u64, capacity, live: encoded, entries: count };
+        let shared = Arc::new(Shared { queue: Mutex::new(Vec::new()), journal: Mutex::new(journal) });
+        Ok((Records { shared }, live.into_values().collect()))
     }
 
-    /// Appends `ops` (sharing one write and one fdatasync with whatever else is waiting) and
+    /// Writes `ops` (sharing one write and one fdatasync with whatever else is waiting) and
     /// returns once they are durable.
     pub async fn apply(&self, ops: Vec<Op>) -> Result<(), RecordsError> {
-        let stopped = || RecordsError { path: String::new(), what: "committer has stopped".into() };
+        let mut bytes = Vec::with_capacity(512 * ops.len());
+        let mut updates = Vec::with_capacity(ops.len());
+        for op in ops {
+            let start = bytes.len();
+            match op {
+                Op::Put(a) => {
+                    let owner = a.owner.clone();
+                    frame(&Entry::Put(a), &mut bytes);
+                    updates.push(Update::Put(owner, bytes[start..].to_vec()));
+                }
+                Op::Delete(o) => {
+                    frame(&Entry::Del(o.clone()), &mut bytes);
+                    updates.push(Update::Del(o));
+                }
+            }
+        }
         let (done, wait) = oneshot::channel();
-        self.queue.send(Job { ops, done }).map_err(|_| stopped())?;
-        wait.await.map_err(|_| stopped())?
+        lock(&self.shared.queue).push(Job { bytes, updates, done });
+        self.drain();
+        wait.await.map_err(|_| RecordsError { path: String::new(), what: "write abandoned".into() })?
+    }
+
+    /// Writes whatever is queued if nobody else is writing. Whoever holds the journal lock
+    /// re-checks the queue after letting go, so a request queued meanwhile is never stranded.
+    fn drain(&self) {
+        loop {
+            let Ok(mut journal) = self.shared.journal.try_lock() else { return };
+            let batch = std::mem::take(&mut *lock(&self.shared.queue));
+            if batch.is_empty() {
+                drop(journal);
+                if lock(&self.shared.queue).is_empty() {
+                    return;
+                }
+                continue;
+            }
+            let result = blocking(|| journal.append(&batch));
+            if let Err(e) = &result {
+                tracing::error!(error = %e, requests = batch.len(), "writing allocation records failed");
+            }
+            drop(journal);
+            for job in batch {
+                let _ = job.done.send(result.clone());
+            }
+        }
     }
 }
 
-fn committer(mut journal: Journal, rx: mpsc::Receiver<Job>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        let result = journal.append(&batch);
-        if let Err(e) = &result {
-            tracing::error!(error = %e, requests = batch.len(), "appending allocation records failed");
-        }
-        for job in batch {
-            let _ = job.done.send(result.clone());
-        }
+/// Runs blocking file I/O on a tokio worker without stalling the tasks queued behind it.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 
@@ -254,32 +342,59 @@ mod tests {
         assert_eq!(loaded, vec![alloc(2)]);
     }
 
+    /// Appends raw bytes where the next entry would go, as a crash mid-write leaves them.
+    fn scribble(path: &Path, bytes: &[u8]) {
+        let data = std::fs::read(path).unwrap();
+        let end = replay(&data).1 as u64;
+        let f = OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(bytes, end).unwrap();
+    }
+
     #[test]
-    fn a_torn_tail_is_cut_and_the_rest_kept() {
+    fn a_torn_tail_is_dropped_and_zeroed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
         {
             let (r, _) = Records::open(&path).unwrap();
             rt().block_on(r.apply(vec![Op::Put(alloc(1)), Op::Put(alloc(2))])).unwrap();
         }
-        let len = std::fs::metadata(&path).unwrap().len();
-        // A crash in the middle of the next append: half an entry, then a flipped byte.
         let mut partial = Vec::new();
         frame(&Entry::Put(alloc(3)), &mut partial);
-        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
-        f.write_all(&partial[..partial.len() / 2]).unwrap();
-        drop(f);
+        scribble(&path, &partial[..partial.len() / 2]);
         let (r, loaded) = Records::open(&path).unwrap();
         assert_eq!(loaded.len(), 2);
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), len, "torn tail cut off");
+        let data = std::fs::read(&path).unwrap();
+        let end = replay(&data).1;
+        assert!(data[end..].iter().all(|b| *b == 0), "tail zeroed");
         rt().block_on(r.apply(vec![Op::Put(alloc(4))])).unwrap();
         drop(r);
-        let mut bytes = std::fs::read(&path).unwrap();
-        let last = bytes.len() - 3;
-        bytes[last] ^= 0xff;
-        std::fs::write(&path, &bytes).unwrap();
         let (_, loaded) = Records::open(&path).unwrap();
-        assert_eq!(loaded.len(), 2, "the corrupt last entry is dropped, not the ones before");
+        assert_eq!(loaded.len(), 3);
+    }
+
+    /// A crash can leave a corrupt entry followed by a whole one that was never acknowledged.
+    /// The whole one must not come back when a later entry of the same length fills the gap.
+    #[test]
+    fn an_unacknowledged_entry_behind_a_torn_one_never_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        drop(Records::open(&path).unwrap());
+        let (mut torn, mut ghost) = (Vec::new(), Vec::new());
+        frame(&Entry::Put(alloc(7)), &mut torn);
+        let last = torn.len() - 2;
+        torn[last] ^= 0xff;
+        frame(&Entry::Put(alloc(8)), &mut ghost);
+        scribble(&path, &[torn.clone(), ghost].concat());
+        let (r, loaded) = Records::open(&path).unwrap();
+        assert!(loaded.is_empty());
+        // alloc(3) encodes to the same length as alloc(7).
+        let mut same = Vec::new();
+        frame(&Entry::Put(alloc(3)), &mut same);
+        assert_eq!(same.len(), torn.len());
+        rt().block_on(r.apply(vec![Op::Put(alloc(3))])).unwrap();
+        drop(r);
+        let (_, loaded) = Records::open(&path).unwrap();
+        assert_eq!(loaded, vec![alloc(3)]);
     }
 
     #[test]

@@ -129,10 +129,33 @@ impl Client {
         .expect("writing to a Vec");
         req.extend_from_slice(body);
         stream.write_all(&req).map_err(|e| self.io(e))?;
-        let mut raw = Vec::with_capacity(1024);
-        stream.read_to_end(&mut raw).map_err(|e| self.io(e))?;
+        // Stop as soon as the sized body is in: waiting for the server to close the connection
+        // costs a scheduling round trip on every call.
+        let mut raw = Vec::with_capacity(4096);
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut chunk).map_err(|e| self.io(e))?;
+            if n == 0 {
+                break;
+            }
+            raw.extend_from_slice(&chunk[..n]);
+            if response_complete(&raw) {
+                break;
+            }
+        }
         parse_response(&raw).map_err(|what| self.protocol(what))
     }
+}
+
+/// True once `raw` holds the whole head and as many body bytes as Content-Length announces.
+fn response_complete(raw: &[u8]) -> bool {
+    let Some(head_end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else { return false };
+    let head = String::from_utf8_lossy(&raw[..head_end]);
+    let length = head.split("\r\n").find_map(|line| {
+        let (k, v) = line.split_once(':')?;
+        k.trim().eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok()).flatten()
+    });
+    length.is_some_and(|n| raw.len() >= head_end + 4 + n)
 }
 
 /// Splits an HTTP/1.1 response into status and body (Content-Length, chunked, or to EOF).

@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 
 fn main() {
-    let mut stdin = Vec::new();
+    let mut stdin = Vec::with_capacity(16 * 1024);
     if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
         // Still answer: an unreadable stdin decodes as an empty (invalid) config.
         eprintln!("allot-ipam: reading stdin: {e}");

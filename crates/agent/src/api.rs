@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use allot_core::Pool;
-use allot_store::{Store, node_resource};
+use allot_store::{Store, node_resource, pool_from_resource, pool_resource};
 use allot_wire::{
     AddRequest, Allocation, AnnotateRequest, ApplyRequest, ApplyResult, ErrorKind, GcRequest, GcResponse,
     NamespaceResource, NodeResource, ObjectMeta, OwnerRequest, PoolResource, Status, SweepRequest,
@@ -92,15 +92,6 @@ async fn sweep<S: Store>(State(n): Shared<S>, Json(req): Json<SweepRequest>) -> 
     n.sweep(req.dry_run).await.map(Json)
 }
 
-fn pool_resource(p: Pool) -> PoolResource {
-    PoolResource {
-        api_version: allot_wire::API_VERSION.into(),
-        kind: allot_wire::POOL_KIND.into(),
-        metadata: ObjectMeta { name: p.name, annotations: Default::default() },
-        spec: p.spec,
-    }
-}
-
 async fn pools<S: Store>(State(n): Shared<S>) -> ApiResult<Vec<PoolResource>> {
     Ok(Json(n.store.pools().await?.into_iter().map(pool_resource).collect()))
 }
@@ -116,7 +107,7 @@ async fn pool<S: Store>(State(n): Shared<S>, Path(name): Path<String>) -> ApiRes
 }
 
 async fn apply_pools<S: Store>(State(n): Shared<S>, Json(req): Json<ApplyRequest>) -> ApiResult<Vec<ApplyResult>> {
-    let pools: Vec<Pool> = req.pools.into_iter().map(|r| Pool { name: r.metadata.name, spec: r.spec }).collect();
+    let pools: Vec<Pool> = req.pools.into_iter().map(pool_from_resource).collect();
     let names: Vec<String> = pools.iter().map(|p| p.name.clone()).collect();
     let actions = n.store.apply_pools(pools).await?;
     Ok(Json(names.into_iter().zip(actions).map(|(name, action)| ApplyResult { name, action }).collect()))

@@ -12,14 +12,17 @@ const BOTTOM: f64 = 60.0;
 
 pub fn latency_chart(points: &[ExecPoint]) -> String {
     type Pick = fn(&ExecPoint) -> f64;
-    let series: [(&str, &str, bool, Pick); 5] = [
+    let series: [(&str, &str, bool, Pick); 6] = [
         ("allot ADD", "#1f77b4", false, |p| p.allot_add.p50_ms),
         ("allot DEL", "#1f77b4", true, |p| p.allot_del.p50_ms),
         ("host-local ADD", "#d62728", false, |p| p.host_local_add.p50_ms),
         ("host-local DEL", "#d62728", true, |p| p.host_local_del.p50_ms),
         ("spawn floor (/bin/true)", "#7f7f7f", true, |p| p.spawn_floor.p50_ms),
+        ("round-trip floor", "#2ca02c", true, |p| p.round_trip_floor.p50_ms),
     ];
-    let max = points.iter().flat_map(|p| series.iter().map(move |s| (s.3)(p))).fold(1.0f64, f64::max) * 1.1;
+    let values = || points.iter().flat_map(|p| series.iter().map(move |s| (s.3)(p)));
+    let (lo, hi) = (values().fold(f64::MAX, f64::min).max(0.01) / 1.5, values().fold(0.1f64, f64::max) * 1.5);
+    let (llo, lhi) = (lo.log10(), hi.log10());
     let lx = |live: usize| (live.max(1) as f64).log10();
     let (x0, x1) = (
         points.iter().map(|p| lx(p.live)).fold(f64::MAX, f64::min),
@@ -27,7 +30,7 @@ pub fn latency_chart(points: &[ExecPoint]) -> String {
     );
     let span = if x1 > x0 { x1 - x0 } else { 1.0 };
     let px = |live: usize| LEFT + (lx(live) - x0) / span * (W - LEFT - RIGHT);
-    let py = |ms: f64| H - BOTTOM - ms / max * (H - TOP - BOTTOM);
+    let py = |ms: f64| H - BOTTOM - (ms.max(lo).log10() - llo) / (lhi - llo) * (H - TOP - BOTTOM);
 
     let mut s = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">
@@ -36,16 +39,16 @@ pub fn latency_chart(points: &[ExecPoint]) -> String {
 <line x1="{LEFT}" y1="{}" x2="{}" y2="{}" stroke="black"/>
 <line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{}" stroke="black"/>
 <text x="{}" y="{}" text-anchor="middle">live allocations (log scale)</text>
-<text x="16" y="{}" transform="rotate(-90 16 {})" text-anchor="middle">ms</text>
+<text x="16" y="{}" transform="rotate(-90 16 {})" text-anchor="middle">ms (log scale)</text>
 "#,
         H - BOTTOM, W - RIGHT, H - BOTTOM, H - BOTTOM,
         (LEFT + W - RIGHT) / 2.0, H - 18.0,
         (TOP + H - BOTTOM) / 2.0, (TOP + H - BOTTOM) / 2.0,
     );
-    for i in 0..=5 {
-        let ms = max / 5.0 * i as f64;
+    let ticks = [0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
+    for ms in ticks.into_iter().filter(|t| *t >= lo && *t <= hi) {
         s += &format!(
-            "<line x1=\"{LEFT}\" y1=\"{y:.1}\" x2=\"{}\" y2=\"{y:.1}\" stroke=\"#eee\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{ms:.1}</text>\n",
+            "<line x1=\"{LEFT}\" y1=\"{y:.1}\" x2=\"{}\" y2=\"{y:.1}\" stroke=\"#eee\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{ms}</text>\n",
             W - RIGHT,
             LEFT - 6.0,
             py(ms) + 4.0,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use allot_client::Client;
 use allot_wire::{AddRequest, Allocation, Owner, PodRef, Status};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 mod chart;
@@ -21,7 +21,7 @@ mod inproc;
 const HOST_LOCAL: &str = "/usr/lib/cni/host-local";
 const TRUE: &str = "/bin/true";
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Latency {
     pub p50_ms: f64,
     pub p99_ms: f64,
@@ -41,7 +41,7 @@ pub fn latency(mut samples: Vec<Duration>) -> Latency {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExecPoint {
     pub live: usize,
     pub allot_add: Latency,
@@ -49,6 +49,9 @@ pub struct ExecPoint {
     pub host_local_add: Latency,
     pub host_local_del: Latency,
     pub spawn_floor: Latency,
+    /// allot-ipam CHECK against a server that answers at once: what any plugin that asks a
+    /// daemon pays for two processes taking turns, before the daemon does any work.
+    pub round_trip_floor: Latency,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -82,6 +85,16 @@ fn parse_args() -> Args {
             "--ops" => a.ops = val().parse().expect("--ops N"),
             "--levels" => a.levels = val().split(',').map(|s| s.parse().expect("--levels N,N,...")).collect(),
             "--out" => a.out = PathBuf::from(val()),
+            "--chart-from" => {
+                // Redraw the chart from a results.json of an earlier run.
+                let path = PathBuf::from(val());
+                let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).expect("reading results")).expect("results JSON");
+                let points: Vec<ExecPoint> = serde_json::from_value(v["exec"].clone()).expect("exec points");
+                let out = path.with_file_name("latency.svg");
+                std::fs::write(&out, chart::latency_chart(&points)).unwrap();
+                println!("wrote {}", out.display());
+                std::process::exit(0);
+            }
             "--grants-child" => {
                 inproc::grants_child();
                 std::process::exit(0);
@@ -118,6 +131,33 @@ fn exec(plugin: &Path, command: &str, id: &str, conf: &[u8]) -> (Duration, bool,
     let _ = child.stdin.take().unwrap().write_all(conf);
     let out = child.wait_with_output().unwrap();
     (start.elapsed(), out.status.success(), out.stdout)
+}
+
+/// Answers every request with a canned 404 from a plain thread: no work, no fsync.
+struct TrivialServer {
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TrivialServer {
+    fn start() -> TrivialServer {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("trivial.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        std::thread::spawn(move || {
+            let body = br#"{"kind":"not_found","message":"trivial"}"#;
+            let mut resp = format!("HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+            resp.extend_from_slice(body);
+            for conn in listener.incoming() {
+                let Ok(mut c) = conn else { return };
+                let mut buf = [0u8; 4096];
+                let _ = c.read(&mut buf);
+                let _ = c.write_all(&resp);
+            }
+        });
+        TrivialServer { socket, _dir: dir }
+    }
 }
 
 struct AgentProc {
@@ -222,6 +262,13 @@ fn measure_point(live: usize, ops: usize, agent: &AgentProc, hl_dir: &Path, roun
     let hl_add = run(Path::new(HOST_LOCAL), &hl_conf, "ADD");
     let hl_del = run(Path::new(HOST_LOCAL), &hl_conf, "DEL");
     let floor = run(Path::new(TRUE), &allot_conf, "ADD");
+    let trivial = TrivialServer::start();
+    let trivial_conf = json!({"cniVersion": "1.0.0", "name": "bench", "type": "bridge",
+        "ipam": {"type": "allot-ipam", "socket": trivial.socket}})
+    .to_string();
+    let round_trip: Vec<Duration> = (0..ops)
+        .map(|i| exec(&ipam, "CHECK", &format!("t{round}x{i}"), trivial_conf.as_bytes()).0)
+        .collect();
     ExecPoint {
         live,
         allot_add: latency(allot_add),
@@ -229,6 +276,7 @@ fn measure_point(live: usize, ops: usize, agent: &AgentProc, hl_dir: &Path, roun
         host_local_add: latency(hl_add),
         host_local_del: latency(hl_del),
         spawn_floor: latency(floor),
+        round_trip_floor: latency(round_trip),
     }
 }
 
@@ -280,11 +328,11 @@ fn ratio(a: f64, b: f64) -> String {
 
 fn print_tables(r: &Report) {
     println!("\n## Exec'd CNI path (ms per call, sequential; ratio = allot / host-local)\n");
-    println!("| live | allot ADD p50/p99 | host-local ADD p50/p99 | ADD ratio | allot DEL p50/p99 | host-local DEL p50/p99 | DEL ratio | spawn floor p50 | ADD / floor |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| live | allot ADD p50/p99 | host-local ADD p50/p99 | ADD ratio | allot DEL p50/p99 | host-local DEL p50/p99 | DEL ratio | spawn floor p50 | round-trip floor p50 | ADD / spawn floor |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for p in &r.exec {
         println!(
-            "| {} | {:.2} / {:.2} | {:.2} / {:.2} | {} | {:.2} / {:.2} | {:.2} / {:.2} | {} | {:.2} | {} |",
+            "| {} | {:.2} / {:.2} | {:.2} / {:.2} | {} | {:.2} / {:.2} | {:.2} / {:.2} | {} | {:.2} | {:.2} | {} |",
             p.live,
             p.allot_add.p50_ms, p.allot_add.p99_ms,
             p.host_local_add.p50_ms, p.host_local_add.p99_ms,
@@ -293,6 +341,7 @@ fn print_tables(r: &Report) {
             p.host_local_del.p50_ms, p.host_local_del.p99_ms,
             ratio(p.allot_del.p50_ms, p.host_local_del.p50_ms),
             p.spawn_floor.p50_ms,
+            p.round_trip_floor.p50_ms,
             ratio(p.allot_add.p50_ms, p.spawn_floor.p50_ms),
         );
     }

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+mod backend;
 mod cmd;
 mod manifest;
 mod output;
@@ -14,14 +15,20 @@ struct Cli {
     /// The agent's unix socket.
     #[arg(long, global = true, env = "ALLOT_SOCKET", value_name = "PATH")]
     socket: Option<String>,
+    #[command(flatten)]
+    cluster: backend::ClusterFlags,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the node agent (standalone: embedded store and operator loop in-process).
+    /// Run the node agent (standalone: embedded store and operator loop in-process; with
+    /// --etcd-endpoints: one node of a cluster).
     Agent(cmd::agent::Args),
+    /// Run the operator against etcd (leader-elected; run several replicas).
+    #[cfg(feature = "etcd")]
+    Operator(cmd::operator::Args),
     /// Manage IP pools.
     #[command(subcommand)]
     Pool(cmd::pool::PoolCmd),
@@ -45,13 +52,18 @@ fn main() {
     let socket = cli.socket.clone().unwrap_or_else(|| allot_client::DEFAULT_SOCKET.to_string());
     let client = allot_client::Client::new(&socket, Duration::from_secs(60));
     let result = match cli.command {
-        Command::Agent(args) => cmd::agent::exec(args, cli.socket.as_deref()),
-        Command::Pool(c) => cmd::pool::exec(c, &client),
-        Command::Node(c) => cmd::node::exec(c, &client),
-        Command::Namespace(c) => cmd::namespace::exec(c, &client),
-        Command::Allocations(c) => cmd::allocations::exec(c, &client),
-        Command::Status(a) => cmd::status::exec(a, &client),
-        Command::Gc(a) => cmd::gc::exec(a, &client),
+        Command::Agent(args) => cmd::agent::exec(args, cli.socket.as_deref(), &cli.cluster),
+        #[cfg(feature = "etcd")]
+        Command::Operator(args) => cmd::operator::exec(args, &cli.cluster),
+        command => backend::Backend::new(client, &cli.cluster).and_then(|b| match command {
+            Command::Pool(c) => cmd::pool::exec(c, &b),
+            Command::Node(c) => cmd::node::exec(c, &b),
+            Command::Namespace(c) => cmd::namespace::exec(c, &b),
+            Command::Allocations(c) => cmd::allocations::exec(c, &b),
+            Command::Status(a) => cmd::status::exec(a, &b),
+            Command::Gc(a) => cmd::gc::exec(a, &b),
+            _ => unreachable!("handled above"),
+        }),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

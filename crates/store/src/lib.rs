@@ -20,6 +20,10 @@ use tokio::sync::watch;
 
 mod embedded;
 pub use embedded::EmbeddedStore;
+#[cfg(feature = "etcd")]
+pub mod etcd;
+#[cfg(feature = "etcd")]
+pub use etcd::{EtcdConfig, EtcdStore, EtcdTls, Leadership};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -122,6 +126,21 @@ pub fn node_resource(record: &NodeRecord, grants: &[BlockGrant]) -> NodeResource
             ipam: NodeIpamStatus { operator_status: OperatorStatus { error: record.operator_error.clone() } },
         },
     }
+}
+
+/// A pool in allot's own resource form.
+pub fn pool_resource(p: Pool) -> allot_wire::PoolResource {
+    allot_wire::PoolResource {
+        api_version: allot_wire::API_VERSION.into(),
+        kind: allot_wire::POOL_KIND.into(),
+        metadata: ObjectMeta { name: p.name, annotations: BTreeMap::new() },
+        spec: p.spec,
+    }
+}
+
+/// The pool a resource (either kind) describes.
+pub fn pool_from_resource(r: allot_wire::PoolResource) -> Pool {
+    Pool { name: r.metadata.name, spec: r.spec }
 }
 
 /// Whether `grant` is a block of `pool` as it is now: right family, mask, and inside a CIDR.

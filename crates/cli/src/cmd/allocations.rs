@@ -1,4 +1,4 @@
-use allot_client::Client;
+use crate::backend::Backend;
 use allot_wire::Allocation;
 use clap::Subcommand;
 use serde::Serialize;
@@ -28,8 +28,9 @@ struct Row {
     network: String,
 }
 
-pub fn exec(cmd: AllocationsCmd, client: &Client) -> anyhow::Result<()> {
+pub fn exec(cmd: AllocationsCmd, backend: &Backend) -> anyhow::Result<()> {
     let AllocationsCmd::List { output } = cmd;
+    let client = backend.agent("allocations list")?;
     let list: Vec<Allocation> = client.get("/v1/allocations")?;
     let rows: Vec<Row> = list
         .iter()

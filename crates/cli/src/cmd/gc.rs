@@ -1,4 +1,4 @@
-use allot_client::Client;
+use crate::backend::Backend;
 use allot_wire::{GcResponse, SweepRequest};
 
 #[derive(clap::Args)]
@@ -8,7 +8,8 @@ pub struct Args {
     dry_run: bool,
 }
 
-pub fn exec(args: Args, client: &Client) -> anyhow::Result<()> {
+pub fn exec(args: Args, backend: &Backend) -> anyhow::Result<()> {
+    let client = backend.agent("allot gc")?;
     let r: GcResponse = client.post("/v1/gc", &SweepRequest { dry_run: args.dry_run })?;
     let verb = if args.dry_run { "would release" } else { "released" };
     for o in &r.released {

@@ -3,5 +3,7 @@ pub mod allocations;
 pub mod gc;
 pub mod namespace;
 pub mod node;
+#[cfg(feature = "etcd")]
+pub mod operator;
 pub mod pool;
 pub mod status;

@@ -1,5 +1,6 @@
-use allot_client::Client;
-use allot_wire::{AnnotateRequest, NamespaceResource};
+use allot_wire::AnnotateRequest;
+
+use crate::backend::Backend;
 use clap::Subcommand;
 
 use crate::output::{Format, Table, print};
@@ -35,16 +36,16 @@ pub fn parse_annotations(args: &[String]) -> anyhow::Result<AnnotateRequest> {
     Ok(req)
 }
 
-pub fn exec(cmd: NamespaceCmd, client: &Client) -> anyhow::Result<()> {
+pub fn exec(cmd: NamespaceCmd, backend: &Backend) -> anyhow::Result<()> {
     match cmd {
         NamespaceCmd::Annotate { namespace, annotations } => {
             let req = parse_annotations(&annotations)?;
-            let _: NamespaceResource = client.post(&format!("/v1/namespaces/{namespace}/annotations"), &req)?;
+            backend.annotate(&namespace, req)?;
             println!("namespace/{namespace} annotated");
             Ok(())
         }
         NamespaceCmd::List { output } => {
-            let list: Vec<NamespaceResource> = client.get("/v1/namespaces")?;
+            let list = backend.namespaces()?;
             print(output, &list, || {
                 let mut t = Table::new(&["name", "annotations"]);
                 for n in &list {

@@ -1,5 +1,6 @@
-use allot_client::Client;
-use allot_wire::{NodeResource, Status};
+use allot_wire::NodeResource;
+
+use crate::backend::Backend;
 use clap::Subcommand;
 
 use crate::output::{Format, Table, print};
@@ -52,23 +53,19 @@ fn node_table(nodes: &[NodeResource]) -> Table {
     t
 }
 
-pub fn exec(cmd: NodeCmd, client: &Client) -> anyhow::Result<()> {
+pub fn exec(cmd: NodeCmd, backend: &Backend) -> anyhow::Result<()> {
     match cmd {
         NodeCmd::List { output } => {
-            let nodes: Vec<NodeResource> = client.get("/v1/nodes")?;
+            let nodes = backend.nodes()?;
             print(output, &nodes, || node_table(&nodes))
         }
         NodeCmd::Get { name, output } => {
-            let name = match name {
-                Some(n) => n,
-                None => client.get::<Status>("/v1/status")?.node,
-            };
-            let node: NodeResource = client.get(&format!("/v1/nodes/{name}"))?;
+            let node = backend.node(name)?;
             print(output, &node, || node_table(std::slice::from_ref(&node)))
         }
         NodeCmd::Delete { name } => {
-            let v: serde_json::Value = client.delete(&format!("/v1/nodes/{name}"))?;
-            println!("node/{name} deleted ({} blocks released)", v["releasedBlocks"]);
+            let released = backend.delete_node(&name)?;
+            println!("node/{name} deleted ({released} blocks released)");
             Ok(())
         }
     }

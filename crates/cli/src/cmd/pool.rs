@@ -1,5 +1,6 @@
-use allot_client::Client;
-use allot_wire::{ApplyRequest, ApplyResult, FamilySpec, PoolResource};
+use allot_wire::{FamilySpec, PoolResource};
+
+use crate::backend::Backend;
 use clap::Subcommand;
 
 use crate::manifest::parse_pools;
@@ -43,7 +44,7 @@ fn pool_table(pools: &[PoolResource]) -> Table {
     t
 }
 
-pub fn exec(cmd: PoolCmd, client: &Client) -> anyhow::Result<()> {
+pub fn exec(cmd: PoolCmd, backend: &Backend) -> anyhow::Result<()> {
     match cmd {
         PoolCmd::Apply { file, output } => {
             let (text, source) = if file == "-" {
@@ -53,7 +54,7 @@ pub fn exec(cmd: PoolCmd, client: &Client) -> anyhow::Result<()> {
                 (text, file.clone())
             };
             let pools = parse_pools(&text, &source)?;
-            let results: Vec<ApplyResult> = client.post("/v1/pools", &ApplyRequest { pools })?;
+            let results = backend.apply(pools)?;
             print(output, &results, || {
                 let mut t = Table::new(&["pool", "result"]);
                 for r in &results {
@@ -63,15 +64,15 @@ pub fn exec(cmd: PoolCmd, client: &Client) -> anyhow::Result<()> {
             })
         }
         PoolCmd::List { output } => {
-            let pools: Vec<PoolResource> = client.get("/v1/pools")?;
+            let pools = backend.pools()?;
             print(output, &pools, || pool_table(&pools))
         }
         PoolCmd::Get { name, output } => {
-            let pool: PoolResource = client.get(&format!("/v1/pools/{name}"))?;
+            let pool = backend.pool(&name)?;
             print(output, &pool, || pool_table(std::slice::from_ref(&pool)))
         }
         PoolCmd::Delete { name } => {
-            let _: serde_json::Value = client.delete(&format!("/v1/pools/{name}"))?;
+            backend.delete_pool(&name)?;
             println!("pool/{name} deleted");
             Ok(())
         }

@@ -1,6 +1,6 @@
-use allot_client::Client;
 use allot_wire::Status;
 
+use crate::backend::Backend;
 use crate::output::{Format, Table, print, usage_bar};
 
 #[derive(clap::Args)]
@@ -9,9 +9,16 @@ pub struct Args {
     output: Format,
 }
 
-pub fn exec(args: Args, client: &Client) -> anyhow::Result<()> {
-    let status: Status = client.get("/v1/status")?;
-    print(args.output, &status, || {
+pub fn exec(args: Args, backend: &Backend) -> anyhow::Result<()> {
+    match backend {
+        Backend::Agent(client) => node_status(args.output, &client.get::<Status>("/v1/status")?),
+        #[cfg(feature = "etcd")]
+        Backend::Etcd { store, rt } => cluster::print_status(args.output, &rt.block_on(cluster::status(store))?),
+    }
+}
+
+fn node_status(output: Format, status: &Status) -> anyhow::Result<()> {
+    print(output, status, || {
         let mut t = Table::new(&["pool", "family", "capacity", "blocks node/cluster", "in use", "free", "requested", "node usage"]);
         for p in &status.pools {
             let cap: u128 = p.node_capacity.parse().unwrap_or(0);
@@ -28,8 +35,105 @@ pub fn exec(args: Args, client: &Client) -> anyhow::Result<()> {
         }
         t
     })?;
-    if args.output == Format::Table {
+    if output == Format::Table {
         println!("node {}: {}", status.node, if status.ready { "ready" } else { "restoring" });
     }
     Ok(())
+}
+
+#[cfg(feature = "etcd")]
+mod cluster {
+    use allot_core::{Family, cidr};
+    use allot_store::{EtcdStore, Store};
+    use serde::Serialize;
+
+    use crate::output::{Format, Table, print, usage_bar};
+
+    /// Cluster-wide view from etcd: how much of each pool is granted, and to whom.
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct ClusterStatus {
+        pub pools: Vec<PoolRow>,
+        pub nodes: Vec<NodeRow>,
+    }
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct PoolRow {
+        pool: String,
+        family: Family,
+        capacity: String,
+        blocks: u64,
+        granted_addresses: String,
+    }
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct NodeRow {
+        node: String,
+        pool: String,
+        family: Family,
+        blocks: u64,
+        usable: String,
+        requested: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    }
+
+    pub async fn status(store: &EtcdStore) -> anyhow::Result<ClusterStatus> {
+        let pools = store.pools().await?;
+        let grants = store.grants().await?;
+        let nodes = store.nodes().await?;
+        let mut out = ClusterStatus { pools: Vec::new(), nodes: Vec::new() };
+        for p in &pools {
+            for (family, _) in p.spec.families() {
+                let mine = || grants.iter().filter(|g| g.pool == p.name && Family::of(&g.cidr) == family);
+                out.pools.push(PoolRow {
+                    pool: p.name.clone(),
+                    family,
+                    capacity: p.spec.capacity(family).to_string(),
+                    blocks: mine().count() as u64,
+                    granted_addresses: mine().map(|g| cidr::size_of(family, g.cidr.prefix_len())).sum::<u128>().to_string(),
+                });
+                for n in &nodes {
+                    let held: Vec<_> = mine().filter(|g| g.node == n.name).collect();
+                    let requested = n.requested.iter().find(|r| r.pool == p.name).map_or(0, |r| r.needed.get(family));
+                    if held.is_empty() && requested == 0 {
+                        continue;
+                    }
+                    out.nodes.push(NodeRow {
+                        node: n.name.clone(),
+                        pool: p.name.clone(),
+                        family,
+                        blocks: held.len() as u64,
+                        usable: held.iter().map(|g| cidr::usable_count(&g.cidr)).sum::<u128>().to_string(),
+                        requested,
+                        error: n.operator_error.clone(),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn print_status(output: Format, s: &ClusterStatus) -> anyhow::Result<()> {
+        print(output, s, || {
+            let mut t = Table::new(&["pool", "family", "capacity", "blocks", "granted", "pool usage"]);
+            for p in &s.pools {
+                let cap: u128 = p.capacity.parse().unwrap_or(0);
+                let granted: u128 = p.granted_addresses.parse().unwrap_or(0);
+                t.row(vec![p.pool.clone(), p.family.to_string(), p.capacity.clone(), p.blocks.to_string(), p.granted_addresses.clone(), usage_bar(granted, cap, 20)]);
+            }
+            t
+        })?;
+        if output == Format::Table {
+            println!();
+            let mut t = Table::new(&["node", "pool", "family", "blocks", "usable", "requested", "error"]);
+            for n in &s.nodes {
+                t.row(vec![n.node.clone(), n.pool.clone(), n.family.to_string(), n.blocks.to_string(), n.usable.clone(), n.requested.to_string(), n.error.clone().unwrap_or_default()]);
+            }
+            print!("{}", t.render());
+        }
+        Ok(())
+    }
 }

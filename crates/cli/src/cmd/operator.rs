@@ -1,0 +1,62 @@
+use std::time::Duration;
+
+use allot_store::EtcdStore;
+
+use crate::backend::ClusterFlags;
+use crate::cmd::agent::{init_logging, parse_duration, shutdown_signal};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// This replica's name in the leader election (default: hostname and pid).
+    #[arg(long)]
+    id: Option<String>,
+    /// Lease TTL: how long a dead leader holds the lead before another replica takes it.
+    #[arg(long, default_value = "5s", value_name = "DURATION")]
+    lease_ttl: String,
+}
+
+pub fn exec(args: Args, cluster: &ClusterFlags) -> anyhow::Result<()> {
+    init_logging();
+    anyhow::ensure!(!cluster.etcd_endpoints.is_empty(), "allot operator needs --etcd-endpoints");
+    let ttl = parse_duration(&args.lease_ttl)?;
+    anyhow::ensure!(ttl >= Duration::from_secs(2), "--lease-ttl must be at least 2s");
+    let id = args.id.unwrap_or_else(|| format!("{}-{}", crate::cmd::agent::hostname(), std::process::id()));
+    let cfg = cluster.config()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let store = std::sync::Arc::new(EtcdStore::connect(&cfg).await?);
+        let shutdown = shutdown_signal();
+        tokio::pin!(shutdown);
+        loop {
+            tracing::info!(%id, "campaigning for operator leadership");
+            let lead = tokio::select! {
+                l = store.lead("operator", &id, ttl) => l,
+                _ = &mut shutdown => return Ok(()),
+            };
+            let leadership = match lead {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "campaign failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            tracing::info!(%id, "leading");
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let worker = tokio::spawn(allot_operator::run(store.clone(), stop_rx));
+            let mut lost = leadership.lost.clone();
+            let quit = tokio::select! {
+                _ = lost.wait_for(|l| *l) => false,
+                _ = &mut shutdown => true,
+            };
+            let _ = stop_tx.send(true);
+            let _ = worker.await;
+            leadership.resign().await;
+            if quit {
+                tracing::info!("operator stopped");
+                return Ok::<(), anyhow::Error>(());
+            }
+            tracing::warn!("lost leadership");
+        }
+    })
+}

@@ -24,6 +24,12 @@ pub struct AgentConfig {
     pub add_wait: Duration,
     /// How long a failed attempt counts as pending demand.
     pub pending_ttl: Duration,
+    /// This node's address on the node network (cluster mode).
+    pub node_ip: Option<std::net::IpAddr>,
+    /// Route every other node's blocks via that node's IP.
+    pub direct_routes: bool,
+    /// Keep each block's first usable address for the node's gateway.
+    pub reserve_gateway: bool,
 }
 
 impl AgentConfig {
@@ -37,6 +43,9 @@ impl AgentConfig {
             auto_create_pools: BTreeMap::new(),
             add_wait: Duration::from_secs(10),
             pending_ttl: allot_core::demand::PENDING_TTL,
+            node_ip: None,
+            direct_routes: false,
+            reserve_gateway: false,
         }
     }
 
@@ -57,6 +66,9 @@ pub struct ConfigFile {
     pub auto_create_pools: Option<BTreeMap<String, PoolSpec>>,
     /// Seconds.
     pub add_wait_seconds: Option<f64>,
+    pub node_ip: Option<std::net::IpAddr>,
+    pub auto_direct_node_routes: Option<bool>,
+    pub reserve_gateway: Option<bool>,
 }
 
 /// Parses `pool=count,pool=count` (Cilium's `ipam-multi-pool-pre-allocation` form).

@@ -17,6 +17,8 @@ mod api;
 pub mod config;
 mod node;
 pub mod records;
+#[cfg(feature = "etcd")]
+pub mod routes;
 
 pub use config::AgentConfig;
 pub use node::Node;
@@ -146,6 +148,32 @@ pub async fn run_standalone(
     let result = serve(node, listener, shutdown, stop_rx).await;
     let _ = stop_tx.send(true);
     let _ = operator.await;
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("agent stopped");
+    result
+}
+
+/// Cluster mode: etcd is the store; the operator runs elsewhere (`allot operator`).
+#[cfg(feature = "etcd")]
+pub async fn run_cluster(
+    cfg: AgentConfig,
+    etcd: allot_store::EtcdConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
+    let store = Arc::new(allot_store::EtcdStore::connect(&etcd).await?);
+    auto_create_pools(&*store, &cfg).await?;
+    let socket = cfg.socket.clone();
+    let direct_routes = cfg.direct_routes;
+    let node = Node::start(cfg, store.clone()).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let routes = direct_routes.then(|| tokio::spawn(routes::run(store.clone(), node.cfg.node.clone(), stop_rx.clone())));
+    let listener = bind_socket(&socket)?;
+    tracing::info!(socket = %socket.display(), node = %node.cfg.node, endpoints = ?etcd.endpoints, "agent serving (cluster)");
+    let result = serve(node, listener, shutdown, stop_rx).await;
+    let _ = stop_tx.send(true);
+    if let Some(r) = routes {
+        let _ = r.await;
+    }
     let _ = std::fs::remove_file(&socket);
     tracing::info!("agent stopped");
     result

@@ -64,7 +64,7 @@ impl<S: Store> Node<S> {
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| AgentError::Internal(format!("creating data dir {}: {e}", cfg.data_dir.display())))?;
         let (records, stored) = Records::open(&cfg.data_dir.join("allocations.journal")).map_err(|e| AgentError::Internal(e.to_string()))?;
-        store.register_node(&cfg.node, None).await?;
+        store.register_node(&cfg.node, cfg.node_ip).await?;
         let node = Arc::new(Node {
             state: Mutex::new(State {
                 alloc: NodeAllocator::new(),
@@ -118,7 +118,7 @@ impl<S: Store> Node<S> {
             let grant = BlockGrant { pool: pool.clone(), cidr: block, node: self.cfg.node.clone() };
             if self.store.grant_block(&grant).await? {
                 tracing::warn!(%pool, %block, "re-claimed a block that holds restored allocations");
-                self.lock().alloc.add_block(&pool, block);
+                self.lock().alloc.add_block_with(&pool, block, self.cfg.reserve_gateway);
             } else {
                 tracing::error!(%pool, %block, "restored allocations lie in a block this node cannot hold");
             }
@@ -157,7 +157,7 @@ impl<S: Store> Node<S> {
         let mut added = false;
         for (pool, block) in &mine {
             if !st.alloc.holds(pool, block) {
-                st.alloc.add_block(pool, *block);
+                st.alloc.add_block_with(pool, *block, self.cfg.reserve_gateway);
                 tracing::info!(%pool, %block, "block added");
                 added = true;
             }
@@ -521,7 +521,7 @@ impl<S: Store> Node<S> {
 fn take_addresses(st: &mut State, choice: &[(Family, String)]) -> Result<Vec<AllocatedIp>, String> {
     let mut ips: Vec<AllocatedIp> = Vec::with_capacity(choice.len());
     for (family, pool) in choice {
-        let Some((ip, block)) = st.alloc.allocate_in_block(pool, *family) else {
+        let Some((ip, block, gateway)) = st.alloc.allocate_in_block(pool, *family) else {
             for taken in &ips {
                 st.alloc.release(&taken.pool, taken.address.addr());
             }
@@ -530,7 +530,7 @@ fn take_addresses(st: &mut State, choice: &[(Family, String)]) -> Result<Vec<All
         ips.push(AllocatedIp {
             address: IpNet::new(ip, block.prefix_len()).expect("prefix from a block"),
             pool: pool.clone(),
-            gateway: None,
+            gateway,
         });
     }
     Ok(ips)

@@ -93,12 +93,14 @@ pub struct Block {
     cursor: u128,
     /// Set while the block is being given back: nothing new is allocated from it.
     pub draining: bool,
+    /// The node's own address in this block (its bridge gateway), counted in `in_use`.
+    pub gateway: Option<IpAddr>,
 }
 
 impl Block {
-    fn new(net: IpNet) -> Block {
+    fn new(net: IpNet, reserve_gateway: bool) -> Block {
         let (skip, capacity) = cidr::usable_range(&net);
-        Block {
+        let mut b = Block {
             net,
             first: cidr::addr_to_u128(net.network()) + skip,
             capacity,
@@ -106,7 +108,21 @@ impl Block {
             used: Used::new(capacity),
             cursor: 0,
             draining: false,
+            gateway: None,
+        };
+        // Point-to-point and host blocks have no address to spare for a gateway.
+        if reserve_gateway && cidr::skips_edges(&net) {
+            b.used.set(0, true);
+            b.in_use = 1;
+            b.cursor = 1;
+            b.gateway = Some(cidr::u128_to_addr(Family::of(&net), b.first));
         }
+        b
+    }
+
+    /// Addresses in use by pods (the gateway is the node's own).
+    pub fn pods(&self) -> u128 {
+        self.in_use - u128::from(self.gateway.is_some())
     }
 
     fn offset(&self, ip: IpAddr) -> Option<u128> {
@@ -167,9 +183,14 @@ impl NodeAllocator {
 
     /// Adds a block the node now holds. Adding a block twice is a no-op.
     pub fn add_block(&mut self, pool: &str, net: IpNet) {
+        self.add_block_with(pool, net, false);
+    }
+
+    /// Adds a block, keeping its first usable address as the node's gateway when asked.
+    pub fn add_block_with(&mut self, pool: &str, net: IpNet, reserve_gateway: bool) {
         let blocks = self.pools.entry((pool.to_string(), Family::of(&net))).or_default();
         if let Err(at) = blocks.binary_search_by_key(&net, |b| b.net) {
-            blocks.insert(at, Block::new(net));
+            blocks.insert(at, Block::new(net, reserve_gateway));
         }
     }
 
@@ -177,7 +198,7 @@ impl NodeAllocator {
     pub fn remove_block(&mut self, pool: &str, net: &IpNet) -> bool {
         let Some(blocks) = self.blocks_mut(pool, Family::of(net)) else { return true };
         match blocks.iter().position(|b| b.net == *net) {
-            Some(i) if blocks[i].in_use > 0 => false,
+            Some(i) if blocks[i].pods() > 0 => false,
             Some(i) => {
                 blocks.remove(i);
                 true
@@ -202,13 +223,15 @@ impl NodeAllocator {
 
     /// Takes a free address of the pool, or None when the node's blocks are full.
     pub fn allocate(&mut self, pool: &str, family: Family) -> Option<IpAddr> {
-        self.allocate_in_block(pool, family).map(|(ip, _)| ip)
+        self.allocate_in_block(pool, family).map(|(ip, _, _)| ip)
     }
 
-    /// Like `allocate`, also naming the block the address came from.
-    pub fn allocate_in_block(&mut self, pool: &str, family: Family) -> Option<(IpAddr, IpNet)> {
+    /// Like `allocate`, also giving the block the address came from and its gateway.
+    pub fn allocate_in_block(&mut self, pool: &str, family: Family) -> Option<(IpAddr, IpNet, Option<IpAddr>)> {
         let blocks = self.blocks_mut(pool, family)?;
-        blocks.iter_mut().find_map(|b| b.take().map(|off| (cidr::u128_to_addr(family, b.first + off), b.net)))
+        blocks
+            .iter_mut()
+            .find_map(|b| b.take().map(|off| (cidr::u128_to_addr(family, b.first + off), b.net, b.gateway)))
     }
 
     /// Marks a known address as used (restore after restart).
@@ -224,12 +247,12 @@ impl NodeAllocator {
         Ok(())
     }
 
-    /// Frees an address. False when it was not in use.
+    /// Frees an address. False when it was not in use (or is the node's gateway).
     pub fn release(&mut self, pool: &str, ip: IpAddr) -> bool {
         let Some(blocks) = self.blocks_mut(pool, Family::of_addr(&ip)) else { return false };
         for b in blocks.iter_mut() {
             if let Some(off) = b.offset(ip) {
-                if !b.used.get(off) {
+                if !b.used.get(off) || b.gateway == Some(ip) {
                     return false;
                 }
                 b.used.set(off, false);
@@ -259,7 +282,7 @@ impl NodeAllocator {
         let mut capacity: u128 = blocks.iter().filter(|b| !b.draining).map(|b| b.capacity).sum();
         let mut out = Vec::new();
         for b in blocks.iter().rev().filter(|b| !b.draining) {
-            if b.in_use == 0 && capacity - b.capacity >= needed {
+            if b.pods() == 0 && capacity - b.capacity >= needed {
                 capacity -= b.capacity;
                 out.push(b.net);
             }
@@ -356,6 +379,30 @@ mod tests {
         assert_eq!(a.allocate("p", Family::V4), Some(ip("10.0.0.9")));
         a.release("p", used);
         assert_eq!(a.usage("p", Family::V4).capacity, 12);
+    }
+
+    #[test]
+    fn a_reserved_gateway_is_never_handed_out_nor_freed() {
+        let mut a = NodeAllocator::new();
+        a.add_block_with("p", "10.0.0.0/29".parse().unwrap(), true);
+        a.add_block_with("p", "10.0.1.0/31".parse().unwrap(), true);
+        let got: Vec<_> = std::iter::from_fn(|| a.allocate_in_block("p", Family::V4)).collect();
+        assert_eq!(got.len(), 5 + 2, "/29: 6 usable less the gateway; /31: no gateway");
+        assert!(got.iter().all(|(ip, _, _)| *ip != ip_("10.0.0.1")));
+        assert_eq!(got[0].2, Some(ip_("10.0.0.1")));
+        assert_eq!(got[6].2, None);
+        assert!(!a.release("p", ip_("10.0.0.1")));
+        for (ip, _, _) in &got {
+            assert!(a.release("p", *ip));
+        }
+        // Only the gateway is left: the block counts as empty and may be given back.
+        assert_eq!(a.usage("p", Family::V4).in_use, 1);
+        assert_eq!(a.releasable("p", Family::V4, 0).len(), 2);
+        assert!(a.remove_block("p", &"10.0.0.0/29".parse().unwrap()));
+    }
+
+    fn ip_(s: &str) -> IpAddr {
+        s.parse().unwrap()
     }
 
     #[test]

@@ -208,7 +208,7 @@ impl EtcdStore {
             let mut c = self.client.clone();
             let opts = WatchOptions::new().with_prefix().with_start_revision(rev as i64 + 1);
             let stream = match self.timed(c.watch(self.prefix.as_str(), Some(opts))).await {
-                Ok((_watcher, stream)) => stream,
+                Ok(stream) => stream,
                 Err(e) => {
                     tracing::warn!(error = %e, "opening etcd watch failed; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;

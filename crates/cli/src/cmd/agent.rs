@@ -6,6 +6,8 @@ use allot_agent::config::{AgentConfig, ConfigFile, parse_pre_allocation};
 use allot_core::{FamilySpec, PoolSpec};
 use anyhow::Context;
 
+use crate::backend::ClusterFlags;
+
 #[derive(clap::Args)]
 pub struct Args {
     /// This node's name (default: the hostname).
@@ -29,6 +31,17 @@ pub struct Args {
     /// How long an ADD waits for a new block before answering "try again later" (e.g. 10s, 500ms).
     #[arg(long, value_name = "DURATION")]
     add_wait: Option<String>,
+    /// This node's IP on the node network (cluster mode; other nodes route to it).
+    #[arg(long)]
+    node_ip: Option<std::net::IpAddr>,
+    /// Install a kernel route for every block another node holds, via that node's IP
+    /// (cluster mode, nodes on one L2 network).
+    #[arg(long)]
+    auto_direct_node_routes: bool,
+    /// Keep the first usable address of every block for the node (a bridge gateway), and
+    /// return it as the gateway in CNI results.
+    #[arg(long)]
+    reserve_gateway: bool,
 }
 
 /// `10s`, `500ms`, `2m`, or plain seconds.
@@ -65,7 +78,7 @@ pub fn parse_pool_flag(s: &str) -> anyhow::Result<(String, PoolSpec)> {
     Ok((name.to_string(), spec))
 }
 
-fn hostname() -> String {
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .ok()
@@ -111,31 +124,47 @@ pub fn build_config(args: &Args, socket: Option<&str>) -> anyhow::Result<AgentCo
     if let Some(w) = &args.add_wait {
         cfg.add_wait = parse_duration(w).context("--add-wait")?;
     }
+    cfg.node_ip = args.node_ip.or(file.node_ip);
+    cfg.direct_routes = args.auto_direct_node_routes || file.auto_direct_node_routes.unwrap_or(false);
+    cfg.reserve_gateway = args.reserve_gateway || file.reserve_gateway.unwrap_or(false);
     Ok(cfg)
 }
 
-pub fn exec(args: Args, socket: Option<&str>) -> anyhow::Result<()> {
+pub fn init_logging() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: shutting down"),
+    }
+}
+
+pub fn exec(args: Args, socket: Option<&str>, cluster: &ClusterFlags) -> anyhow::Result<()> {
+    init_logging();
     let cfg = build_config(&args, socket)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(async move {
-        let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("installing a SIGTERM handler");
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-                _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: shutting down"),
-            }
-        };
-        allot_agent::run_standalone(cfg, shutdown).await
-    })?;
-    Ok(())
+    if cluster.etcd_endpoints.is_empty() {
+        anyhow::ensure!(!cfg.direct_routes, "--auto-direct-node-routes needs cluster mode (--etcd-endpoints)");
+        rt.block_on(allot_agent::run_standalone(cfg, shutdown_signal()))?;
+        return Ok(());
+    }
+    #[cfg(feature = "etcd")]
+    {
+        let etcd = cluster.config()?;
+        rt.block_on(allot_agent::run_cluster(cfg, etcd, shutdown_signal()))?;
+        Ok(())
+    }
+    #[cfg(not(feature = "etcd"))]
+    anyhow::bail!("this allot was built without the etcd feature")
 }
 
 #[cfg(test)]
@@ -179,6 +208,9 @@ mod tests {
             default_pool: Some("other".into()),
             pools: vec![],
             add_wait: None,
+            node_ip: None,
+            auto_direct_node_routes: false,
+            reserve_gateway: false,
         };
         let cfg = build_config(&args, Some("/tmp/x.sock")).unwrap();
         assert_eq!(cfg.node, "n1");

@@ -1,0 +1,132 @@
+//! Direct node routes (the seed's autoDirectNodeRoutes): for every block another node holds, a
+//! kernel route to it via that node's IP, installed over netlink. Routes allot installs carry
+//! their own protocol number, so the agent finds and removes exactly its own.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use allot_store::Store;
+use futures_util::TryStreamExt;
+use ipnet::IpNet;
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol};
+use rtnetlink::{Handle, RouteMessageBuilder};
+use tokio::sync::watch;
+
+/// `proto 0xa1` in `ip route`: routes allot installed.
+pub const ROUTE_PROTOCOL: u8 = 0xa1;
+
+/// The routes this node should have: other nodes' blocks via their IPs.
+pub async fn wanted<S: Store>(store: &S, me: &str) -> Result<BTreeMap<IpNet, IpAddr>, allot_store::StoreError> {
+    let nodes = store.nodes().await?;
+    let ips: BTreeMap<&str, IpAddr> = nodes.iter().filter_map(|n| n.ip.map(|ip| (n.name.as_str(), ip))).collect();
+    Ok(store
+        .grants()
+        .await?
+        .into_iter()
+        .filter(|g| g.node != me)
+        .filter_map(|g| {
+            let via = *ips.get(g.node.as_str())?;
+            (via.is_ipv4() == g.cidr.addr().is_ipv4()).then_some((g.cidr, via))
+        })
+        .collect())
+}
+
+fn ours(msg: &RouteMessage) -> Option<(IpNet, Option<IpAddr>)> {
+    if msg.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL) || msg.header.table != RouteHeader::RT_TABLE_MAIN {
+        return None;
+    }
+    let mut dst = None;
+    let mut gw = None;
+    for attr in &msg.attributes {
+        match attr {
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = Some(IpAddr::V4(*a)),
+            RouteAttribute::Destination(RouteAddress::Inet6(a)) => dst = Some(IpAddr::V6(*a)),
+            RouteAttribute::Gateway(RouteAddress::Inet(a)) => gw = Some(IpAddr::V4(*a)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(a)) => gw = Some(IpAddr::V6(*a)),
+            _ => {}
+        }
+    }
+    Some((IpNet::new(dst?, msg.header.destination_prefix_length).ok()?, gw))
+}
+
+async fn installed(handle: &Handle) -> Result<Vec<(IpNet, Option<IpAddr>, RouteMessage)>, rtnetlink::Error> {
+    let mut out = Vec::new();
+    for filter in [RouteMessageBuilder::<Ipv4Addr>::new().build(), RouteMessageBuilder::<Ipv6Addr>::new().build()] {
+        let mut routes = handle.route().get(filter).execute();
+        while let Some(msg) = routes.try_next().await? {
+            if let Some((dst, gw)) = ours(&msg) {
+                out.push((dst, gw, msg));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn route_message(dst: IpNet, via: IpAddr) -> Option<RouteMessage> {
+    let proto = RouteProtocol::Other(ROUTE_PROTOCOL);
+    match (dst, via) {
+        (IpNet::V4(d), IpAddr::V4(g)) => Some(
+            RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(d.network(), d.prefix_len()).gateway(g).protocol(proto).build(),
+        ),
+        (IpNet::V6(d), IpAddr::V6(g)) => Some(
+            RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(d.network(), d.prefix_len()).gateway(g).protocol(proto).build(),
+        ),
+        _ => None,
+    }
+}
+
+/// Makes the kernel's allot routes equal to `want`. Returns (added or changed, removed).
+pub async fn sync(handle: &Handle, want: &BTreeMap<IpNet, IpAddr>) -> Result<(usize, usize), rtnetlink::Error> {
+    let have = installed(handle).await?;
+    let mut removed = 0;
+    for (dst, gw, msg) in &have {
+        if want.get(dst) != gw.as_ref() {
+            handle.route().del(msg.clone()).execute().await?;
+            removed += 1;
+        }
+    }
+    let mut added = 0;
+    for (dst, via) in want {
+        if have.iter().any(|(d, g, _)| d == dst && g.as_ref() == Some(via)) {
+            continue;
+        }
+        if let Some(msg) = route_message(*dst, *via) {
+            handle.route().add(msg).replace().execute().await?;
+            added += 1;
+        }
+    }
+    Ok((added, removed))
+}
+
+/// Follows the store and keeps the routes in step until `stop` turns true. Routes stay when the
+/// agent stops: pods elsewhere still need them while it restarts.
+pub async fn run<S: Store>(store: Arc<S>, me: String, mut stop: watch::Receiver<bool>) {
+    let (connection, handle, _) = match rtnetlink::new_connection() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "opening netlink failed; direct routes are off");
+            return;
+        }
+    };
+    tokio::spawn(connection);
+    let mut changes = store.watch();
+    loop {
+        changes.borrow_and_update();
+        match wanted(&*store, &me).await {
+            Ok(want) => match sync(&handle, &want).await {
+                Ok((0, 0)) => {}
+                Ok((added, removed)) => tracing::info!(added, removed, routes = want.len(), "direct node routes updated"),
+                Err(e) => tracing::warn!(error = %e, "updating direct node routes failed; retrying"),
+            },
+            // With the store away, keep the routes as they are.
+            Err(e) => tracing::warn!(error = %e, "reading blocks for direct routes failed; retrying"),
+        }
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}

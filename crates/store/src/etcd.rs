@@ -344,6 +344,14 @@ impl Leadership {
     }
 }
 
+/// Dropping the handle stops keeping the lease, as a dead process would: the lead passes on
+/// once the lease runs out.
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        self.keeper.abort();
+    }
+}
+
 impl Store for EtcdStore {
     async fn pools(&self) -> Result<Vec<Pool>, StoreError> {
         Self::pools_of(&self.list("pools", None).await?.0)

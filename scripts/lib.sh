@@ -4,6 +4,9 @@ ensure_packages() {
     [ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
     command -v ip >/dev/null 2>&1 || need+=(iproute2)
     command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
+    [ -x /usr/bin/etcd ] || need+=(etcd-server)
+    command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+    command -v openssl >/dev/null 2>&1 || need+=(openssl)
     if [ ${#need[@]} -gt 0 ]; then
         if [ "$(id -u)" != 0 ]; then
             echo "missing ${need[*]}: run as root (sudo) so they can be installed" >&2

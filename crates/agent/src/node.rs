@@ -391,18 +391,45 @@ impl<S: Store> Node<S> {
         v
     }
 
-    /// The node's demand per pool and family, by the seed's formula.
-    fn requested(&self, st: &State) -> Vec<PoolRequest> {
+    /// Pod addresses the node needs per pool and family, by the seed's formula.
+    fn pod_demand(&self, st: &State) -> Vec<(String, Family, u64)> {
         let mut out = Vec::new();
         for (name, spec) in &st.pools {
-            let mut needed = Needed::default();
             for (family, _) in spec.families() {
                 let in_use = st.alloc.usage(name, family).in_use as u64;
                 let pending = st.pending.count(name, family);
-                needed.set(family, demand::needed(in_use, pending, self.cfg.pre_alloc(name)));
+                out.push((name.clone(), family, demand::needed(in_use, pending, self.cfg.pre_alloc(name))));
             }
-            if needed != Needed::default() {
-                out.push(PoolRequest { pool: name.clone(), needed });
+        }
+        out
+    }
+
+    /// What the node asks the operator for. The operator counts every usable address of a
+    /// block; with a gateway reserved in each block, the pod demand grows by one address for
+    /// every block it takes to hold it.
+    fn requested(&self, st: &State) -> Vec<PoolRequest> {
+        let mut out: Vec<PoolRequest> = Vec::new();
+        for (pool, family, pods) in self.pod_demand(st) {
+            let mut needed = pods;
+            if self.cfg.reserve_gateway
+                && let Some(spec) = st.pools.get(&pool).and_then(|p| p.family(family))
+            {
+                let block = allot_core::cidr::net_from(family, 0, spec.mask_size);
+                let per_block = allot_core::cidr::usable_count(&block);
+                if allot_core::cidr::skips_edges(&block) && per_block > 1 {
+                    needed += pods.div_ceil((per_block - 1).min(u128::from(u64::MAX)) as u64);
+                }
+            }
+            if needed == 0 {
+                continue;
+            }
+            match out.iter_mut().find(|r| r.pool == pool) {
+                Some(r) => r.needed.set(family, needed),
+                None => {
+                    let mut n = Needed::default();
+                    n.set(family, needed);
+                    out.push(PoolRequest { pool, needed: n });
+                }
             }
         }
         out
@@ -468,11 +495,11 @@ impl<S: Store> Node<S> {
             if !st.restored {
                 return Ok(());
             }
-            let requested = self.requested(&st);
+            let demand = self.pod_demand(&st);
             let keys: Vec<(String, Family)> = st.alloc.pools().map(|(p, f)| (p.to_string(), f)).collect();
             let mut out = Vec::new();
             for (pool, family) in keys {
-                let needed = requested.iter().find(|r| r.pool == pool).map_or(0, |r| r.needed.get(family));
+                let needed = demand.iter().find(|(p, f, _)| *p == pool && *f == family).map_or(0, |(_, _, n)| *n);
                 for block in st.alloc.releasable(&pool, family, u128::from(needed)) {
                     st.alloc.set_draining(&pool, &block, true);
                     out.push((pool.clone(), block));

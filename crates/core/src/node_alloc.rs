@@ -125,6 +125,11 @@ impl Block {
         self.in_use - u128::from(self.gateway.is_some())
     }
 
+    /// Addresses pods can have.
+    pub fn pod_capacity(&self) -> u128 {
+        self.capacity - u128::from(self.gateway.is_some())
+    }
+
     fn offset(&self, ip: IpAddr) -> Option<u128> {
         let v = cidr::addr_to_u128(ip);
         (self.net.contains(&ip) && v >= self.first && v - self.first < self.capacity).then(|| v - self.first)
@@ -153,7 +158,8 @@ pub enum MarkError {
     AlreadyUsed { ip: IpAddr },
 }
 
-/// Use of one family of one pool on this node.
+/// Use of one family of one pool on this node, in pod addresses: a reserved gateway counts
+/// neither in `capacity` nor in `in_use`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Usage {
     pub blocks: usize,
@@ -266,8 +272,8 @@ impl NodeAllocator {
     pub fn usage(&self, pool: &str, family: Family) -> Usage {
         self.blocks(pool, family).map_or(Usage::default(), |v| Usage {
             blocks: v.len(),
-            capacity: v.iter().filter(|b| !b.draining).map(|b| b.capacity).sum(),
-            in_use: v.iter().map(|b| b.in_use).sum(),
+            capacity: v.iter().filter(|b| !b.draining).map(Block::pod_capacity).sum(),
+            in_use: v.iter().map(Block::pods).sum(),
         })
     }
 
@@ -275,15 +281,15 @@ impl NodeAllocator {
         self.pools.iter().filter(|(_, v)| !v.is_empty()).map(|((p, f), _)| (p.as_str(), *f))
     }
 
-    /// Empty blocks that can be given back while the rest still covers `needed`: the last ones
-    /// first, so the low blocks stay in use.
+    /// Empty blocks that can be given back while the rest still covers `needed` pod addresses:
+    /// the last ones first, so the low blocks stay in use.
     pub fn releasable(&self, pool: &str, family: Family, needed: u128) -> Vec<IpNet> {
         let Some(blocks) = self.blocks(pool, family) else { return Vec::new() };
-        let mut capacity: u128 = blocks.iter().filter(|b| !b.draining).map(|b| b.capacity).sum();
+        let mut capacity: u128 = blocks.iter().filter(|b| !b.draining).map(Block::pod_capacity).sum();
         let mut out = Vec::new();
         for b in blocks.iter().rev().filter(|b| !b.draining) {
-            if b.pods() == 0 && capacity - b.capacity >= needed {
-                capacity -= b.capacity;
+            if b.pods() == 0 && capacity - b.pod_capacity() >= needed {
+                capacity -= b.pod_capacity();
                 out.push(b.net);
             }
         }
@@ -396,7 +402,7 @@ mod tests {
             assert!(a.release("p", *ip));
         }
         // Only the gateway is left: the block counts as empty and may be given back.
-        assert_eq!(a.usage("p", Family::V4).in_use, 1);
+        assert_eq!(a.usage("p", Family::V4), Usage { blocks: 2, capacity: 5 + 2, in_use: 0 });
         assert_eq!(a.releasable("p", Family::V4, 0).len(), 2);
         assert!(a.remove_block("p", &"10.0.0.0/29".parse().unwrap()));
     }

@@ -189,9 +189,6 @@ impl EtcdStore {
     /// after a fresh read, whose revision wakes every follower to re-read too.
     async fn follow(self) {
         loop {
-            if self.revision.is_closed() {
-                return;
-            }
             let rev = match self.current_revision().await {
                 Ok(rev) => rev,
                 Err(e) => {

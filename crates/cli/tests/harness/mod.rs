@@ -48,18 +48,25 @@ pub struct Agent {
     pub socket: PathBuf,
     pub node: String,
     args: Vec<String>,
+    netns: Option<String>,
     child: Option<Child>,
 }
 
 impl Agent {
     /// Starts `allot agent` with its own data dir and socket, plus `args`; waits until ready.
     pub fn start(node: &str, args: &[&str]) -> Agent {
+        Self::start_in(None, node, args)
+    }
+
+    /// Starts the agent inside a network namespace (`ip netns exec`), as a node of a lab.
+    pub fn start_in(netns: Option<&str>, node: &str, args: &[&str]) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("allot.sock");
         let mut a = Agent {
             socket,
             node: node.to_string(),
             args: args.iter().map(|s| s.to_string()).collect(),
+            netns: netns.map(String::from),
             child: None,
             dir,
         };
@@ -69,7 +76,7 @@ impl Agent {
 
     pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("agent.log")).unwrap();
-        let child = Command::new(bin_dir().join("allot"))
+        let child = command_in(self.netns.as_deref(), &bin_dir().join("allot"))
             .arg("agent")
             .arg("--node")
             .arg(&self.node)
@@ -152,6 +159,24 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A command, run inside `netns` when one is given (`ip netns exec` execs it in place).
+pub fn command_in(netns: Option<&str>, program: &Path) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// Runs the `allot` CLI, optionally inside a namespace, with any flags.
+pub fn allot(netns: Option<&str>, args: &[&str]) -> (bool, String, String) {
+    let out = command_in(netns, &bin_dir().join("allot")).args(args).stdin(Stdio::null()).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
 pub fn cli(socket: &Path, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
@@ -268,4 +293,55 @@ pub fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
         assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(25));
     }
+}
+
+/// `allot operator` as a separate process.
+pub struct Operator {
+    pub id: String,
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Operator {
+    pub fn start(netns: Option<&str>, endpoint: &str, id: &str) -> Operator {
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(dir.path().join("operator.log")).unwrap();
+        let child = command_in(netns, &bin_dir().join("allot"))
+            .args(["--etcd-endpoints", endpoint, "operator", "--id", id, "--lease-ttl", "3s"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting allot operator");
+        Operator { id: id.to_string(), dir, child: Some(child) }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("operator.log")).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs a command inside a namespace and asserts it worked.
+pub fn netns_exec(ns: &str, args: &[&str]) -> String {
+    let out = Command::new("ip").args(["netns", "exec", ns]).args(args).output().unwrap();
+    assert!(out.status.success(), "in {ns}: {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into()
+}
+
+pub fn run(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }

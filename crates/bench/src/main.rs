@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 mod chart;
+mod cluster;
 mod inproc;
 
 const HOST_LOCAL: &str = "/usr/lib/cni/host-local";
@@ -66,18 +67,27 @@ pub struct Concurrency {
 #[derive(Debug, Serialize)]
 struct Report {
     exec: Vec<ExecPoint>,
-    concurrency: Concurrency,
-    core: inproc::CoreFigures,
+    concurrency: Option<Concurrency>,
+    core: Option<inproc::CoreFigures>,
+    cluster: Option<cluster::ClusterFigures>,
 }
 
 struct Args {
     ops: usize,
     levels: Vec<usize>,
     out: PathBuf,
+    /// Parts to run: exec, core, cluster (all by default).
+    only: Vec<String>,
+}
+
+impl Args {
+    fn runs(&self, part: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|p| p == part)
+    }
 }
 
 fn parse_args() -> Args {
-    let mut a = Args { ops: 200, levels: vec![10, 1_000, 10_000], out: PathBuf::from("bench-out") };
+    let mut a = Args { ops: 200, levels: vec![10, 1_000, 10_000], out: PathBuf::from("bench-out"), only: Vec::new() };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut val = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -85,6 +95,7 @@ fn parse_args() -> Args {
             "--ops" => a.ops = val().parse().expect("--ops N"),
             "--levels" => a.levels = val().split(',').map(|s| s.parse().expect("--levels N,N,...")).collect(),
             "--out" => a.out = PathBuf::from(val()),
+            "--only" => a.only = val().split(',').map(String::from).collect(),
             "--chart-from" => {
                 // Redraw the chart from a results.json of an earlier run.
                 let path = PathBuf::from(val());
@@ -100,7 +111,7 @@ fn parse_args() -> Args {
                 std::process::exit(0);
             }
             "-h" | "--help" => {
-                println!("allot-bench [--ops N] [--levels 10,1000,10000] [--out DIR]");
+                println!("allot-bench [--ops N] [--levels 10,1000,10000] [--out DIR] [--only exec,core,cluster]");
                 std::process::exit(0);
             }
             other => panic!("unknown flag {other}"),
@@ -354,11 +365,17 @@ fn print_tables(r: &Report) {
             ratio(last.allot_del.p50_ms, first.allot_del.p50_ms)
         );
     }
-    let c = &r.concurrency;
-    println!("\n## Concurrency ({} parallel ADD streams through allot-ipam)\n", c.streams);
-    println!("| ADDs | per second | p99 ms | all distinct |\n|---:|---:|---:|---|");
-    println!("| {} | {:.0} | {:.2} | {} |", c.adds, c.per_second, c.p99_ms, c.distinct);
-    inproc::print_core(&r.core);
+    if let Some(c) = &r.concurrency {
+        println!("\n## Concurrency ({} parallel ADD streams through allot-ipam)\n", c.streams);
+        println!("| ADDs | per second | p99 ms | all distinct |\n|---:|---:|---:|---|");
+        println!("| {} | {:.0} | {:.2} | {} |", c.adds, c.per_second, c.p99_ms, c.distinct);
+    }
+    if let Some(core) = &r.core {
+        inproc::print_core(core);
+    }
+    if let Some(c) = &r.cluster {
+        cluster::print(c);
+    }
 }
 
 fn main() {
@@ -366,32 +383,43 @@ fn main() {
     assert!(Path::new(HOST_LOCAL).exists(), "needs Debian's containernetworking-plugins (scripts/bench.sh installs it)");
     std::fs::create_dir_all(&args.out).unwrap();
 
-    eprintln!("core, in process ...");
-    let core = inproc::run();
+    let core = args.runs("core").then(|| {
+        eprintln!("core, in process ...");
+        inproc::run()
+    });
 
-    let agent = AgentProc::start("default=10.200.0.0/16@24");
-    let hl = tempfile::tempdir().unwrap();
     let mut exec_points = Vec::new();
-    let mut live = 0;
-    for (round, &level) in args.levels.iter().enumerate() {
-        eprintln!("exec'd path at {level} live allocations ...");
-        populate_allot(&agent, live, level);
-        populate_host_local(hl.path(), live, level);
-        live = level;
-        exec_points.push(measure_point(level, args.ops, &agent, hl.path(), round));
+    let mut conc = None;
+    if args.runs("exec") {
+        let agent = AgentProc::start("default=10.200.0.0/16@24");
+        let hl = tempfile::tempdir().unwrap();
+        let mut live = 0;
+        for (round, &level) in args.levels.iter().enumerate() {
+            eprintln!("exec'd path at {level} live allocations ...");
+            populate_allot(&agent, live, level);
+            populate_host_local(hl.path(), live, level);
+            live = level;
+            exec_points.push(measure_point(level, args.ops, &agent, hl.path(), round));
+        }
+        drop(agent);
+        eprintln!("64 concurrent streams ...");
+        let agent = AgentProc::start("default=10.201.0.0/16@24");
+        conc = Some(concurrency(&agent, 64, 16));
     }
-    drop(agent);
 
-    eprintln!("64 concurrent streams ...");
-    let agent = AgentProc::start("default=10.201.0.0/16@24");
-    let conc = concurrency(&agent, 64, 16);
-    drop(agent);
+    let cluster = args.runs("cluster").then(|| {
+        eprintln!("cluster: 30 agents, 3,000 pods over one etcd ...");
+        cluster::run(&bin_dir(), 30, 3_000)
+    });
 
-    let report = Report { exec: exec_points, concurrency: conc, core };
+    let report = Report { exec: exec_points, concurrency: conc, core, cluster };
     print_tables(&report);
     let json_path = args.out.join("results.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
-    let svg_path = args.out.join("latency.svg");
-    std::fs::write(&svg_path, chart::latency_chart(&report.exec)).unwrap();
-    println!("\nwrote {} and {}", json_path.display(), svg_path.display());
+    println!("\nwrote {}", json_path.display());
+    if !report.exec.is_empty() {
+        let svg_path = args.out.join("latency.svg");
+        std::fs::write(&svg_path, chart::latency_chart(&report.exec)).unwrap();
+        println!("wrote {}", svg_path.display());
+    }
 }

@@ -148,14 +148,49 @@ impl<S: Store> Node<S> {
         let namespaces = self.store.namespaces().await?;
         let grants = self.store.grants().await?;
         let record = self.store.nodes().await?.into_iter().find(|n| n.name == self.cfg.node);
+        if record.is_none() {
+            // The node was deleted while this agent runs: register it again, with its demand.
+            tracing::warn!(node = %self.cfg.node, "node record missing; registering again");
+            self.store.register_node(&self.cfg.node, self.cfg.node_ip).await?;
+            let requested = self.requested(&self.lock());
+            self.store.set_requested(&self.cfg.node, requested).await?;
+        }
         let mine: HashSet<(&str, IpNet)> =
             grants.iter().filter(|g| g.node == self.cfg.node).map(|g| (g.pool.as_str(), g.cidr)).collect();
+        let (added, in_use_lost) = self.apply_view(pools, namespaces, record, &mine);
+        for (pool, block) in in_use_lost {
+            let grant = BlockGrant { pool: pool.clone(), cidr: block, node: self.cfg.node.clone() };
+            if self.store.grant_block(&grant).await? {
+                tracing::warn!(%pool, %block, "re-claimed a block that was taken from this node while in use");
+                self.lock().alloc.set_draining(&pool, &block, false);
+            } else {
+                tracing::error!(%pool, %block, "a block this node still uses is held elsewhere; no new addresses from it");
+            }
+        }
+        if added {
+            self.room_changed.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// Puts a fresh read of the store into the node's state; returns whether blocks arrived,
+    /// and the blocks lost while pods still use them.
+    fn apply_view(
+        &self,
+        pools: Vec<allot_core::Pool>,
+        namespaces: BTreeMap<String, Annotations>,
+        record: Option<allot_store::NodeRecord>,
+        mine: &HashSet<(&str, IpNet)>,
+    ) -> (bool, Vec<(String, IpNet)>) {
         let mut st = self.lock();
         st.pools = pools.into_iter().map(|p| (p.name, p.spec)).collect();
         st.namespaces = namespaces;
         st.operator_error = record.and_then(|r| r.operator_error);
         let mut added = false;
-        for (pool, block) in &mine {
+        for (pool, block) in mine {
+            // Refresh and release never interleave, so a draining block held here is one that
+            // was lost earlier and is this node's again.
+            st.alloc.set_draining(pool, block, false);
             if !st.alloc.holds(pool, block) {
                 st.alloc.add_block_with(pool, *block, self.cfg.reserve_gateway);
                 tracing::info!(%pool, %block, "block added");
@@ -168,18 +203,18 @@ impl<S: Store> Node<S> {
             .filter(|(p, b)| !b.draining && !mine.contains(&(*p, b.net)))
             .map(|(p, b)| (p.to_string(), b.net))
             .collect();
+        let mut in_use_lost = Vec::new();
         for (pool, block) in gone {
             if st.alloc.remove_block(&pool, &block) {
                 tracing::warn!(%pool, %block, "block no longer held by this node; dropped");
             } else {
-                tracing::error!(%pool, %block, "block taken from this node while addresses in it are in use");
+                // Pods still hold addresses in it: hand out nothing more from it, and take it
+                // back below if nobody else holds it now.
+                st.alloc.set_draining(&pool, &block, true);
+                in_use_lost.push((pool, block));
             }
         }
-        drop(st);
-        if added {
-            self.room_changed.notify_waiters();
-        }
-        Ok(())
+        (added, in_use_lost)
     }
 
     /// Chooses the pool of each family for an ADD.

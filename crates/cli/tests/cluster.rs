@@ -77,7 +77,7 @@ fn three_nodes_under_an_add_storm_with_small_blocks() {
     let etcd = Etcd::start();
     let _op = Operator::start(None, &etcd.endpoint, "op-1");
     apply(&etcd, &pool_yaml("default", "10.240.0.0/20", 28));
-    let agents: Vec<Agent> = (0..3).map(|i| cluster_agent(&etcd, &format!("node-{i}"), &["--add-wait", "30s"])).collect();
+    let mut agents: Vec<Agent> = (0..3).map(|i| cluster_agent(&etcd, &format!("node-{i}"), &["--add-wait", "30s"])).collect();
     let answered = Mutex::new(Vec::new());
     std::thread::scope(|s| {
         for (n, agent) in agents.iter().enumerate() {
@@ -105,9 +105,29 @@ fn three_nodes_under_an_add_storm_with_small_blocks() {
     // The CLI against the cluster: status per pool and per node, and removing a departed node.
     let (ok, out, err) = allot(None, &["--etcd-endpoints", &etcd.endpoint, "status"]);
     assert!(ok && out.contains("default") && out.contains("node-2"), "{out}{err}");
+    // node-2 departs; deleting it gives its blocks back.
+    agents[2].kill();
     let (ok, out, err) = allot(None, &["--etcd-endpoints", &etcd.endpoint, "node", "delete", "node-2"]);
     assert!(ok && out.contains("blocks released"), "{out}{err}");
     assert!(rt.block_on(store.grants()).unwrap().iter().all(|g| g.node != "node-2"));
+
+    // Deleting a node whose agent still runs: the agent registers again and takes back the
+    // blocks its pods use, so their addresses cannot go to another node.
+    let node1: Vec<(String, String)> = answered.iter().filter(|(n, _)| n == "node-1").cloned().collect();
+    let (ok, _, err) = allot(None, &["--etcd-endpoints", &etcd.endpoint, "node", "delete", "node-1"]);
+    assert!(ok, "{err}");
+    poll("node-1 back with its blocks", Duration::from_secs(15), || {
+        let nodes = rt.block_on(store.nodes()).ok()?;
+        nodes.iter().any(|n| n.name == "node-1").then_some(())?;
+        let grants = rt.block_on(store.grants()).ok()?;
+        node1
+            .iter()
+            .all(|(_, ip)| {
+                let addr: IpNet = ip.parse().unwrap();
+                grants.iter().any(|g| g.node == "node-1" && g.cidr.contains(&addr.addr()))
+            })
+            .then_some(())
+    });
 }
 
 #[test]

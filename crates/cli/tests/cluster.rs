@@ -441,3 +441,54 @@ fn pods_in_two_pools_ping_across_nodes_over_direct_routes() {
     let green_block = format!("{}.0/24", b_green.ip.rsplitn(2, '.').nth(1).unwrap());
     poll("the released block's route to go", Duration::from_secs(10), || (!routes_on(0).contains(&green_block)).then_some(()));
 }
+
+#[test]
+fn the_cli_against_etcd_and_two_clis_racing() {
+    require_root();
+    let etcd = Etcd::start();
+    let e = etcd.endpoint.as_str();
+    let cli = |args: &[&str]| {
+        let mut full = vec!["--etcd-endpoints", e];
+        full.extend_from_slice(args);
+        allot(None, &full)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    // Two CLIs apply overlapping pools at the same moment: the store transaction lets one in.
+    let (a, b) = (file("a.yaml", &pool_yaml("race-a", "10.60.0.0/16", 24)), file("b.yaml", &pool_yaml("race-b", "10.60.128.0/17", 24)));
+    let results: Vec<(bool, String, String)> = std::thread::scope(|s| {
+        let ha = s.spawn(|| cli(&["pool", "apply", "-f", &a]));
+        let hb = s.spawn(|| cli(&["pool", "apply", "-f", &b]));
+        vec![ha.join().unwrap(), hb.join().unwrap()]
+    });
+    assert_eq!(results.iter().filter(|r| r.0).count(), 1, "{results:?}");
+    assert!(results.iter().any(|r| !r.0 && r.2.contains("overlaps")), "{results:?}");
+
+    let (ok, out, err) = cli(&["pool", "list", "-o", "json"]);
+    assert!(ok, "{err}");
+    let pools: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(pools.as_array().unwrap().len(), 1);
+    let name = pools[0]["metadata"]["name"].as_str().unwrap().to_string();
+    let (ok, yaml, _) = cli(&["pool", "get", &name, "-o", "yaml"]);
+    assert!(ok && yaml.contains("maskSize: 24"), "{yaml}");
+    let (ok, _, err) = cli(&["namespace", "annotate", "team-a", "ipam.cilium.io/ip-pool=x"]);
+    assert!(ok, "{err}");
+    let (ok, out, _) = cli(&["namespace", "list"]);
+    assert!(ok && out.contains("team-a") && out.contains("ipam.cilium.io/ip-pool=x"), "{out}");
+    let (ok, out, _) = cli(&["node", "list"]);
+    assert!(ok && out.contains("No resources found."), "{out}");
+    let (ok, _, err) = cli(&["node", "get"]);
+    assert!(!ok && err.contains("name the node"), "{err}");
+    let (ok, _, err) = cli(&["allocations", "list"]);
+    assert!(!ok && err.contains("lives on each node"), "{err}");
+    let (ok, _, err) = cli(&["pool", "delete", &name]);
+    assert!(ok, "{err}");
+    let (ok, out, _) = cli(&["pool", "list"]);
+    assert!(ok && out.contains("No resources found."), "{out}");
+    let (ok, _, err) = allot(None, &["--etcd-endpoints", "http://127.0.0.1:1", "pool", "list"]);
+    assert!(!ok && err.contains("127.0.0.1:1"), "{err}");
+}

@@ -94,17 +94,25 @@ impl<S: Store> Node<S> {
     async fn restore(&self, stored: Vec<Allocation>) -> Result<(), AgentError> {
         let started = Instant::now();
         let count = stored.len();
+        // Addresses whose block this node does not hold (yet): retried after re-claiming.
+        let mut unplaced: Vec<(String, std::net::IpAddr, Owner)> = Vec::new();
         let mut missing: Vec<(String, IpNet)> = Vec::new();
         {
             let mut st = self.lock();
             for a in &stored {
                 for ip in &a.ips {
-                    if let Err(MarkError::NoBlock { .. }) = st.alloc.mark_used(&ip.pool, ip.address.addr())
-                        && let Some(spec) = st.pools.get(&ip.pool).and_then(|p| p.family(Family::of(&ip.address)))
-                    {
-                        let block = IpNet::new(ip.address.addr(), spec.mask_size).map(|n| n.trunc());
-                        if let Ok(block) = block {
-                            missing.push((ip.pool.clone(), block));
+                    match st.alloc.mark_used(&ip.pool, ip.address.addr()) {
+                        Ok(()) => {}
+                        Err(MarkError::NoBlock { .. }) => {
+                            unplaced.push((ip.pool.clone(), ip.address.addr(), a.owner.clone()));
+                            if let Some(spec) = st.pools.get(&ip.pool).and_then(|p| p.family(Family::of(&ip.address)))
+                                && let Ok(block) = IpNet::new(ip.address.addr(), spec.mask_size)
+                            {
+                                missing.push((ip.pool.clone(), block.trunc()));
+                            }
+                        }
+                        Err(e @ MarkError::AlreadyUsed { .. }) => {
+                            tracing::error!(owner = %a.owner, error = %e, "two stored allocations hold one address");
                         }
                     }
                 }
@@ -124,14 +132,12 @@ impl<S: Store> Node<S> {
             }
         }
         let mut st = self.lock();
-        for a in stored {
-            for ip in &a.ips {
-                // Marked above unless the block was missing; a second mark reports AlreadyUsed.
-                match st.alloc.mark_used(&ip.pool, ip.address.addr()) {
-                    Ok(()) | Err(MarkError::AlreadyUsed { .. }) => {}
-                    Err(e) => tracing::error!(owner = %a.owner, error = %e, "restored allocation is outside this node's blocks"),
-                }
+        for (pool, ip, owner) in unplaced {
+            if let Err(e) = st.alloc.mark_used(&pool, ip) {
+                tracing::error!(%owner, error = %e, "restored allocation is outside this node's blocks");
             }
+        }
+        for a in stored {
             st.owners.insert(a.owner.clone(), a);
         }
         st.restored = true;

@@ -153,11 +153,12 @@ impl Journal {
                 self.entries += 1;
             }
         }
-        if self.entries >= COMPACT_MIN_ENTRIES && self.entries > 2 * self.live.len() {
-            if let Err(e) = self.compact() {
-                // The journal as it stands is still complete; compaction is retried later.
-                tracing::warn!(error = %e, "compacting the allocation journal failed");
-            }
+        if self.entries >= COMPACT_MIN_ENTRIES
+            && self.entries > 2 * self.live.len()
+            && let Err(e) = self.compact()
+        {
+            // The journal as it stands is still complete; compaction is retried later.
+            tracing::warn!(error = %e, "compacting the allocation journal failed");
         }
         Ok(())
     }

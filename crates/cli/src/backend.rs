@@ -8,6 +8,8 @@ use allot_wire::{
 #[cfg(feature = "etcd")]
 use allot_store::Store;
 
+// One backend per CLI run: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Backend {
     Agent(Client),
     #[cfg(feature = "etcd")]

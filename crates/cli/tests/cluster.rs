@@ -135,7 +135,7 @@ fn the_leading_operator_killed_the_other_grants_the_next_blocks() {
     require_root();
     let etcd = Etcd::start();
     let (rt, store) = store_for(&etcd);
-    let mut ops = vec![Operator::start(None, &etcd.endpoint, "op-a"), Operator::start(None, &etcd.endpoint, "op-b")];
+    let mut ops = [Operator::start(None, &etcd.endpoint, "op-a"), Operator::start(None, &etcd.endpoint, "op-b")];
     apply(&etcd, &pool_yaml("default", "10.241.0.0/24", 28));
     let agent = cluster_agent(&etcd, "node-l", &["--add-wait", "30s", "--pre-allocation", "default=0"]);
     assert_eq!(add(&agent, "first").0, 0);
@@ -411,7 +411,7 @@ fn pods_in_two_pools_ping_across_nodes_over_direct_routes() {
     let r0 = routes_on(0);
     assert!(r0.contains("via 10.250.0.11"), "{r0}");
     for pod in [&b_blue, &b_green] {
-        let block = format!("{}.0/24", pod.ip.rsplitn(2, '.').nth(1).unwrap());
+        let block = format!("{}.0/24", pod.ip.rsplit_once('.').unwrap().0);
         assert!(r0.contains(&block), "node 0 has no route to {block}: {r0}");
     }
 
@@ -438,7 +438,7 @@ fn pods_in_two_pools_ping_across_nodes_over_direct_routes() {
         })
         .unwrap();
     assert!(del.success());
-    let green_block = format!("{}.0/24", b_green.ip.rsplitn(2, '.').nth(1).unwrap());
+    let green_block = format!("{}.0/24", b_green.ip.rsplit_once('.').unwrap().0);
     poll("the released block's route to go", Duration::from_secs(10), || (!routes_on(0).contains(&green_block)).then_some(()));
 }
 

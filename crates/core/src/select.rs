@@ -82,7 +82,8 @@ mod tests {
     #[test]
     fn precedence_table() {
         use Family::*;
-        let rows: &[(Family, Option<&'static str>, &[(&'static str, &'static str)], &[(&'static str, &'static str)], &str)] = &[
+        type Annotations = &'static [(&'static str, &'static str)];
+        let rows: &[(Family, Option<&'static str>, Annotations, Annotations, &str)] = &[
             (V4, None, &[], &[], "default"),
             (V4, None, &[(POOL_ANNOTATION, "a")], &[], "a"),
             (V4, None, &[(POOL_ANNOTATION, "a"), (IPV4_POOL_ANNOTATION, "a4")], &[], "a4"),

@@ -1,0 +1,96 @@
+//! The agent's node logic in process, on the embedded store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use allot_agent::{AgentConfig, Node};
+use allot_core::{BlockGrant, FamilySpec, Pool, PoolSpec};
+use allot_store::{EmbeddedStore, Store};
+use allot_wire::{AddRequest, Owner, PodRef};
+
+fn req(id: &str) -> AddRequest {
+    AddRequest {
+        owner: Owner { network: "n".into(), container_id: id.into(), ifname: "eth0".into() },
+        netns: String::new(),
+        pod: PodRef::default(),
+        pool: None,
+        annotations: Default::default(),
+    }
+}
+
+fn pool(cidr: &str, mask: u8) -> Pool {
+    Pool {
+        name: "default".into(),
+        spec: PoolSpec { ipv4: Some(FamilySpec { cidrs: vec![cidr.parse().unwrap()], mask_size: mask }), ipv6: None },
+    }
+}
+
+fn config(dir: &std::path::Path) -> AgentConfig {
+    let mut cfg = AgentConfig::new("n1");
+    cfg.data_dir = dir.to_path_buf();
+    cfg.add_wait = Duration::from_millis(200);
+    cfg
+}
+
+/// After a restart, an allocation whose block the node no longer holds takes the block back,
+/// so its address cannot be handed out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_reclaims_a_lost_block_that_holds_allocations() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("cluster.redb")).unwrap());
+    store.apply_pools(vec![pool("10.0.0.0/24", 28)]).await.unwrap();
+    let block: ipnet::IpNet = "10.0.0.0/28".parse().unwrap();
+    store.register_node("n1", None).await.unwrap();
+    store.grant_block(&BlockGrant { pool: "default".into(), cidr: block, node: "n1".into() }).await.unwrap();
+    let first = {
+        let node = Node::start(config(dir.path()), store.clone()).await.unwrap();
+        node.add(req("a")).await.unwrap()
+    };
+    // The block is lost while the agent is down (as after `allot node delete` of a live node).
+    assert!(store.release_block(&BlockGrant { pool: "default".into(), cidr: block, node: "n1".into() }).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let node = Node::start(config(dir.path()), store.clone()).await.unwrap();
+    assert_eq!(node.allocations(), vec![first.clone()]);
+    let grants = store.grants().await.unwrap();
+    assert_eq!(grants, vec![BlockGrant { pool: "default".into(), cidr: block, node: "n1".into() }]);
+    let second = node.add(req("b")).await.unwrap();
+    assert_ne!(second.ips[0].address, first.ips[0].address);
+}
+
+/// With a gateway reserved in every block, the node asks for one more address per block, so
+/// the operator (which counts every usable address) grants enough.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserved_gateways_are_counted_in_requested() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("cluster.redb")).unwrap());
+    store.apply_pools(vec![pool("10.0.0.0/24", 28)]).await.unwrap();
+    let mut cfg = config(dir.path());
+    cfg.reserve_gateway = true;
+    cfg.pre_allocation.clear();
+    cfg.add_wait = Duration::from_secs(5);
+    let node = Node::start(cfg, store.clone()).await.unwrap();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(node.clone().demand_loop(stop.clone()));
+    tokio::spawn(node.clone().watch_loop(stop.clone()));
+    tokio::spawn(allot_operator::run(store.clone(), stop));
+    // A /28 has 14 usable addresses; one is the gateway, so 13 pods per block.
+    let mut gateways = std::collections::HashSet::new();
+    for i in 0..14 {
+        let a = node.add(req(&format!("p{i}"))).await.unwrap();
+        let ip = &a.ips[0];
+        assert_ne!(Some(ip.address.addr()), ip.gateway, "a pod got the gateway");
+        gateways.insert(ip.gateway.unwrap());
+    }
+    assert_eq!(gateways.len(), 2, "the 14th pod needed a second block");
+    // 14 pods in two blocks, plus their two gateways.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let requested = store.nodes().await.unwrap()[0].requested.first().map(|r| r.needed.ipv4_addrs);
+        if requested == Some(14 + 2) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "requested {requested:?}, want 16");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop_tx.send(true);
+}

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use allot_client::Client;
 use allot_testkit::Etcd;
-use allot_wire::{AddRequest, Allocation, Owner, PodRef, Status};
+use allot_wire::{Allocation, Status};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,14 +73,7 @@ fn storm(sockets: &[std::path::PathBuf], pods: usize) -> Duration {
                         return;
                     }
                     let client = Client::new(&sockets[i % sockets.len()], Duration::from_secs(120));
-                    let req = AddRequest {
-                        owner: Owner { network: "bench".into(), container_id: format!("pod{i}"), ifname: "eth0".into() },
-                        netns: String::new(),
-                        pod: PodRef::default(),
-                        pool: None,
-                        annotations: Default::default(),
-                    };
-                    let _: Allocation = client.post("/v1/cni/add", &req).expect("cluster ADD");
+                    let _: Allocation = client.post("/v1/cni/add", &crate::add_request(format!("pod{i}"))).expect("cluster ADD");
                 }
             });
         }

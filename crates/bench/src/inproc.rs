@@ -8,7 +8,7 @@ use allot_core::blocks::BlockMap;
 use allot_core::node_alloc::NodeAllocator;
 use allot_core::{BlockGrant, Family, FamilySpec, Pool, PoolSpec};
 use allot_store::{EmbeddedStore, Store};
-use allot_wire::{AddRequest, Owner, PodRef};
+use allot_wire::AddRequest;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -90,13 +90,7 @@ fn grants() -> Grants {
 }
 
 fn add_req(i: usize) -> AddRequest {
-    AddRequest {
-        owner: Owner { network: "bench".into(), container_id: format!("c{i}"), ifname: "eth0".into() },
-        netns: String::new(),
-        pod: PodRef::default(),
-        pool: None,
-        annotations: Default::default(),
-    }
+    crate::add_request(format!("c{i}"))
 }
 
 /// A node with 16 /16 blocks granted up front, so ADDs never wait for the operator.

@@ -120,6 +120,17 @@ fn parse_args() -> Args {
     a
 }
 
+/// An ADD for a container on the "bench" network, with nothing else set.
+pub fn add_request(container_id: String) -> AddRequest {
+    AddRequest {
+        owner: Owner { network: "bench".into(), container_id, ifname: "eth0".into() },
+        netns: String::new(),
+        pod: PodRef::default(),
+        pool: None,
+        annotations: Default::default(),
+    }
+}
+
 fn bin_dir() -> PathBuf {
     std::env::current_exe().unwrap().parent().unwrap().to_path_buf()
 }
@@ -223,14 +234,7 @@ fn populate_allot(agent: &AgentProc, from: usize, target: usize) {
                     if i >= target {
                         return;
                     }
-                    let req = AddRequest {
-                        owner: Owner { network: "bench".into(), container_id: format!("live{i}"), ifname: "eth0".into() },
-                        netns: String::new(),
-                        pod: PodRef::default(),
-                        pool: None,
-                        annotations: Default::default(),
-                    };
-                    let _: Allocation = c.post("/v1/cni/add", &req).expect("populating");
+                    let _: Allocation = c.post("/v1/cni/add", &add_request(format!("live{i}"))).expect("populating");
                 }
             });
         }

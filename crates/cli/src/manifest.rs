@@ -33,21 +33,7 @@ mod tests {
     use super::*;
 
     /// The pool of the Cilium multi-pool page, exactly as written there.
-    pub const SEED_POOL: &str = "apiVersion: cilium.io/v2alpha1
-kind: CiliumPodIPPool
-metadata:
-  name: green-pool
-spec:
-  ipv4:
-    cidrs:
-    - 10.20.0.0/16
-    - 10.30.0.0/16
-    maskSize: 24
-  ipv6:
-    cidrs:
-    - fd00::/104
-    maskSize: 120
-";
+    const SEED_POOL: &str = include_str!("../tests/fixtures/seed-pool.yaml");
 
     #[test]
     fn seed_yaml_unchanged_and_multi_document() {

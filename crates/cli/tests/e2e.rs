@@ -239,21 +239,8 @@ fn gc_releases_only_invalid_attachments_of_its_own_network() {
     assert!(err["msg"].as_str().unwrap().contains(agent.socket.to_str().unwrap()), "{err}");
 }
 
-const SEED_POOL: &str = "apiVersion: cilium.io/v2alpha1
-kind: CiliumPodIPPool
-metadata:
-  name: green-pool
-spec:
-  ipv4:
-    cidrs:
-    - 10.20.0.0/16
-    - 10.30.0.0/16
-    maskSize: 24
-  ipv6:
-    cidrs:
-    - fd00::/104
-    maskSize: 120
-";
+/// The pool of the Cilium multi-pool page, exactly as written there.
+const SEED_POOL: &str = include_str!("fixtures/seed-pool.yaml");
 
 #[test]
 fn pool_cli_accepts_cilium_yaml_and_refuses_bad_changes_without_effect() {

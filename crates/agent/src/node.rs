@@ -26,7 +26,8 @@ const DEMAND_DEBOUNCE: Duration = Duration::from_millis(50);
 struct State {
     alloc: NodeAllocator,
     owners: HashMap<Owner, Allocation>,
-    pending: Pending<(Owner, String)>,
+    /// At most one failed attempt per owner: the pool that was full.
+    pending: Pending<Owner>,
     pools: BTreeMap<String, PoolSpec>,
     namespaces: BTreeMap<String, Annotations>,
     operator_error: Option<String>,
@@ -308,9 +309,7 @@ impl<S: Store> Node<S> {
         let choice = self.choose(&st, req)?;
         match take_addresses(&mut st, &choice) {
             Ok(ips) => {
-                for (_, pool) in &choice {
-                    st.pending.clear(&(req.owner.clone(), pool.clone()));
-                }
+                st.pending.clear(&req.owner);
                 let a = Allocation {
                     owner: req.owner.clone(),
                     netns: req.netns.clone(),
@@ -323,7 +322,7 @@ impl<S: Store> Node<S> {
             }
             Err(pool) => {
                 let families = choice.iter().filter(|(_, p)| *p == pool).map(|(f, _)| *f).collect();
-                st.pending.record((req.owner.clone(), pool.clone()), &pool, families, Instant::now());
+                st.pending.record(req.owner.clone(), &pool, families, Instant::now());
                 Ok(Taken::Full(pool))
             }
         }
@@ -354,13 +353,10 @@ impl<S: Store> Node<S> {
     async fn release_owners(&self, owners: &[Owner]) -> Result<Vec<Allocation>, AgentError> {
         let taken: Vec<Allocation> = {
             let mut st = self.lock();
-            let pools: Vec<String> = st.pools.keys().cloned().collect();
             owners
                 .iter()
                 .filter_map(|o| {
-                    for p in &pools {
-                        st.pending.clear(&(o.clone(), p.clone()));
-                    }
+                    st.pending.clear(o);
                     st.owners.remove(o)
                 })
                 .collect()

@@ -7,6 +7,7 @@
 mod harness;
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -333,25 +334,16 @@ fn lab_pod(node: &(Netns, String), agent: &Agent, id: &str, pool: &str) -> LabPo
         "ipam": {"type": "allot-ipam", "socket": agent.socket},
         "runtimeConfig": {"io.kubernetes.cri.pod-annotations": {"ipam.cilium.io/ip-pool": pool}}
     });
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &node.0.name, "/usr/lib/cni/bridge"])
-        .env("CNI_COMMAND", "ADD")
-        .env("CNI_CONTAINERID", id)
-        .env("CNI_NETNS", ns.path())
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", format!("{}:/usr/lib/cni", bin_dir().display()))
-        .env("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=default")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().unwrap().write_all(conf.to_string().as_bytes())?;
-            c.wait_with_output()
-        })
-        .unwrap();
-    let result: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    assert!(out.status.success(), "bridge ADD {id} on {}: {result}\n{}", node.0.name, agent.log());
+    let call = CniCall {
+        plugin: Path::new("/usr/lib/cni/bridge"),
+        command: "ADD",
+        container_id: id,
+        netns: &ns.path(),
+        ifname: "eth0",
+        args: "IgnoreUnknown=1;K8S_POD_NAMESPACE=default",
+    };
+    let (code, result) = cni_in(Some(&node.0.name), &call, &conf);
+    assert_eq!(code, 0, "bridge ADD {id} on {}: {result}\n{}", node.0.name, agent.log());
     let ip = ips_of(&result)[0].split('/').next().unwrap().to_string();
     LabPod { ns, ip }
 }
@@ -420,24 +412,10 @@ fn pods_in_two_pools_ping_across_nodes_over_direct_routes() {
     }
 
     // A block that goes away takes its route with it: green on node 1 empties and is released.
-    let del = std::process::Command::new("ip")
-        .args(["netns", "exec", &lab.nodes[1].0.name, "/usr/lib/cni/bridge"])
-        .env("CNI_COMMAND", "DEL")
-        .env("CNI_CONTAINERID", "b-green")
-        .env("CNI_NETNS", b_green.ns.path())
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", format!("{}:/usr/lib/cni", bin_dir().display()))
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            let conf = json!({"cniVersion": "1.0.0", "name": "labnet", "type": "bridge", "bridge": "br-green", "isGateway": true,
-                "ipam": {"type": "allot-ipam", "socket": agents[1].socket}});
-            c.stdin.take().unwrap().write_all(conf.to_string().as_bytes())?;
-            c.wait()
-        })
-        .unwrap();
-    assert!(del.success());
+    let conf = json!({"cniVersion": "1.0.0", "name": "labnet", "type": "bridge", "bridge": "br-green", "isGateway": true,
+        "ipam": {"type": "allot-ipam", "socket": agents[1].socket}});
+    let del = CniCall { plugin: Path::new("/usr/lib/cni/bridge"), command: "DEL", container_id: "b-green", netns: &b_green.ns.path(), ifname: "eth0", args: "" };
+    assert_eq!(cni_in(Some(&lab.nodes[1].0.name), &del, &conf).0, 0);
     let green_block = format!("{}.0/24", b_green.ip.rsplit_once('.').unwrap().0);
     poll("the released block's route to go", Duration::from_secs(10), || (!routes_on(0).contains(&green_block)).then_some(()));
 }

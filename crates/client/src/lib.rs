@@ -5,10 +5,10 @@
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use allot_wire::{ApiError, ErrorKind};
+use allot_wire::ApiError;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -38,13 +38,6 @@ impl ClientError {
     pub fn is_unreachable(&self) -> bool {
         matches!(self, ClientError::NotFound(_) | ClientError::Refused(_) | ClientError::Denied(_))
     }
-
-    pub fn api_kind(&self) -> Option<ErrorKind> {
-        match self {
-            ClientError::Api(e) => Some(e.kind),
-            _ => None,
-        }
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -56,10 +49,6 @@ pub struct Client {
 impl Client {
     pub fn new(socket: impl Into<PathBuf>, timeout: Duration) -> Self {
         Client { socket: socket.into(), timeout }
-    }
-
-    pub fn socket(&self) -> &Path {
-        &self.socket
     }
 
     pub fn get<R: DeserializeOwned>(&self, path: &str) -> Result<R, ClientError> {

@@ -57,14 +57,6 @@ impl<K: Eq + Hash> Pending<K> {
         self.entries.values().filter(|(p, fams, _)| p == pool && fams.contains(&family)).count() as u64
     }
 
-    pub fn pools(&self) -> impl Iterator<Item = &str> {
-        self.entries.values().map(|(p, _, _)| p.as_str())
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

@@ -175,14 +175,18 @@ pub fn command_in(netns: Option<&str>, program: &Path) -> Command {
 
 /// Runs the `allot` CLI, optionally inside a namespace, with any flags.
 pub fn allot(netns: Option<&str>, args: &[&str]) -> (bool, String, String) {
-    let out = command_in(netns, &bin_dir().join("allot")).args(args).stdin(Stdio::null()).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    allot_with(netns, args, None)
 }
 
+/// Runs the `allot` CLI against the agent on `socket`.
 pub fn cli(socket: &Path, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
-    let mut child = Command::new(bin_dir().join("allot"))
-        .arg("--socket")
-        .arg(socket)
+    let mut full = vec!["--socket", socket.to_str().unwrap()];
+    full.extend_from_slice(args);
+    allot_with(None, &full, stdin)
+}
+
+fn allot_with(netns: Option<&str>, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    let mut child = command_in(netns, &bin_dir().join("allot"))
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -261,8 +265,13 @@ pub struct CniCall<'a> {
 }
 
 pub fn cni(call: &CniCall, config: &Value) -> (i32, Value) {
+    cni_in(None, call, config)
+}
+
+/// One CNI call made inside `netns` (a lab node), as that node's runtime would make it.
+pub fn cni_in(netns: Option<&str>, call: &CniCall, config: &Value) -> (i32, Value) {
     let cni_path = format!("{}:/usr/lib/cni", bin_dir().display());
-    let mut child = Command::new(call.plugin)
+    let mut child = command_in(netns, call.plugin)
         .env("CNI_COMMAND", call.command)
         .env("CNI_CONTAINERID", call.container_id)
         .env("CNI_NETNS", call.netns)

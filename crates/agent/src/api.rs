@@ -81,7 +81,7 @@ async fn cni_gc<S: Store>(State(n): Shared<S>, Json(req): Json<GcRequest>) -> Ap
 }
 
 async fn status<S: Store>(State(n): Shared<S>) -> ApiResult<Status> {
-    n.status().await.map(Json)
+    Ok(Json(n.status()))
 }
 
 async fn allocations<S: Store>(State(n): Shared<S>) -> ApiResult<Vec<Allocation>> {

@@ -15,12 +15,16 @@ use tokio::sync::watch;
 
 mod api;
 pub mod config;
+pub mod datadir;
+pub mod lazy_store;
 mod node;
 pub mod records;
 #[cfg(feature = "etcd")]
 pub mod routes;
 
 pub use config::AgentConfig;
+pub use datadir::DataDir;
+pub use lazy_store::LazyStore;
 pub use node::Node;
 
 #[derive(Debug, thiserror::Error)]
@@ -135,10 +139,11 @@ pub async fn run_standalone(
     cfg: AgentConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
-    std::fs::create_dir_all(&cfg.data_dir)
-        .map_err(|e| AgentError::Internal(format!("creating data dir {}: {e}", cfg.data_dir.display())))?;
-    let store = Arc::new(EmbeddedStore::open(&cfg.data_dir.join("cluster.redb"))?);
-    auto_create_pools(&*store, &cfg).await?;
+    // Before anything in the directory is opened: a second agent must change nothing.
+    let data = DataDir::lock(&cfg.data_dir)?;
+    let store_path = data.join("cluster.redb");
+    let store = Arc::new(EmbeddedStore::open(&store_path)?);
+    datadir::make_private(&store_path).map_err(|e| AgentError::Internal(format!("chmod 0600 {}: {e}", store_path.display())))?;
     let socket = cfg.socket.clone();
     let node = Node::start(cfg, store.clone()).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -149,32 +154,63 @@ pub async fn run_standalone(
     let _ = stop_tx.send(true);
     let _ = operator.await;
     let _ = std::fs::remove_file(&socket);
+    drop(data);
     tracing::info!("agent stopped");
     result
 }
 
-/// Cluster mode: etcd is the store; the operator runs elsewhere (`allot operator`).
+/// Cluster mode: etcd is the store; the operator runs elsewhere (`allot operator`). The socket
+/// is bound before etcd answers: the node serves DEL from its journal and ADD from the blocks
+/// of its saved view, and connects to etcd in the background with backoff.
 #[cfg(feature = "etcd")]
 pub async fn run_cluster(
     cfg: AgentConfig,
     etcd: allot_store::EtcdConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
-    let store = Arc::new(allot_store::EtcdStore::connect(&etcd).await?);
-    auto_create_pools(&*store, &cfg).await?;
+    let data = DataDir::lock(&cfg.data_dir)?;
+    let store = Arc::new(LazyStore::<allot_store::EtcdStore>::new(format!("etcd at {}", etcd.endpoints.join(","))));
     let socket = cfg.socket.clone();
     let direct_routes = cfg.direct_routes;
-    let node = Node::start(cfg, store.clone()).await?;
+    let node = Node::open(cfg, store.clone())?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let routes = direct_routes.then(|| tokio::spawn(routes::run(store.clone(), node.cfg.node.clone(), stop_rx.clone())));
+    let connector = tokio::spawn(connect_etcd(store.clone(), etcd.clone(), stop_rx.clone()));
+    let routes = direct_routes
+        .then(|| tokio::spawn(routes::run(store.clone(), node.clone(), stop_rx.clone())));
     let listener = bind_socket(&socket)?;
     tracing::info!(socket = %socket.display(), node = %node.cfg.node, endpoints = ?etcd.endpoints, "agent serving (cluster)");
     let result = serve(node, listener, shutdown, stop_rx).await;
     let _ = stop_tx.send(true);
+    connector.abort();
     if let Some(r) = routes {
         let _ = r.await;
     }
     let _ = std::fs::remove_file(&socket);
+    drop(data);
     tracing::info!("agent stopped");
     result
+}
+
+/// Connects to etcd, retrying with backoff, and hands the store over once it answers.
+#[cfg(feature = "etcd")]
+async fn connect_etcd(
+    lazy: Arc<LazyStore<allot_store::EtcdStore>>,
+    cfg: allot_store::EtcdConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = std::time::Duration::from_millis(200);
+    loop {
+        match allot_store::EtcdStore::connect(&cfg).await {
+            Ok(store) => {
+                lazy.set(Arc::new(store));
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "connecting to etcd failed; serving from this node's journal and saved view"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+    }
 }

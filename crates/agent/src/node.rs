@@ -1,24 +1,32 @@
 //! The node's allocation logic: ADD, DEL, CHECK, GC against in-memory state mirrored by the
 //! durable records, plus the loops that keep demand, blocks and caches in step with the store.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use allot_core::demand::{self, Pending};
-use allot_core::node_alloc::{MarkError, NodeAllocator};
+use allot_core::node_alloc::NodeAllocator;
 use allot_core::select::{self, Source};
 use allot_core::{BlockGrant, Family, PoolSpec};
 use allot_store::{Annotations, Store, StoreError};
 use allot_wire::{
-    AddRequest, AllocatedIp, Allocation, Attachment, GcResponse, Needed, Owner, PoolRequest, PoolStatus, Status,
+    AddRequest, AllocatedIp, Allocation, Attachment, GcResponse, Needed, Owner, PoolRequest, PoolStatus, Readiness,
+    RouteFailure, Status, StoreHealth,
 };
 use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
 use crate::AgentError;
 use crate::config::AgentConfig;
 use crate::records::{Op, Records};
+
+/// The last cluster view the agent read, kept in its data dir so that it can serve from its
+/// blocks when it starts while the store is unreachable.
+const VIEW_FILE: &str = "cluster-view.json";
+/// Connecting to the store is retried with backoff up to this.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// How soon after a change the node's demand is written to the store.
 const DEMAND_DEBOUNCE: Duration = Duration::from_millis(50);
@@ -33,12 +41,32 @@ struct State {
     operator_error: Option<String>,
     /// Blocks may be given back only once every stored allocation has been marked.
     restored: bool,
+    /// Set once the node has read its view from the store (not only from the saved file).
+    connected: bool,
+    store: StoreHealth,
+    /// Blocks granted cluster-wide per pool and family, as of the last read.
+    cluster_blocks: BTreeMap<(String, Family), u64>,
+    /// Blocks this node's allocations lie in but that it does not hold (yet): claimed back
+    /// from the store when free.
+    wanted: BTreeSet<(String, IpNet)>,
+    /// The view last written to `VIEW_FILE`.
+    saved: Option<SavedView>,
+}
+
+/// What `VIEW_FILE` holds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct SavedView {
+    pools: BTreeMap<String, PoolSpec>,
+    namespaces: BTreeMap<String, Annotations>,
+    blocks: Vec<(String, IpNet)>,
 }
 
 enum Taken {
     Existing(Allocation),
     New(Allocation),
     Full(String),
+    /// The chosen pool is unknown here: looked up in the store, or waited for, before refusing.
+    UnknownPool(String),
 }
 
 pub struct Node<S> {
@@ -52,6 +80,8 @@ pub struct Node<S> {
     /// Serialises reading the node's blocks from the store with giving blocks back, so a
     /// refresh that read the grants before a release cannot re-add the released block.
     blocks_sync: tokio::sync::Mutex<()>,
+    /// Failed direct routes, written by the routes loop (cluster mode).
+    pub(crate) route_failures: Mutex<Vec<RouteFailure>>,
 }
 
 fn now_unix() -> u64 {
@@ -59,13 +89,22 @@ fn now_unix() -> u64 {
 }
 
 impl<S: Store> Node<S> {
-    /// Opens the records, registers the node, loads the cluster view, and restores every stored
-    /// allocation into the allocator.
+    /// Opens the records and the saved cluster view, restores every stored allocation, and
+    /// connects to the store (registers the node, reads its view).
     pub async fn start(cfg: AgentConfig, store: Arc<S>) -> Result<Arc<Self>, AgentError> {
+        let node = Self::open(cfg, store)?;
+        node.connect().await?;
+        Ok(node)
+    }
+
+    /// Opens the records and the saved cluster view and restores every stored allocation,
+    /// without touching the store: the node can serve DEL, and ADD from the blocks it held.
+    pub fn open(cfg: AgentConfig, store: Arc<S>) -> Result<Arc<Self>, AgentError> {
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| AgentError::Internal(format!("creating data dir {}: {e}", cfg.data_dir.display())))?;
-        let (records, stored) = Records::open(&cfg.data_dir.join("allocations.journal")).map_err(|e| AgentError::Internal(e.to_string()))?;
-        store.register_node(&cfg.node, cfg.node_ip).await?;
+        let (records, replay) = Records::open_replay(&cfg.data_dir.join("allocations.journal"))
+            .map_err(|e| AgentError::Internal(e.to_string()))?;
+        let saved = read_saved_view(&cfg.data_dir.join(VIEW_FILE));
         let node = Arc::new(Node {
             state: Mutex::new(State {
                 alloc: NodeAllocator::new(),
@@ -75,6 +114,16 @@ impl<S: Store> Node<S> {
                 namespaces: BTreeMap::new(),
                 operator_error: None,
                 restored: false,
+                connected: false,
+                store: StoreHealth {
+                    reachable: false,
+                    unreachable_since: Some(now_unix()),
+                    last_error: Some("not connected yet".into()),
+                    from_saved_view: saved.is_some(),
+                },
+                cluster_blocks: BTreeMap::new(),
+                wanted: BTreeSet::new(),
+                saved: saved.clone(),
             }),
             cfg,
             store,
@@ -82,9 +131,9 @@ impl<S: Store> Node<S> {
             room_changed: Notify::new(),
             demand_changed: Notify::new(),
             blocks_sync: tokio::sync::Mutex::new(()),
+            route_failures: Mutex::new(Vec::new()),
         });
-        node.refresh().await?;
-        node.restore(stored).await?;
+        node.restore(replay, saved.unwrap_or_default());
         Ok(node)
     }
 
@@ -92,64 +141,139 @@ impl<S: Store> Node<S> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn restore(&self, stored: Vec<Allocation>) -> Result<(), AgentError> {
+    /// Marks every stored allocation, in the blocks of the saved view; allocations outside
+    /// them make the node want their blocks back.
+    fn restore(&self, replay: crate::records::Replay, saved: SavedView) {
         let started = Instant::now();
-        let count = stored.len();
-        // Addresses whose block this node does not hold (yet): retried after re-claiming.
-        let mut unplaced: Vec<(String, std::net::IpAddr, Owner)> = Vec::new();
-        let mut missing: Vec<(String, IpNet)> = Vec::new();
-        {
-            let mut st = self.lock();
-            for a in &stored {
-                for ip in &a.ips {
-                    match st.alloc.mark_used(&ip.pool, ip.address.addr()) {
-                        Ok(()) => {}
-                        Err(MarkError::NoBlock { .. }) => {
-                            unplaced.push((ip.pool.clone(), ip.address.addr(), a.owner.clone()));
-                            if let Some(spec) = st.pools.get(&ip.pool).and_then(|p| p.family(Family::of(&ip.address)))
-                                && let Ok(block) = IpNet::new(ip.address.addr(), spec.mask_size)
-                            {
-                                missing.push((ip.pool.clone(), block.trunc()));
-                            }
-                        }
-                        Err(e @ MarkError::AlreadyUsed { .. }) => {
-                            tracing::error!(owner = %a.owner, error = %e, "two stored allocations hold one address");
-                        }
-                    }
-                }
-            }
-        }
-        // An address whose block the node no longer holds: take the block back if it is free, so
-        // the address cannot be handed to another node.
-        missing.sort();
-        missing.dedup();
-        for (pool, block) in missing {
-            let grant = BlockGrant { pool: pool.clone(), cidr: block, node: self.cfg.node.clone() };
-            if self.store.grant_block(&grant).await? {
-                tracing::warn!(%pool, %block, "re-claimed a block that holds restored allocations");
-                self.lock().alloc.add_block_with(&pool, block, self.cfg.reserve_gateway);
-            } else {
-                tracing::error!(%pool, %block, "restored allocations lie in a block this node cannot hold");
-            }
-        }
+        let count = replay.allocations.len();
         let mut st = self.lock();
-        for (pool, ip, owner) in unplaced {
-            if let Err(e) = st.alloc.mark_used(&pool, ip) {
-                tracing::error!(%owner, error = %e, "restored allocation is outside this node's blocks");
-            }
-        }
-        for a in stored {
+        st.pools = saved.pools;
+        st.namespaces = saved.namespaces;
+        for a in replay.allocations {
             st.owners.insert(a.owner.clone(), a);
+        }
+        for (pool, block) in saved.blocks {
+            self.add_block(&mut st, &pool, block);
+        }
+        self.want_missing_blocks(&mut st);
+        for (pool, ip) in replay.resume_after {
+            st.alloc.resume_after(&pool, ip);
         }
         st.restored = true;
         drop(st);
         tracing::info!(allocations = count, elapsed = ?started.elapsed(), "restored allocations");
         self.demand_changed.notify_one();
+    }
+
+    /// Adds a block the node now holds and marks the stored allocations inside it. The gateway
+    /// is reserved as configured, and also when a pod was given it as gateway before the
+    /// setting was turned off; never when a pod holds the address itself.
+    fn add_block(&self, st: &mut State, pool: &str, block: IpNet) {
+        let inside: Vec<(Owner, std::net::IpAddr, Option<std::net::IpAddr>)> = st
+            .owners
+            .values()
+            .flat_map(|a| a.ips.iter().map(move |ip| (a, ip)))
+            .filter(|(_, ip)| ip.pool == pool && block.contains(&ip.address.addr()))
+            .map(|(a, ip)| (a.owner.clone(), ip.address.addr(), ip.gateway))
+            .collect();
+        let gateway = NodeAllocator::gateway_of(&block);
+        let held_by_pod = inside.iter().find(|(_, ip, _)| Some(*ip) == gateway).map(|(o, _, _)| o);
+        let given_as_gateway = gateway.is_some() && inside.iter().any(|(_, _, gw)| *gw == gateway);
+        if let (Some(owner), true) = (held_by_pod, self.cfg.reserve_gateway || given_as_gateway) {
+            tracing::warn!(%pool, %block, %owner, "the block's gateway address is a pod's; no gateway reserved in this block");
+        }
+        let reserve = held_by_pod.is_none() && (self.cfg.reserve_gateway || given_as_gateway);
+        st.alloc.add_block_with(pool, block, reserve);
+        for (owner, ip, _) in &inside {
+            if let Err(e) = st.alloc.mark_used(pool, *ip) {
+                tracing::error!(%owner, error = %e, "two stored allocations hold one address");
+            }
+        }
+        st.wanted.remove(&(pool.to_string(), block));
+    }
+
+    /// Records the blocks of stored allocations that lie outside every held block.
+    fn want_missing_blocks(&self, st: &mut State) {
+        let mut missing = Vec::new();
+        for a in st.owners.values() {
+            for ip in &a.ips {
+                let held = st.alloc.block_list().any(|(p, b)| p == ip.pool && b.net.contains(&ip.address.addr()));
+                if held {
+                    continue;
+                }
+                // Pools unknown yet are retried once the view is read from the store.
+                if let Some(spec) = st.pools.get(&ip.pool).and_then(|p| p.family(Family::of(&ip.address))) {
+                    match IpNet::new(ip.address.addr(), spec.mask_size) {
+                        Ok(block) => missing.push((ip.pool.clone(), block.trunc())),
+                        Err(_) => tracing::error!(owner = %a.owner, ip = %ip.address, "stored address fits no block of its pool"),
+                    }
+                }
+            }
+        }
+        st.wanted.extend(missing);
+    }
+
+    /// Connects the node to the store: creates the configured pools that are missing,
+    /// registers the node, and reads its view (claiming back blocks its allocations lie in).
+    pub async fn connect(&self) -> Result<(), AgentError> {
+        let result = async {
+            crate::auto_create_pools(&*self.store, &self.cfg).await?;
+            self.store.register_node(&self.cfg.node, self.cfg.node_ip).await?;
+            self.refresh().await?;
+            Ok::<(), AgentError>(())
+        }
+        .await;
+        if let Err(e) = &result {
+            if let AgentError::Internal(m) = e {
+                self.note_store_error(m);
+            }
+            return result;
+        }
+        let mut st = self.lock();
+        if !st.connected {
+            st.connected = true;
+            tracing::info!(node = %self.cfg.node, "connected to the cluster store");
+        }
+        drop(st);
+        self.demand_changed.notify_one();
         Ok(())
+    }
+
+    fn note_store_ok(&self) {
+        let mut st = self.lock();
+        if !st.store.reachable && st.connected {
+            tracing::info!("cluster store reachable again");
+        }
+        st.store.reachable = true;
+        st.store.unreachable_since = None;
+        st.store.last_error = None;
+    }
+
+    fn note_store_error(&self, error: &str) {
+        let mut st = self.lock();
+        if st.store.reachable {
+            st.store.reachable = false;
+            st.store.unreachable_since = Some(now_unix());
+        }
+        st.store.last_error = Some(error.to_string());
+    }
+
+    /// Notes how a store call went, for `allot status` and CNI STATUS.
+    fn observe<T>(&self, r: &Result<T, StoreError>) {
+        match r {
+            Ok(_) | Err(StoreError::Refused(_) | StoreError::NotFound(_)) => self.note_store_ok(),
+            Err(StoreError::Backend(e)) => self.note_store_error(e),
+        }
     }
 
     /// Re-reads pools, namespaces, this node's blocks and operator status from the store.
     pub async fn refresh(&self) -> Result<(), StoreError> {
+        let r = self.refresh_inner().await;
+        self.observe(&r);
+        r
+    }
+
+    async fn refresh_inner(&self) -> Result<(), StoreError> {
         let _sync = self.blocks_sync.lock().await;
         let pools = self.store.pools().await?;
         let namespaces = self.store.namespaces().await?;
@@ -162,46 +286,83 @@ impl<S: Store> Node<S> {
             let requested = self.requested(&self.lock());
             self.store.set_requested(&self.cfg.node, requested).await?;
         }
+        let mut cluster_blocks: BTreeMap<(String, Family), u64> = BTreeMap::new();
+        for g in &grants {
+            *cluster_blocks.entry((g.pool.clone(), Family::of(&g.cidr))).or_default() += 1;
+        }
         let mine: HashSet<(&str, IpNet)> =
             grants.iter().filter(|g| g.node == self.cfg.node).map(|g| (g.pool.as_str(), g.cidr)).collect();
-        let (added, in_use_lost) = self.apply_view(pools, namespaces, record, &mine);
-        for (pool, block) in in_use_lost {
+        let (changed, reclaim) = self.apply_view(pools, namespaces, record, &mine, cluster_blocks);
+        for (pool, block) in reclaim {
             let grant = BlockGrant { pool: pool.clone(), cidr: block, node: self.cfg.node.clone() };
             if self.store.grant_block(&grant).await? {
-                tracing::warn!(%pool, %block, "re-claimed a block that was taken from this node while in use");
-                self.lock().alloc.set_draining(&pool, &block, false);
+                tracing::warn!(%pool, %block, "re-claimed a block that holds this node's allocations");
+                let mut st = self.lock();
+                if st.alloc.holds(&pool, &block) {
+                    st.alloc.set_draining(&pool, &block, false);
+                } else {
+                    self.add_block(&mut st, &pool, block);
+                }
+            } else if self.lock().wanted.contains(&(pool.clone(), block)) {
+                tracing::error!(%pool, %block, "stored allocations lie in a block this node cannot hold");
             } else {
                 tracing::error!(%pool, %block, "a block this node still uses is held elsewhere; no new addresses from it");
             }
         }
-        if added {
+        self.save_view();
+        if changed {
             self.room_changed.notify_waiters();
         }
         Ok(())
     }
 
-    /// Puts a fresh read of the store into the node's state; returns whether blocks arrived,
-    /// and the blocks lost while pods still use them.
+    /// Writes the view to `VIEW_FILE` when it changed (written aside, synced, renamed).
+    fn save_view(&self) {
+        let view = {
+            let st = self.lock();
+            SavedView {
+                pools: st.pools.clone(),
+                namespaces: st.namespaces.clone(),
+                blocks: st.alloc.block_list().filter(|(_, b)| !b.draining).map(|(p, b)| (p.to_string(), b.net)).collect(),
+            }
+        };
+        if self.lock().saved.as_ref() == Some(&view) {
+            return;
+        }
+        let path = self.cfg.data_dir.join(VIEW_FILE);
+        match write_atomically(&path, &serde_json::to_vec(&view).expect("views encode")) {
+            Ok(()) => self.lock().saved = Some(view),
+            Err(e) => tracing::warn!(file = %path.display(), error = %e, "saving the cluster view failed"),
+        }
+    }
+
+    /// Puts a fresh read of the store into the node's state; returns whether the view changed
+    /// (blocks arrived, pools or namespaces changed), and the blocks to claim back: lost while
+    /// pods still use them, or holding restored allocations.
     fn apply_view(
         &self,
         pools: Vec<allot_core::Pool>,
         namespaces: BTreeMap<String, Annotations>,
         record: Option<allot_store::NodeRecord>,
         mine: &HashSet<(&str, IpNet)>,
+        cluster_blocks: BTreeMap<(String, Family), u64>,
     ) -> (bool, Vec<(String, IpNet)>) {
         let mut st = self.lock();
-        st.pools = pools.into_iter().map(|p| (p.name, p.spec)).collect();
+        let pools: BTreeMap<String, PoolSpec> = pools.into_iter().map(|p| (p.name, p.spec)).collect();
+        let mut changed = st.pools != pools || st.namespaces != namespaces;
+        st.pools = pools;
         st.namespaces = namespaces;
         st.operator_error = record.and_then(|r| r.operator_error);
-        let mut added = false;
+        st.cluster_blocks = cluster_blocks;
+        st.store.from_saved_view = false;
         for (pool, block) in mine {
             // Refresh and release never interleave, so a draining block held here is one that
             // was lost earlier and is this node's again.
             st.alloc.set_draining(pool, block, false);
             if !st.alloc.holds(pool, block) {
-                st.alloc.add_block_with(pool, *block, self.cfg.reserve_gateway);
+                self.add_block(&mut st, pool, *block);
                 tracing::info!(%pool, %block, "block added");
-                added = true;
+                changed = true;
             }
         }
         let gone: Vec<(String, IpNet)> = st
@@ -210,7 +371,7 @@ impl<S: Store> Node<S> {
             .filter(|(p, b)| !b.draining && !mine.contains(&(*p, b.net)))
             .map(|(p, b)| (p.to_string(), b.net))
             .collect();
-        let mut in_use_lost = Vec::new();
+        let mut reclaim = Vec::new();
         for (pool, block) in gone {
             if st.alloc.remove_block(&pool, &block) {
                 tracing::warn!(%pool, %block, "block no longer held by this node; dropped");
@@ -218,10 +379,12 @@ impl<S: Store> Node<S> {
                 // Pods still hold addresses in it: hand out nothing more from it, and take it
                 // back below if nobody else holds it now.
                 st.alloc.set_draining(&pool, &block, true);
-                in_use_lost.push((pool, block));
+                reclaim.push((pool, block));
             }
         }
-        (added, in_use_lost)
+        self.want_missing_blocks(&mut st);
+        reclaim.extend(st.wanted.iter().cloned());
+        (changed, reclaim)
     }
 
     /// Chooses the pool of each family for an ADD.
@@ -242,7 +405,7 @@ impl<S: Store> Node<S> {
                     missing_default = true;
                     continue;
                 }
-                return Err(AgentError::TryAgain(format!(
+                return Err(AgentError::NotFound(format!(
                     "pool {pool:?} (from {source}) does not exist: create it with `allot pool apply`"
                 )));
             };
@@ -254,7 +417,7 @@ impl<S: Store> Node<S> {
         }
         if out.is_empty() {
             return Err(if missing_default {
-                AgentError::TryAgain(format!(
+                AgentError::NotFound(format!(
                     "default pool {:?} does not exist and no annotation names another pool: create it with `allot pool apply`",
                     self.cfg.default_pool
                 ))
@@ -269,6 +432,7 @@ impl<S: Store> Node<S> {
     /// allocation is durable; waits up to `add_wait` for a block when the node's blocks are full.
     pub async fn add(&self, req: AddRequest) -> Result<Allocation, AgentError> {
         let deadline = tokio::time::Instant::now() + self.cfg.add_wait;
+        let mut looked_up = false;
         loop {
             let room_changed = self.room_changed.notified();
             tokio::pin!(room_changed);
@@ -283,6 +447,19 @@ impl<S: Store> Node<S> {
                 Taken::New(a) => {
                     self.demand_changed.notify_one();
                     return self.commit_new(a).await;
+                }
+                Taken::UnknownPool(why) => {
+                    // A pool applied a moment ago may not have reached this node's view yet:
+                    // read the store once, then wait for the watch.
+                    if !looked_up {
+                        looked_up = true;
+                        if tokio::time::timeout_at(deadline, self.refresh()).await.is_ok_and(|r| r.is_ok()) {
+                            continue;
+                        }
+                    }
+                    if tokio::time::timeout_at(deadline, room_changed).await.is_err() {
+                        return Err(AgentError::TryAgain(format!("{why} (waited {:?})", self.cfg.add_wait)));
+                    }
                 }
                 Taken::Full(pool) => {
                     self.demand_changed.notify_one();
@@ -306,7 +483,11 @@ impl<S: Store> Node<S> {
         if let Some(existing) = st.owners.get(&req.owner) {
             return Ok(Taken::Existing(existing.clone()));
         }
-        let choice = self.choose(&st, req)?;
+        let choice = match self.choose(&st, req) {
+            Ok(c) => c,
+            Err(AgentError::NotFound(why)) => return Ok(Taken::UnknownPool(why)),
+            Err(e) => return Err(e),
+        };
         match take_addresses(&mut st, &choice) {
             Ok(ips) => {
                 st.pending.clear(&req.owner);
@@ -328,17 +509,15 @@ impl<S: Store> Node<S> {
         }
     }
 
+    /// Writes a new allocation. When the write fails, the allocation stays reserved in memory
+    /// (its addresses are not handed to anyone else): whether it reached the disk is unknown,
+    /// and a retried ADD of the same owner writes it again and gets the same addresses, a DEL
+    /// frees it. Freeing it here could let a retry be told "ok" for an address given away.
     async fn commit_new(&self, a: Allocation) -> Result<Allocation, AgentError> {
         match self.records.apply(vec![Op::Put(a.clone())]).await {
             Ok(()) => Ok(a),
             Err(e) => {
-                let mut st = self.lock();
-                if st.owners.get(&a.owner) == Some(&a) {
-                    st.owners.remove(&a.owner);
-                    for ip in &a.ips {
-                        st.alloc.release(&ip.pool, ip.address.addr());
-                    }
-                }
+                tracing::error!(owner = %a.owner, error = %e, "recording an allocation failed; kept reserved until DEL");
                 Err(AgentError::Internal(e.to_string()))
             }
         }
@@ -406,15 +585,25 @@ impl<S: Store> Node<S> {
         Ok(GcResponse { released: released.into_iter().map(|a| a.owner).collect() })
     }
 
-    /// `allot gc`: releases allocations whose network namespace no longer exists.
+    /// `allot gc`: releases allocations whose network namespace no longer exists. Refused when
+    /// no allocation's namespace is visible at all: then the agent most likely cannot see the
+    /// host's namespaces (a container without `/var/run/netns`), not that every pod is gone.
     pub async fn sweep(&self, dry_run: bool) -> Result<GcResponse, AgentError> {
-        let stale: Vec<Owner> = self
-            .lock()
-            .owners
-            .values()
-            .filter(|a| !a.netns.is_empty() && !std::path::Path::new(&a.netns).exists())
-            .map(|a| a.owner.clone())
-            .collect();
+        let (with_netns, stale): (usize, Vec<Owner>) = {
+            let st = self.lock();
+            let with_netns: Vec<&Allocation> = st.owners.values().filter(|a| !a.netns.is_empty()).collect();
+            let stale = with_netns
+                .iter()
+                .filter(|a| !std::path::Path::new(&a.netns).exists())
+                .map(|a| a.owner.clone())
+                .collect();
+            (with_netns.len(), stale)
+        };
+        if with_netns > 0 && stale.len() == with_netns {
+            return Err(AgentError::Conflict(format!(
+                "none of the {with_netns} allocations' network namespaces is visible to the agent: if it runs in a container, mount the host's /var/run/netns (and /proc) into it; nothing was released"
+            )));
+        }
         if dry_run {
             return Ok(GcResponse { released: stale });
         }
@@ -472,20 +661,19 @@ impl<S: Store> Node<S> {
         out
     }
 
-    pub async fn status(&self) -> Result<Status, AgentError> {
-        let grants = self.store.grants().await?;
+    /// The node's state, from memory alone: it answers while the store is away.
+    pub fn status(&self) -> Status {
         let st = self.lock();
         let requested = self.requested(&st);
         let mut pools = Vec::new();
         for (name, spec) in &st.pools {
             for (family, _) in spec.families() {
                 let u = st.alloc.usage(name, family);
-                let cluster = grants.iter().filter(|g| g.pool == *name && Family::of(&g.cidr) == family).count();
                 pools.push(PoolStatus {
                     pool: name.clone(),
                     family,
                     capacity: spec.capacity(family).to_string(),
-                    blocks_cluster: cluster as u64,
+                    blocks_cluster: st.cluster_blocks.get(&(name.clone(), family)).copied().unwrap_or(0),
                     blocks_node: u.blocks as u64,
                     node_capacity: u.capacity.to_string(),
                     in_use: u.in_use as u64,
@@ -494,7 +682,43 @@ impl<S: Store> Node<S> {
                 });
             }
         }
-        Ok(Status { node: self.cfg.node.clone(), ready: st.restored, pools })
+        let route_failures = self.route_failures.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Status {
+            node: self.cfg.node.clone(),
+            ready: st.restored,
+            cni: Some(self.readiness(&st)),
+            store: st.store.clone(),
+            route_failures,
+            pools,
+        }
+    }
+
+    /// Whether an ADD can be served now (CNI STATUS): restored, some pool known, and either a
+    /// free address in the node's blocks or a store that can grant more.
+    fn readiness(&self, st: &State) -> Readiness {
+        let not = |reason: String| Readiness { ready: false, reason: Some(reason) };
+        if !st.restored {
+            return not("still restoring its allocations".into());
+        }
+        if st.pools.is_empty() {
+            return not(if st.connected {
+                "no IP pool exists: create one with `allot pool apply`".into()
+            } else {
+                format!("no IP pool known yet: {}", describe_outage(&st.store))
+            });
+        }
+        if !st.store.reachable {
+            let free: u128 = st
+                .alloc
+                .pools()
+                .map(|(p, f)| st.alloc.usage(p, f))
+                .map(|u| u.capacity.saturating_sub(u.in_use))
+                .sum();
+            if free == 0 {
+                return not(format!("no free address in this node's blocks and {}", describe_outage(&st.store)));
+            }
+        }
+        Readiness { ready: true, reason: None }
     }
 
     /// Keeps the node's `requested` in the store current, gives back blocks the demand no longer
@@ -507,13 +731,19 @@ impl<S: Store> Node<S> {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = shutdown.changed() => return,
             }
-            let requested = {
+            let (requested, connected) = {
                 let mut st = self.lock();
                 st.pending.expire(Instant::now());
-                self.requested(&st)
+                (self.requested(&st), st.connected)
             };
+            // Until the node is registered, the watch loop is connecting: nothing to write to.
+            if !connected {
+                continue;
+            }
             if written.as_ref() != Some(&requested) {
-                match self.store.set_requested(&self.cfg.node, requested.clone()).await {
+                let r = self.store.set_requested(&self.cfg.node, requested.clone()).await;
+                self.observe(&r);
+                match r {
                     Ok(()) => written = Some(requested),
                     Err(e) => tracing::warn!(error = %e, "writing the node's requested addresses failed; retrying"),
                 }
@@ -529,7 +759,8 @@ impl<S: Store> Node<S> {
         let _sync = self.blocks_sync.lock().await;
         let candidates: Vec<(String, IpNet)> = {
             let mut st = self.lock();
-            if !st.restored {
+            // Before the first read from the store, the blocks are the saved view's.
+            if !st.restored || !st.connected {
                 return Ok(());
             }
             let demand = self.pod_demand(&st);
@@ -562,9 +793,23 @@ impl<S: Store> Node<S> {
         Ok(())
     }
 
-    /// Follows the store: every change refreshes pools, namespaces and this node's blocks.
+    /// Connects to the store (retrying with backoff while it is away), then follows it: every
+    /// change refreshes pools, namespaces and this node's blocks.
     pub async fn watch_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut changes = self.store.watch();
+        let mut backoff = Duration::from_millis(100);
+        while !self.lock().connected {
+            match self.connect().await {
+                Ok(()) => break,
+                Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "cluster store unreachable; serving from this node's blocks"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = changes.changed() => {}
+                _ = shutdown.changed() => return,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
         loop {
             tokio::select! {
                 r = changes.changed() => if r.is_err() { return },
@@ -578,6 +823,43 @@ impl<S: Store> Node<S> {
             }
         }
     }
+}
+
+fn describe_outage(h: &StoreHealth) -> String {
+    let since = h.unreachable_since.map(|t| format!(" since {}s ago", now_unix().saturating_sub(t))).unwrap_or_default();
+    let why = h.last_error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default();
+    format!("the cluster store is unreachable{since}{why}")
+}
+
+fn read_saved_view(path: &std::path::Path) -> Option<SavedView> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "reading the saved cluster view failed; starting without it");
+            return None;
+        }
+    };
+    serde_json::from_slice(&bytes)
+        .inspect_err(|e| tracing::warn!(file = %path.display(), error = %e, "saved cluster view unreadable; starting without it"))
+        .ok()
+}
+
+/// Replaces `path` with `bytes`, mode 0600: written aside, synced, renamed, directory synced.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(crate::datadir::FILE_MODE)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(path.parent().unwrap_or(std::path::Path::new(".")))?.sync_all()
 }
 
 /// Takes one address per chosen family; on the first family with no room, gives back what it

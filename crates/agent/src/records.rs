@@ -12,17 +12,26 @@
 //! request in the batch. A caller is answered only after its entries are on disk. When the
 //! journal holds several times more entries than live allocations, it is rewritten as a
 //! snapshot (written aside, synced, renamed).
+//!
+//! A failed write or `fdatasync` poisons the journal: after it, what the file holds past the
+//! last acknowledged entry is unknown (Linux may drop the dirty pages of a failed fsync). Nothing
+//! more is appended to that file. Every later request first tries to recover by writing a
+//! snapshot of the acknowledged entries aside and renaming it over the file; until that works,
+//! every request fails at once. So an entry that was never acknowledged cannot come back at a
+//! restart, and nothing is acknowledged that is not on disk.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use allot_wire::{Allocation, Owner};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
+
+use crate::datadir::FILE_MODE;
 
 /// The file grows by this much at a time.
 const CHUNK: u64 = 4 << 20;
@@ -80,6 +89,15 @@ fn replay(bytes: &[u8]) -> (Vec<Entry>, usize) {
     (entries, at)
 }
 
+/// What a journal held when it was opened.
+pub struct Replay {
+    /// Live allocations, oldest first.
+    pub allocations: Vec<Allocation>,
+    /// Per pool and family, the last address handed out (even if freed since): next-fit goes
+    /// on after it. After a snapshot, the newest live address stands in for a freed one.
+    pub resume_after: Vec<(String, std::net::IpAddr)>,
+}
+
 /// What a queued request changes in the live set once written.
 enum Update {
     Put(Owner, Vec<u8>),
@@ -100,8 +118,15 @@ struct Journal {
     /// Current file size (zero-filled past `end`).
     capacity: u64,
     /// Live allocations by owner, as encoded entries: what a snapshot writes.
-    live: HashMap<Owner, Vec<u8>>,
+    /// Live allocations by owner: the order of their Put and the encoded entry. A snapshot writes
+    /// them in that order, so a replay still ends with the newest allocation.
+    live: HashMap<Owner, (u64, Vec<u8>)>,
+    next_seq: u64,
     entries: usize,
+    /// Grow the file by this much at a time (`CHUNK`; smaller in tests).
+    chunk: u64,
+    /// Set by a failed write: the file is not appended to until a snapshot replaced it.
+    poisoned: Option<String>,
 }
 
 fn zeros(file: &File, from: u64, to: u64) -> std::io::Result<()> {
@@ -125,9 +150,27 @@ impl Journal {
     }
 
     fn append(&mut self, batch: &[Job]) -> Result<(), RecordsError> {
+        if let Some(why) = &self.poisoned {
+            let why = why.clone();
+            match self.compact() {
+                Ok(()) => {
+                    tracing::warn!(journal = %self.path.display(), live = self.live.len(), "allocation journal recovered: rewritten from the acknowledged entries");
+                    self.poisoned = None;
+                }
+                Err(e) => return Err(self.fail(format!("unusable since an earlier failure ({why}); recovery failed too: {} (free space or fix the disk; the agent retries on every request)", e.what))),
+            }
+        }
+        let result = self.write_batch(batch);
+        if let Err(e) = &result {
+            self.poisoned = Some(e.what.clone());
+        }
+        result
+    }
+
+    fn write_batch(&mut self, batch: &[Job]) -> Result<(), RecordsError> {
         let len: u64 = batch.iter().map(|j| j.bytes.len() as u64).sum();
         if self.end + len > self.capacity {
-            let capacity = (self.end + len).div_ceil(CHUNK) * CHUNK;
+            let capacity = (self.end + len).div_ceil(self.chunk) * self.chunk;
             zeros(&self.file, self.capacity, capacity)
                 .and_then(|_| self.file.sync_all())
                 .map_err(|e| self.fail(format!("growing to {capacity} bytes: {e}")))?;
@@ -144,7 +187,8 @@ impl Journal {
             for u in &job.updates {
                 match u {
                     Update::Put(o, bytes) => {
-                        self.live.insert(o.clone(), bytes.clone());
+                        self.live.insert(o.clone(), (self.next_seq, bytes.clone()));
+                        self.next_seq += 1;
                     }
                     Update::Del(o) => {
                         self.live.remove(o);
@@ -166,13 +210,15 @@ impl Journal {
     fn compact(&mut self) -> Result<(), RecordsError> {
         let tmp = self.path.with_extension("compact");
         let mut buf = Vec::new();
-        for entry in self.live.values() {
+        let mut ordered: Vec<&(u64, Vec<u8>)> = self.live.values().collect();
+        ordered.sort_unstable_by_key(|(seq, _)| *seq);
+        for (_, entry) in ordered {
             buf.extend_from_slice(entry);
         }
         let end = buf.len() as u64;
-        let capacity = (end + 1).div_ceil(CHUNK) * CHUNK;
+        let capacity = (end + 1).div_ceil(self.chunk) * self.chunk;
         let write = || -> std::io::Result<File> {
-            let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp)?;
+            let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).mode(FILE_MODE).open(&tmp)?;
             f.write_all_at(&buf, 0)?;
             zeros(&f, end, capacity)?;
             f.sync_all()?;
@@ -180,7 +226,11 @@ impl Journal {
             sync_dir(&self.path)?;
             Ok(f)
         };
-        self.file = write().map_err(|e| self.fail(format!("writing snapshot: {e}")))?;
+        self.file = write().map_err(|e| {
+            // Give the space back: a full disk is the usual reason.
+            let _ = std::fs::remove_file(&tmp);
+            self.fail(format!("writing snapshot: {e}"))
+        })?;
         self.end = end;
         self.capacity = capacity;
         self.entries = self.live.len();
@@ -206,18 +256,29 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Records {
     /// Opens (or creates) the journal, returns the handle and every live allocation.
     pub fn open(path: &Path) -> Result<(Records, Vec<Allocation>), RecordsError> {
+        Self::open_with_chunk(path, CHUNK).map(|(r, replay)| (r, replay.allocations))
+    }
+
+    /// Like `open`, also telling where each pool's next-fit stood.
+    pub fn open_replay(path: &Path) -> Result<(Records, Replay), RecordsError> {
+        Self::open_with_chunk(path, CHUNK)
+    }
+
+    fn open_with_chunk(path: &Path, chunk: u64) -> Result<(Records, Replay), RecordsError> {
         let fail = |what: String| RecordsError { path: path.display().to_string(), what };
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(FILE_MODE)
             .open(path)
             .map_err(|e| fail(format!("open: {e}")))?;
+        crate::datadir::make_private(path).map_err(|e| fail(format!("chmod 0600: {e}")))?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).map_err(|e| fail(format!("read: {e}")))?;
         let (entries, valid) = replay(&bytes);
-        let capacity = (bytes.len() as u64).max(CHUNK).div_ceil(CHUNK) * CHUNK;
+        let capacity = (bytes.len() as u64).max(chunk).div_ceil(chunk) * chunk;
         if bytes[valid..].iter().any(|b| *b != 0) {
             tracing::warn!(journal = %path.display(), at = valid, "zeroing a torn tail of the allocation journal");
         }
@@ -226,28 +287,48 @@ impl Records {
             .and_then(|_| sync_dir(path))
             .map_err(|e| fail(format!("preparing: {e}")))?;
         let count = entries.len();
-        let mut live: HashMap<Owner, Allocation> = HashMap::new();
-        for e in entries {
+        let mut live: HashMap<Owner, (u64, Allocation)> = HashMap::new();
+        let mut last: HashMap<(String, bool), std::net::IpAddr> = HashMap::new();
+        for (seq, e) in entries.into_iter().enumerate() {
             match e {
                 Entry::Put(a) => {
-                    live.insert(a.owner.clone(), a);
+                    for ip in &a.ips {
+                        last.insert((ip.pool.clone(), ip.address.addr().is_ipv4()), ip.address.addr());
+                    }
+                    live.insert(a.owner.clone(), (seq as u64, a));
                 }
                 Entry::Del(o) => {
                     live.remove(&o);
                 }
             }
         }
+        let mut live: Vec<(u64, Allocation)> = live.into_values().collect();
+        live.sort_unstable_by_key(|(seq, _)| *seq);
         let encoded = live
-            .values()
-            .map(|a| {
+            .iter()
+            .map(|(seq, a)| {
                 let mut buf = Vec::new();
                 frame(&Entry::Put(a.clone()), &mut buf);
-                (a.owner.clone(), buf)
+                (a.owner.clone(), (*seq, buf))
             })
             .collect();
-        let journal = Journal { path: path.to_path_buf(), file, end: valid as u64, capacity, live: encoded, entries: count };
+        let journal = Journal {
+            path: path.to_path_buf(),
+            file,
+            end: valid as u64,
+            capacity,
+            live: encoded,
+            next_seq: count as u64,
+            entries: count,
+            chunk,
+            poisoned: None,
+        };
         let shared = Arc::new(Shared { queue: Mutex::new(Vec::new()), journal: Mutex::new(journal) });
-        Ok((Records { shared }, live.into_values().collect()))
+        let replay = Replay {
+            allocations: live.into_iter().map(|(_, a)| a).collect(),
+            resume_after: last.into_iter().map(|((pool, _), ip)| (pool, ip)).collect(),
+        };
+        Ok((Records { shared }, replay))
     }
 
     /// Writes `ops` (sharing one write and one fdatasync with whatever else is waiting) and
@@ -312,6 +393,7 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 mod tests {
     use super::*;
     use allot_wire::{AllocatedIp, PodRef};
+    use std::os::unix::fs::PermissionsExt;
 
     fn alloc(i: usize) -> Allocation {
         Allocation {
@@ -396,6 +478,95 @@ mod tests {
         drop(r);
         let (_, loaded) = Records::open(&path).unwrap();
         assert_eq!(loaded, vec![alloc(3)]);
+    }
+
+    /// A tmpfs of `size` mounted on a fresh directory, unmounted on drop. Needs root.
+    struct Tmpfs(tempfile::TempDir);
+
+    impl Tmpfs {
+        fn mount(size: &str) -> Tmpfs {
+            let dir = tempfile::tempdir().unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path())
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "mounting a tmpfs needs root (CI runs as root)");
+            Tmpfs(dir)
+        }
+
+        /// Writes a file until the filesystem is full.
+        fn fill(&self) -> PathBuf {
+            let path = self.0.path().join("filler");
+            let mut f = File::create(&path).unwrap();
+            let block = vec![0xa5u8; 4096];
+            while std::io::Write::write_all(&mut f, &block).is_ok() {}
+            let _ = std::io::Write::write_all(&mut f, &[0xa5]);
+            path
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0.path()).status();
+        }
+    }
+
+    /// A full disk fails the write that needs room; the journal refuses everything until it
+    /// can be rewritten, then recovers; a restart finds exactly the acknowledged entries.
+    #[test]
+    fn a_full_disk_poisons_the_journal_until_it_recovers_and_loses_nothing_acknowledged() {
+        let fs = Tmpfs::mount("256k");
+        let path = fs.0.path().join("j");
+        let chunk = 64 << 10;
+        let (r, _) = Records::open_with_chunk(&path, chunk).unwrap();
+        let filler = fs.fill();
+        let mut acknowledged = Vec::new();
+        let mut failed_at = None;
+        rt().block_on(async {
+            for i in 0..2000 {
+                match r.apply(vec![Op::Put(alloc(i))]).await {
+                    Ok(()) => acknowledged.push(alloc(i)),
+                    Err(e) => {
+                        assert!(e.to_string().contains("growing"), "{e}");
+                        failed_at = Some(i);
+                        break;
+                    }
+                }
+            }
+        });
+        let failed_at = failed_at.expect("the disk filled up");
+        assert!(acknowledged.len() > 100, "the preallocated chunk took writes while the disk was full");
+        // Poisoned: fails at once, even for a small delete that would fit.
+        let e = rt().block_on(r.apply(vec![Op::Delete(alloc(0).owner)])).unwrap_err();
+        assert!(e.to_string().contains("unusable since an earlier failure"), "{e}");
+        std::fs::remove_file(filler).unwrap();
+        rt().block_on(r.apply(vec![Op::Put(alloc(failed_at + 1))])).expect("recovers once there is room");
+        acknowledged.push(alloc(failed_at + 1));
+        drop(r);
+        let mut loaded = Records::open_with_chunk(&path, chunk).unwrap().1.allocations;
+        let key = |a: &Allocation| a.owner.container_id.clone();
+        loaded.sort_by_key(key);
+        acknowledged.sort_by_key(key);
+        assert_eq!(loaded, acknowledged, "exactly the acknowledged allocations, none that failed");
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn replay_tells_where_next_fit_stood_even_for_a_freed_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        {
+            let (r, _) = Records::open(&path).unwrap();
+            rt().block_on(async {
+                r.apply(vec![Op::Put(alloc(1)), Op::Put(alloc(2)), Op::Put(alloc(3))]).await.unwrap();
+                r.apply(vec![Op::Delete(alloc(3).owner)]).await.unwrap();
+            });
+        }
+        let (_, replay) = Records::open_replay(&path).unwrap();
+        assert_eq!(replay.allocations, vec![alloc(1), alloc(2)], "oldest first");
+        assert_eq!(replay.resume_after, vec![("p".to_string(), alloc(3).ips[0].address.addr())]);
     }
 
     #[test]

@@ -8,17 +8,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use allot_store::Store;
+use allot_wire::RouteFailure;
 use futures_util::TryStreamExt;
 use ipnet::IpNet;
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol};
 use rtnetlink::{Handle, RouteMessageBuilder};
 use tokio::sync::watch;
 
+use crate::Node;
+
 /// `proto 0xa1` in `ip route`: routes allot installed.
 pub const ROUTE_PROTOCOL: u8 = 0xa1;
 
-/// The routes this node should have: other nodes' blocks via their IPs.
-pub async fn wanted<S: Store>(store: &S, me: &str) -> Result<BTreeMap<IpNet, IpAddr>, allot_store::StoreError> {
+/// The routes this node should have: other nodes' blocks via their IPs, with the node's name.
+pub async fn wanted<S: Store>(store: &S, me: &str) -> Result<BTreeMap<IpNet, (IpAddr, String)>, allot_store::StoreError> {
     let nodes = store.nodes().await?;
     let ips: BTreeMap<&str, IpAddr> = nodes.iter().filter_map(|n| n.ip.map(|ip| (n.name.as_str(), ip))).collect();
     Ok(store
@@ -28,7 +31,7 @@ pub async fn wanted<S: Store>(store: &S, me: &str) -> Result<BTreeMap<IpNet, IpA
         .filter(|g| g.node != me)
         .filter_map(|g| {
             let via = *ips.get(g.node.as_str())?;
-            (via.is_ipv4() == g.cidr.addr().is_ipv4()).then_some((g.cidr, via))
+            (via.is_ipv4() == g.cidr.addr().is_ipv4()).then_some((g.cidr, (via, g.node)))
         })
         .collect())
 }
@@ -77,32 +80,55 @@ fn route_message(dst: IpNet, via: IpAddr) -> Option<RouteMessage> {
     }
 }
 
-/// Makes the kernel's allot routes equal to `want`. Returns (added or changed, removed).
-pub async fn sync(handle: &Handle, want: &BTreeMap<IpNet, IpAddr>) -> Result<(usize, usize), rtnetlink::Error> {
+/// What one sync did.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    pub added: usize,
+    pub removed: usize,
+    pub failures: Vec<RouteFailure>,
+}
+
+/// Makes the kernel's allot routes equal to `want`, route by route: one that fails is reported
+/// and the others still go in. Only routes with allot's protocol are changed or removed; a
+/// route someone else installed for the same destination is left alone (added without
+/// `replace`, so the kernel refuses to overwrite it) and reported.
+pub async fn sync(handle: &Handle, want: &BTreeMap<IpNet, (IpAddr, String)>) -> Result<SyncReport, rtnetlink::Error> {
     let have = installed(handle).await?;
-    let mut removed = 0;
+    let mut report = SyncReport::default();
     for (dst, gw, msg) in &have {
-        if want.get(dst) != gw.as_ref() {
-            handle.route().del(msg.clone()).execute().await?;
-            removed += 1;
+        if want.get(dst).map(|(via, _)| via) != gw.as_ref() {
+            match handle.route().del(msg.clone()).execute().await {
+                Ok(()) => report.removed += 1,
+                Err(e) => tracing::warn!(%dst, error = %e, "removing a stale direct route failed; retrying"),
+            }
         }
     }
-    let mut added = 0;
-    for (dst, via) in want {
+    for (dst, (via, node)) in want {
         if have.iter().any(|(d, g, _)| d == dst && g.as_ref() == Some(via)) {
             continue;
         }
-        if let Some(msg) = route_message(*dst, *via) {
-            handle.route().add(msg).replace().execute().await?;
-            added += 1;
+        let Some(msg) = route_message(*dst, *via) else { continue };
+        match handle.route().add(msg).execute().await {
+            Ok(()) => report.added += 1,
+            Err(e) => {
+                let error = match &e {
+                    rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::EEXIST => format!(
+                        "a route to {dst} that allot does not own is in the way (see `ip route show {dst}`); allot leaves it alone"
+                    ),
+                    _ => e.to_string(),
+                };
+                report.failures.push(RouteFailure { node: node.clone(), cidr: *dst, via: *via, error });
+            }
         }
     }
-    Ok((added, removed))
+    Ok(report)
 }
 
-/// Follows the store and keeps the routes in step until `stop` turns true. Routes stay when the
-/// agent stops: pods elsewhere still need them while it restarts.
-pub async fn run<S: Store>(store: Arc<S>, me: String, mut stop: watch::Receiver<bool>) {
+/// Follows the store and keeps the routes in step until `stop` turns true; failures are shown
+/// in `allot status`. Routes stay when the agent stops: pods elsewhere still need them while
+/// it restarts.
+pub async fn run<S: Store>(store: Arc<S>, node: Arc<Node<S>>, mut stop: watch::Receiver<bool>) {
+    let me = node.cfg.node.clone();
     let (connection, handle, _) = match rtnetlink::new_connection() {
         Ok(c) => c,
         Err(e) => {
@@ -116,9 +142,16 @@ pub async fn run<S: Store>(store: Arc<S>, me: String, mut stop: watch::Receiver<
         changes.borrow_and_update();
         match wanted(&*store, &me).await {
             Ok(want) => match sync(&handle, &want).await {
-                Ok((0, 0)) => {}
-                Ok((added, removed)) => tracing::info!(added, removed, routes = want.len(), "direct node routes updated"),
-                Err(e) => tracing::warn!(error = %e, "updating direct node routes failed; retrying"),
+                Ok(report) => {
+                    if report.added + report.removed > 0 {
+                        tracing::info!(added = report.added, removed = report.removed, routes = want.len(), "direct node routes updated");
+                    }
+                    for f in &report.failures {
+                        tracing::warn!(node = %f.node, cidr = %f.cidr, via = %f.via, error = %f.error, "direct node route not installed");
+                    }
+                    *node.route_failures.lock().unwrap_or_else(|p| p.into_inner()) = report.failures;
+                }
+                Err(e) => tracing::warn!(error = %e, "reading the kernel's routes failed; retrying"),
             },
             // With the store away, keep the routes as they are.
             Err(e) => tracing::warn!(error = %e, "reading blocks for direct routes failed; retrying"),

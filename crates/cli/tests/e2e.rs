@@ -398,9 +398,13 @@ fn sigterm_shuts_down_cleanly_and_sweep_releases_dead_namespaces() {
     let add = |id: &str, netns: &str| cni(&CniCall { plugin: &plugin, command: "ADD", container_id: id, netns, ifname: "eth0", args: "" }, &conf);
     assert_eq!(add("alive", &ns.path()).0, 0);
     assert_eq!(add("gone", "/var/run/netns/does-not-exist").0, 0);
-    let (ok, out, _) = agent.cli(&["gc", "--dry-run"]);
-    assert!(ok && out.contains("would release n/gone/eth0") && out.contains("1 allocation(s)"), "{out}");
-    let (ok, out, _) = agent.cli(&["gc"]);
+    // A dry run unless --force.
+    for args in [&["gc"][..], &["gc", "--dry-run"]] {
+        let (ok, out, _) = agent.cli(args);
+        assert!(ok && out.contains("would release n/gone/eth0") && out.contains("1 allocation(s)"), "{out}");
+        assert_eq!(allocations(&agent).len(), 2, "{args:?} released nothing");
+    }
+    let (ok, out, _) = agent.cli(&["gc", "--force"]);
     assert!(ok && out.contains("released n/gone/eth0"), "{out}");
     let owners: Vec<String> = allocations(&agent).into_iter().map(|(_, id)| id).collect();
     assert_eq!(owners, vec!["alive".to_string()]);

@@ -253,6 +253,24 @@ impl NodeAllocator {
         Ok(())
     }
 
+    /// Continues next-fit after `ip` (the last address handed out before a restart), so an
+    /// address freed just before the restart is not handed straight back after it.
+    pub fn resume_after(&mut self, pool: &str, ip: IpAddr) {
+        let Some(blocks) = self.blocks_mut(pool, Family::of_addr(&ip)) else { return };
+        if let Some((b, off)) = blocks.iter_mut().find_map(|b| b.offset(ip).map(|o| (b, o))) {
+            b.cursor = if off + 1 == b.capacity { 0 } else { off + 1 };
+        }
+    }
+
+    /// The address a block's reserved gateway takes: its first usable one. None for
+    /// point-to-point and host blocks, which have none to spare.
+    pub fn gateway_of(net: &IpNet) -> Option<IpAddr> {
+        cidr::skips_edges(net).then(|| {
+            let (skip, _) = cidr::usable_range(net);
+            cidr::u128_to_addr(Family::of(net), cidr::addr_to_u128(net.network()) + skip)
+        })
+    }
+
     /// Frees an address. False when it was not in use (or is the node's gateway).
     pub fn release(&mut self, pool: &str, ip: IpAddr) -> bool {
         let Some(blocks) = self.blocks_mut(pool, Family::of_addr(&ip)) else { return false };
@@ -305,6 +323,20 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn next_fit_resumes_after_the_last_address_handed_out() {
+        let mut a = NodeAllocator::new();
+        a.add_block("p", "10.0.0.0/29".parse().unwrap());
+        a.resume_after("p", ip("10.0.0.3"));
+        assert_eq!(a.allocate("p", Family::V4), Some(ip("10.0.0.4")));
+        a.resume_after("p", ip("10.0.0.6"));
+        assert_eq!(a.allocate("p", Family::V4), Some(ip("10.0.0.1")), "wraps after the last usable address");
+        a.resume_after("q", ip("10.0.0.6"));
+        a.resume_after("p", ip("10.9.9.9"));
+        assert_eq!(NodeAllocator::gateway_of(&"10.0.0.0/29".parse().unwrap()), Some(ip("10.0.0.1")));
+        assert_eq!(NodeAllocator::gateway_of(&"10.0.0.0/31".parse().unwrap()), None);
     }
 
     #[test]

@@ -391,8 +391,12 @@ pub fn execute(inv: &Invocation) -> Result<Option<String>, CniError> {
             let s: Status = client
                 .get("/v1/status")
                 .map_err(|e| CniError::new(code::NOT_AVAILABLE, format!("STATUS: {e}")))?;
-            if !s.ready {
-                return Err(CniError::new(code::NOT_AVAILABLE, format!("STATUS: agent on node {} is still restoring", s.node)));
+            // What this node can serve, as the agent judges it from its own state (it does not
+            // ask the cluster store, so a store outage alone does not mark the node not ready).
+            let readiness = s.cni.unwrap_or(allot_wire::Readiness { ready: s.ready, reason: Some("still restoring".into()) });
+            if !readiness.ready {
+                let why = readiness.reason.unwrap_or_else(|| "not ready".into());
+                return Err(CniError::new(code::NOT_AVAILABLE, format!("STATUS: node {}: {why}", s.node)));
             }
             Ok(None)
         }

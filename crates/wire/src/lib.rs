@@ -254,8 +254,50 @@ pub struct AnnotateRequest {
 #[serde(rename_all = "camelCase")]
 pub struct Status {
     pub node: String,
+    /// Every stored allocation is restored.
     pub ready: bool,
+    /// Whether this node can serve ADDs now (CNI STATUS); absent from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni: Option<Readiness>,
+    #[serde(default)]
+    pub store: StoreHealth,
+    /// Direct node routes that could not be installed (cluster mode).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub route_failures: Vec<RouteFailure>,
     pub pools: Vec<PoolStatus>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Readiness {
+    pub ready: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The agent's view of the cluster store.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreHealth {
+    pub reachable: bool,
+    /// Unix seconds since the store has been unreachable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreachable_since: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// The node's blocks and the pools come from the agent's saved view, not yet from the store.
+    #[serde(default)]
+    pub from_saved_view: bool,
+}
+
+/// A route to another node's block that the agent could not install.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteFailure {
+    pub node: String,
+    pub cidr: IpNet,
+    pub via: IpAddr,
+    pub error: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

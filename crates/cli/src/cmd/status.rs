@@ -36,9 +36,58 @@ fn node_status(output: Format, status: &Status) -> anyhow::Result<()> {
         t
     })?;
     if output == Format::Table {
-        println!("node {}: {}", status.node, if status.ready { "ready" } else { "restoring" });
+        let state = match &status.cni {
+            Some(r) if !r.ready => format!("not ready: {}", r.reason.as_deref().unwrap_or("unknown")),
+            _ if !status.ready => "restoring".into(),
+            _ => "ready".into(),
+        };
+        println!("node {}: {state}", status.node);
+        let store = &status.store;
+        if !store.reachable {
+            let since = store
+                .unreachable_since
+                .map(|t| format!(" since {} ({}s ago)", utc(t), now_unix().saturating_sub(t)))
+                .unwrap_or_default();
+            let why = store.last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
+            println!("cluster store: unreachable{since}{why}");
+        }
+        if store.from_saved_view {
+            println!("cluster store: pools and blocks are from the node's saved view until the store answers");
+        }
+        for f in &status.route_failures {
+            println!("route to {} (node {}) via {} not installed: {}", f.cidr, f.node, f.via, f.error);
+        }
     }
     Ok(())
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (days to civil date: Howard Hinnant's algorithm).
+fn utc(t: u64) -> String {
+    let (days, secs) = ((t / 86_400) as i64, t % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_formats_unix_seconds() {
+        assert_eq!(super::utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(super::utc(1_795_478_400 + 3_723), "2026-11-24T01:02:03Z");
+    }
 }
 
 #[cfg(feature = "etcd")]

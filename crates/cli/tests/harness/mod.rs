@@ -47,7 +47,7 @@ pub struct Agent {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub node: String,
-    args: Vec<String>,
+    pub args: Vec<String>,
     netns: Option<String>,
     child: Option<Child>,
 }
@@ -60,18 +60,28 @@ impl Agent {
 
     /// Starts the agent inside a network namespace (`ip netns exec`), as a node of a lab.
     pub fn start_in(netns: Option<&str>, node: &str, args: &[&str]) -> Agent {
+        let mut a = Self::unstarted(netns, node, args);
+        a.spawn();
+        a
+    }
+
+    /// An agent whose data dir (`data_dir()`) exists but which is not started yet: `spawn` it.
+    pub fn unstarted(netns: Option<&str>, node: &str, args: &[&str]) -> Agent {
         let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("data")).unwrap();
         let socket = dir.path().join("allot.sock");
-        let mut a = Agent {
+        Agent {
             socket,
             node: node.to_string(),
             args: args.iter().map(|s| s.to_string()).collect(),
             netns: netns.map(String::from),
             child: None,
             dir,
-        };
-        a.spawn();
-        a
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
     }
 
     pub fn spawn(&mut self) {

@@ -349,7 +349,8 @@ impl<S: Store> Node<S> {
     ) -> (bool, Vec<(String, IpNet)>) {
         let mut st = self.lock();
         let pools: BTreeMap<String, PoolSpec> = pools.into_iter().map(|p| (p.name, p.spec)).collect();
-        let mut changed = st.pools != pools || st.namespaces != namespaces;
+        let pools_changed = st.pools != pools;
+        let mut changed = pools_changed || st.namespaces != namespaces;
         st.pools = pools;
         st.namespaces = namespaces;
         st.operator_error = record.and_then(|r| r.operator_error);
@@ -382,7 +383,11 @@ impl<S: Store> Node<S> {
                 reclaim.push((pool, block));
             }
         }
-        self.want_missing_blocks(&mut st);
+        // Allocations outside every block appear only at restore; their blocks can be named
+        // once their pools are known.
+        if pools_changed || !st.connected {
+            self.want_missing_blocks(&mut st);
+        }
         reclaim.extend(st.wanted.iter().cloned());
         (changed, reclaim)
     }

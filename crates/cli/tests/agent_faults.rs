@@ -79,29 +79,35 @@ fn pool_yaml(name: &str, cidr: &str, mask: u8) -> String {
 fn a_second_agent_on_one_data_dir_is_refused_and_changes_nothing() {
     require_root();
     let mut agent = Agent::start("node-lock", &["--pool", "default=10.80.0.0/20@24"]);
-    let answered: BTreeMap<String, String> =
-        (0..300).map(|i| format!("c{i}")).map(|id| (id.clone(), api_add(&agent, &id).ips[0].address.addr().to_string())).collect();
-    let journal = agent.data_dir().join("allocations.journal");
-    let before = std::fs::read(&journal).unwrap();
-    for _ in 0..3 {
-        let other = agent.dir.path().join("other.sock");
-        let t = Instant::now();
-        let out = Command::new(bin_dir().join("allot"))
-            .args(["agent", "--node", "node-lock", "--data-dir"])
-            .arg(agent.data_dir())
-            .arg("--socket")
-            .arg(&other)
-            .args(["--pool", "default=10.80.0.0/20@24"])
-            .stdout(Stdio::null())
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "a second agent on one data dir must not start");
-        assert!(err.contains("in use by another allot agent") && err.contains(&format!("pid {}", agent.pid())), "{err}");
-        assert!(t.elapsed() < Duration::from_secs(5), "refused at once, not after a timeout");
-        assert!(!other.exists(), "the second agent bound no socket");
-    }
-    assert_eq!(std::fs::read(&journal).unwrap(), before, "the journal is untouched");
+    let mut answered: BTreeMap<String, String> =
+        (0..200).map(|i| format!("c{i}")).map(|id| (id.clone(), api_add(&agent, &id).ips[0].address.addr().to_string())).collect();
+    // Second starts while the live agent keeps answering ADDs, as in a botched rollout.
+    let busy = std::thread::scope(|s| {
+        let adds = s.spawn(|| (0..400).map(|i| format!("busy{i}")).map(|id| (id.clone(), api_add(&agent, &id).ips[0].address.addr().to_string())).collect::<Vec<_>>());
+        for _ in 0..3 {
+            let other = agent.dir.path().join("other.sock");
+            let t = Instant::now();
+            let mut child = Command::new(bin_dir().join("allot"))
+                .args(["agent", "--node", "node-lock", "--data-dir"])
+                .arg(agent.data_dir())
+                .arg("--socket")
+                .arg(&other)
+                .args(["--pool", "default=10.80.0.0/20@24"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let exited = poll("the second agent exits", Duration::from_secs(5), || child.try_wait().unwrap());
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+            assert!(!exited.success(), "a second agent on one data dir must not start");
+            assert!(err.contains("in use by another allot agent") && err.contains(&format!("pid {}", agent.pid())), "{err}");
+            assert!(t.elapsed() < Duration::from_secs(5), "refused at once, not after a timeout");
+            assert!(!other.exists(), "the second agent bound no socket");
+        }
+        adds.join().unwrap()
+    });
+    answered.extend(busy);
     assert_eq!(held(&agent), answered, "the live agent still serves every allocation");
     agent.kill();
     agent.spawn();

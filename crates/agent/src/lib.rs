@@ -59,6 +59,7 @@ impl From<StoreError> for AgentError {
             ) => AgentError::Conflict(p.to_string()),
             StoreError::Refused(p) => AgentError::Invalid(p.to_string()),
             StoreError::NotFound(m) => AgentError::NotFound(m),
+            StoreError::Conflict(m) => AgentError::Conflict(m),
             StoreError::Backend(m) => AgentError::Internal(m),
         }
     }

@@ -15,6 +15,8 @@ use tokio::sync::watch;
 
 mod api;
 pub mod config;
+#[cfg(feature = "etcd")]
+pub mod liveness;
 mod node;
 pub mod records;
 #[cfg(feature = "etcd")]
@@ -168,10 +170,12 @@ pub async fn run_cluster(
     let node = Node::start(cfg, store.clone()).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let routes = direct_routes.then(|| tokio::spawn(routes::run(store.clone(), node.cfg.node.clone(), stop_rx.clone())));
+    let alive = tokio::spawn(liveness::run(store.clone(), node.cfg.node.clone(), stop_rx.clone()));
     let listener = bind_socket(&socket)?;
     tracing::info!(socket = %socket.display(), node = %node.cfg.node, endpoints = ?etcd.endpoints, "agent serving (cluster)");
     let result = serve(node, listener, shutdown, stop_rx).await;
     let _ = stop_tx.send(true);
+    let _ = alive.await;
     if let Some(r) = routes {
         let _ = r.await;
     }

@@ -168,3 +168,16 @@ fn the_operator_removes_a_departed_node() {
     assert!(c.node_names().contains(&"stays".to_string()));
     assert!(!c.blocks_of("stays").is_empty());
 }
+
+/// Standalone (embedded store), the agent answering is live: deleting its own node is refused
+/// without --force; another node name in its store has no agent and may go.
+#[test]
+fn standalone_refuses_to_delete_its_own_node_without_force() {
+    require_root();
+    let agent = Agent::start("solo", &["--pool", "default=10.62.0.0/24@28"]);
+    let (ok, _, err) = agent.cli(&["node", "delete", "solo"]);
+    assert!(!ok && err.contains("\"solo\" is live") && err.contains("--force"), "{err}");
+    assert!(agent.cli_json(&["node", "list"]).as_array().unwrap().iter().any(|n| n["metadata"]["name"] == "solo"));
+    let (ok, out, err) = agent.cli(&["node", "delete", "solo", "--force"]);
+    assert!(ok && out.contains("node/solo deleted"), "{out}{err}");
+}

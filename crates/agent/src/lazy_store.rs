@@ -2,7 +2,7 @@
 //! serves from its journal and saved view before etcd answers; until then every store call fails
 //! at once with "not connected", as an outage would, and the loops retry.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 
@@ -101,6 +101,14 @@ impl<S: Store> Store for LazyStore<S> {
 
     async fn annotate_namespace(&self, namespace: &str, set: Annotations, remove: Vec<String>) -> Result<Annotations, StoreError> {
         self.inner()?.annotate_namespace(namespace, set, remove).await
+    }
+
+    async fn live_nodes(&self) -> Result<Option<BTreeSet<String>>, StoreError> {
+        self.inner()?.live_nodes().await
+    }
+
+    async fn released_blocks(&self) -> Result<Vec<BlockGrant>, StoreError> {
+        self.inner()?.released_blocks().await
     }
 
     fn watch(&self) -> watch::Receiver<u64> {

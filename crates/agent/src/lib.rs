@@ -17,6 +17,8 @@ mod api;
 pub mod config;
 pub mod datadir;
 pub mod lazy_store;
+#[cfg(feature = "etcd")]
+pub mod liveness;
 mod node;
 pub mod records;
 #[cfg(feature = "etcd")]
@@ -63,6 +65,7 @@ impl From<StoreError> for AgentError {
             ) => AgentError::Conflict(p.to_string()),
             StoreError::Refused(p) => AgentError::Invalid(p.to_string()),
             StoreError::NotFound(m) => AgentError::NotFound(m),
+            StoreError::Conflict(m) => AgentError::Conflict(m),
             StoreError::Backend(m) => AgentError::Internal(m),
         }
     }
@@ -174,14 +177,16 @@ pub async fn run_cluster(
     let direct_routes = cfg.direct_routes;
     let node = Node::open(cfg, store.clone())?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let connector = tokio::spawn(connect_etcd(store.clone(), etcd.clone(), stop_rx.clone()));
+    let connector = tokio::spawn(connect_etcd(store.clone(), etcd.clone(), node.cfg.node.clone(), stop_rx.clone()));
     let routes = direct_routes
         .then(|| tokio::spawn(routes::run(store.clone(), node.clone(), stop_rx.clone())));
     let listener = bind_socket(&socket)?;
     tracing::info!(socket = %socket.display(), node = %node.cfg.node, endpoints = ?etcd.endpoints, "agent serving (cluster)");
     let result = serve(node, listener, shutdown, stop_rx).await;
     let _ = stop_tx.send(true);
-    connector.abort();
+    // The connector keeps the node live until `stop`; then it ends the lease (a clean stop is
+    // a departure).
+    let _ = connector.await;
     if let Some(r) = routes {
         let _ = r.await;
     }
@@ -191,18 +196,28 @@ pub async fn run_cluster(
     result
 }
 
-/// Connects to etcd, retrying with backoff, and hands the store over once it answers.
+/// Connects to etcd (retrying with backoff), marks the node live, hands the store over, and
+/// then keeps the node live until `stop`. Live comes first, so that no operator sees the node
+/// registered but not live.
 #[cfg(feature = "etcd")]
 async fn connect_etcd(
     lazy: Arc<LazyStore<allot_store::EtcdStore>>,
     cfg: allot_store::EtcdConfig,
+    node: String,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = std::time::Duration::from_millis(200);
     loop {
-        match allot_store::EtcdStore::connect(&cfg).await {
-            Ok(store) => {
-                lazy.set(Arc::new(store));
+        let attempt = async {
+            let store = Arc::new(allot_store::EtcdStore::connect(&cfg).await?);
+            let lease = store.announce_alive(&node, liveness::TTL).await?;
+            Ok::<_, allot_store::StoreError>((store, lease))
+        };
+        match attempt.await {
+            Ok((store, lease)) => {
+                tracing::info!(%node, lease = format!("{lease:x}"), "connected to etcd; node is live");
+                lazy.set(store.clone());
+                liveness::run(store, node, Some(lease), stop).await;
                 return;
             }
             Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "connecting to etcd failed; serving from this node's journal and saved view"),

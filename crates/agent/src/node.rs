@@ -261,7 +261,7 @@ impl<S: Store> Node<S> {
     /// Notes how a store call went, for `allot status` and CNI STATUS.
     fn observe<T>(&self, r: &Result<T, StoreError>) {
         match r {
-            Ok(_) | Err(StoreError::Refused(_) | StoreError::NotFound(_)) => self.note_store_ok(),
+            Ok(_) | Err(StoreError::Refused(_) | StoreError::NotFound(_) | StoreError::Conflict(_)) => self.note_store_ok(),
             Err(StoreError::Backend(e)) => self.note_store_error(e),
         }
     }

@@ -31,18 +31,33 @@ pub struct ClusterFlags {
     /// Client key (PEM) for etcd.
     #[arg(long, global = true, env = "ALLOT_ETCD_KEY", value_name = "FILE")]
     pub etcd_key: Option<std::path::PathBuf>,
+    /// etcd user, when etcd has authentication enabled.
+    #[arg(long, global = true, env = "ALLOT_ETCD_USER", value_name = "NAME")]
+    pub etcd_user: Option<String>,
+    /// Password of --etcd-user (prefer the environment variable: flags show in `ps`).
+    #[arg(long, global = true, env = "ALLOT_ETCD_PASSWORD", value_name = "PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
 }
 
 #[cfg(feature = "etcd")]
 impl ClusterFlags {
     pub fn config(&self) -> anyhow::Result<allot_store::EtcdConfig> {
         let mut cfg = allot_store::EtcdConfig::new(self.etcd_endpoints.clone());
-        match (&self.etcd_ca, &self.etcd_cert, &self.etcd_key) {
-            (None, None, None) => {}
-            (Some(ca), Some(cert), Some(key)) => {
-                cfg.tls = Some(allot_store::EtcdTls { ca: ca.clone(), cert: cert.clone(), key: key.clone() })
-            }
-            _ => anyhow::bail!("etcd TLS needs all three of --etcd-ca, --etcd-cert and --etcd-key"),
+        let identity = match (&self.etcd_cert, &self.etcd_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+            _ => anyhow::bail!("an etcd client certificate needs both --etcd-cert and --etcd-key"),
+        };
+        match (&self.etcd_ca, identity) {
+            (None, None) => {}
+            (Some(ca), identity) => cfg.tls = Some(allot_store::EtcdTls { ca: ca.clone(), identity }),
+            (None, Some(_)) => anyhow::bail!("--etcd-cert needs --etcd-ca, the CA that signed etcd's certificate"),
+        }
+        match (&self.etcd_user, &self.etcd_password) {
+            (None, None) => {}
+            (Some(user), Some(password)) => cfg.user = Some((user.clone(), password.clone())),
+            (Some(_), None) => anyhow::bail!("--etcd-user needs --etcd-password (or ALLOT_ETCD_PASSWORD)"),
+            (None, Some(_)) => anyhow::bail!("--etcd-password needs --etcd-user (or ALLOT_ETCD_USER)"),
         }
         Ok(cfg)
     }
@@ -138,15 +153,34 @@ impl Backend {
         }
     }
 
-    /// Removes a node and releases its blocks; returns how many.
-    pub fn delete_node(&self, name: &str) -> anyhow::Result<u64> {
+    /// Removes a node and releases its blocks; returns how many. A live node (its agent runs)
+    /// is refused unless `force`; released blocks stay reserved to it for `grace` (etcd).
+    pub fn delete_node(&self, name: &str, force: bool, grace: Option<std::time::Duration>) -> anyhow::Result<u64> {
         match self {
             Backend::Agent(c) => {
+                // Standalone, the agent answering is the only live node: its own.
+                let own = c.get::<Status>("/v1/status")?.node;
+                anyhow::ensure!(
+                    force || own != name,
+                    "node {name:?} is live: it is this agent's own node, and its pods use its blocks; \
+                     stop the agent first, or pass --force"
+                );
                 let v: serde_json::Value = c.delete(&format!("/v1/nodes/{name}"))?;
                 Ok(v["releasedBlocks"].as_u64().unwrap_or(0))
             }
             #[cfg(feature = "etcd")]
-            Backend::Etcd { store, rt } => Ok(rt.block_on(store.delete_node(name))?.len() as u64),
+            Backend::Etcd { store, rt } => {
+                let store = match grace {
+                    Some(g) => store.with_release_grace(g),
+                    None => store.clone(),
+                };
+                let released = if force {
+                    rt.block_on(store.force_delete_node(name))?
+                } else {
+                    rt.block_on(store.delete_node(name))?
+                };
+                Ok(released.len() as u64)
+            }
         }
     }
 

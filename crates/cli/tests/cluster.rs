@@ -108,14 +108,14 @@ fn three_nodes_under_an_add_storm_with_small_blocks() {
     assert!(ok && out.contains("default") && out.contains("node-2"), "{out}{err}");
     // node-2 departs; deleting it gives its blocks back.
     agents[2].kill();
-    let (ok, out, err) = allot(None, &["--etcd-endpoints", &etcd.endpoint, "node", "delete", "node-2"]);
+    let (ok, out, err) = allot(None, &["--etcd-endpoints", &etcd.endpoint, "node", "delete", "node-2", "--force"]);
     assert!(ok && out.contains("blocks released"), "{out}{err}");
     assert!(rt.block_on(store.grants()).unwrap().iter().all(|g| g.node != "node-2"));
 
     // Deleting a node whose agent still runs: the agent registers again and takes back the
     // blocks its pods use, so their addresses cannot go to another node.
     let node1: Vec<(String, String)> = answered.iter().filter(|(n, _)| n == "node-1").cloned().collect();
-    let (ok, _, err) = allot(None, &["--etcd-endpoints", &etcd.endpoint, "node", "delete", "node-1"]);
+    let (ok, _, err) = allot(None, &["--etcd-endpoints", &etcd.endpoint, "node", "delete", "node-1", "--force"]);
     assert!(ok, "{err}");
     poll("node-1 back with its blocks", Duration::from_secs(15), || {
         let nodes = rt.block_on(store.nodes()).ok()?;

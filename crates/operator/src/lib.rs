@@ -1,9 +1,10 @@
 //! The operator: reads what each node requests and grants whole blocks of the pool, the first
 //! CIDR with room first, until the node's usable addresses cover the request. It never takes a
-//! block from a node; nodes give blocks back themselves.
+//! block from a node; nodes give blocks back themselves. Where the store tracks liveness it
+//! removes nodes whose agents have been gone for `node_gc_after`.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use allot_core::blocks::BlockMap;
 use allot_core::{BlockGrant, Family, cidr};
@@ -27,7 +28,10 @@ pub async fn reconcile<S: Store>(store: &S) -> Result<Report, StoreError> {
     let pools = store.pools().await?;
     let grants = store.grants().await?;
     let nodes = store.nodes().await?;
-    let mut blocks = BlockMap::new(&pools, &grants);
+    // Blocks still reserved to a deleted node count as taken.
+    let reserved = store.released_blocks().await?;
+    let taken: Vec<BlockGrant> = grants.iter().chain(&reserved).cloned().collect();
+    let mut blocks = BlockMap::new(&pools, &taken);
     let pools: HashMap<&str, _> = pools.iter().map(|p| (p.name.as_str(), &p.spec)).collect();
     let mut held: HashMap<(&str, &str, Family), u128> = HashMap::new();
     for g in &grants {
@@ -91,11 +95,81 @@ pub async fn reconcile<S: Store>(store: &S) -> Result<Report, StoreError> {
     Ok(report)
 }
 
+/// How the operator treats departed nodes.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// A node whose agent has held no liveness lease for this long is deleted (its blocks
+    /// released, reserved to it for the store's release grace).
+    pub node_gc_after: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { node_gc_after: Duration::from_secs(600) }
+    }
+}
+
+/// Since when each node has been seen without a liveness lease. Kept in memory: a new leader
+/// starts counting afresh, which only delays a removal.
+#[derive(Debug, Default)]
+pub struct Departures {
+    since: HashMap<String, Instant>,
+}
+
+impl Departures {
+    /// Deletes nodes gone for `after`; returns the deleted nodes and when to look again.
+    pub async fn collect<S: Store>(
+        &mut self,
+        store: &S,
+        after: Duration,
+        now: Instant,
+    ) -> Result<(Vec<String>, Option<Instant>), StoreError> {
+        let Some(live) = store.live_nodes().await? else { return Ok((Vec::new(), None)) };
+        let nodes = store.nodes().await?;
+        self.since.retain(|n, _| !live.contains(n) && nodes.iter().any(|r| &r.name == n));
+        let mut deleted = Vec::new();
+        let mut next: Option<Instant> = None;
+        for node in nodes.iter().filter(|n| !live.contains(&n.name)) {
+            let since = *self.since.entry(node.name.clone()).or_insert(now);
+            let due = since + after;
+            if due > now {
+                next = Some(next.map_or(due, |n| n.min(due)));
+                continue;
+            }
+            match store.delete_node(&node.name).await {
+                Ok(released) => {
+                    tracing::info!(node = %node.name, blocks = released.len(), gone_for = ?now - since, "removed departed node");
+                    self.since.remove(&node.name);
+                    deleted.push(node.name.clone());
+                }
+                // Its agent came back between the read and the delete.
+                Err(StoreError::Conflict(_) | StoreError::NotFound(_)) => {
+                    self.since.remove(&node.name);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((deleted, next))
+    }
+}
+
 /// Reconciles on every change of the store (and every 30 s) until `shutdown` turns true.
-pub async fn run<S: Store>(store: std::sync::Arc<S>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run<S: Store>(store: std::sync::Arc<S>, shutdown: watch::Receiver<bool>) {
+    run_with(store, Options::default(), shutdown).await
+}
+
+/// `run` with options.
+pub async fn run_with<S: Store>(store: std::sync::Arc<S>, opts: Options, mut shutdown: watch::Receiver<bool>) {
     let mut changes = store.watch();
+    let mut departures = Departures::default();
     loop {
         changes.borrow_and_update();
+        let mut wake = tokio::time::Instant::now() + RESYNC;
+        match departures.collect(&*store, opts.node_gc_after, Instant::now()).await {
+            Ok((_, Some(next))) => wake = wake.min(tokio::time::Instant::from_std(next)),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "removing departed nodes failed; retrying"),
+        }
         match reconcile(&*store).await {
             Ok(r) => {
                 for (node, e) in &r.errors {
@@ -110,7 +184,7 @@ pub async fn run<S: Store>(store: std::sync::Arc<S>, mut shutdown: watch::Receiv
         tokio::select! {
             r = changes.changed() => if r.is_err() { return },
             _ = shutdown.changed() => return,
-            _ = tokio::time::sleep(RESYNC) => {}
+            _ = tokio::time::sleep_until(wake) => {}
         }
         if *shutdown.borrow() {
             return;

@@ -7,8 +7,11 @@
 //! - `nodes/<name>` -> `NodeRecord`
 //! - `namespaces/<name>` -> annotations
 //! - `leader/operator` -> the leading operator's id, bound to its lease
+//! - `alive/<node>` -> the node's name, bound to its agent's liveness lease
+//! - `released/<pool>/<cidr>` -> the node a deleted block was taken from, bound to a lease of
+//!   the release grace: only that node may take the block until the lease runs out
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -17,11 +20,13 @@ use std::time::Duration;
 use allot_core::{ApplyAction, BlockGrant, Pool, PoolSpec, pool as rules};
 use allot_wire::PoolRequest;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
+    WatchOptions,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::{Annotations, NodeRecord, Store, StoreError, block_fits};
 
@@ -36,18 +41,37 @@ pub struct EtcdConfig {
     /// Every request gives up after this long, so a frozen etcd cannot hang the agent's loops.
     pub timeout: Duration,
     pub tls: Option<EtcdTls>,
+    /// etcd user and password (`etcdctl auth enable`); the token is refreshed when it expires.
+    pub user: Option<(String, String)>,
+    /// HTTP/2 ping interval: a connection that answers no ping within `timeout` is dropped and
+    /// dialled again. etcd answers pings more frequent than every 5 s with GOAWAY.
+    pub keep_alive: Duration,
+    /// The watch asks for progress every third of this; silent this long, it is re-created.
+    pub watch_silence: Duration,
+    /// How long blocks taken from a deleted node stay reserved to it (`released/` keys).
+    pub release_grace: Duration,
 }
 
+/// TLS to etcd: the CA that signed etcd's certificate, and a client certificate and key when
+/// etcd asks for one (`--client-cert-auth`).
 #[derive(Debug, Clone)]
 pub struct EtcdTls {
     pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    pub identity: Option<(PathBuf, PathBuf)>,
 }
 
 impl EtcdConfig {
     pub fn new(endpoints: Vec<String>) -> Self {
-        EtcdConfig { endpoints, prefix: "/allot/".into(), timeout: Duration::from_secs(3), tls: None }
+        EtcdConfig {
+            endpoints,
+            prefix: "/allot/".into(),
+            timeout: Duration::from_secs(3),
+            tls: None,
+            user: None,
+            keep_alive: Duration::from_secs(5),
+            watch_silence: Duration::from_secs(6),
+            release_grace: Duration::from_secs(300),
+        }
     }
 }
 
@@ -56,7 +80,17 @@ pub struct EtcdStore {
     client: Client,
     prefix: String,
     timeout: Duration,
+    release_grace: Duration,
     revision: watch::Sender<u64>,
+    fence: Option<Fence>,
+}
+
+/// What a fenced store compares in every write: the leader key is still bound to our lease.
+#[derive(Clone)]
+struct Fence {
+    key: String,
+    lease: i64,
+    lost: watch::Sender<bool>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -82,24 +116,55 @@ struct Kv {
 impl EtcdStore {
     /// Connects and starts following the prefix; the first read proves etcd answers.
     pub async fn connect(cfg: &EtcdConfig) -> Result<Self, StoreError> {
-        let mut opts = ConnectOptions::new().with_timeout(cfg.timeout).with_connect_timeout(cfg.timeout);
+        let mut opts = ConnectOptions::new()
+            .with_timeout(cfg.timeout)
+            .with_connect_timeout(cfg.timeout)
+            .with_keep_alive(cfg.keep_alive, cfg.timeout)
+            .with_keep_alive_while_idle(true);
         if let Some(tls) = &cfg.tls {
             let read = |p: &PathBuf| std::fs::read(p).map_err(|e| StoreError::Backend(format!("reading {}: {e}", p.display())));
-            let tls_opts = etcd_client::TlsOptions::new()
-                .ca_certificate(etcd_client::Certificate::from_pem(read(&tls.ca)?))
-                .identity(etcd_client::Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+            let mut tls_opts = etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(read(&tls.ca)?));
+            if let Some((cert, key)) = &tls.identity {
+                tls_opts = tls_opts.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+            }
             opts = opts.with_tls(tls_opts);
+        }
+        if let Some((user, password)) = &cfg.user {
+            opts = opts.with_user(user.clone(), password.clone()).with_auto_token_refresh(true);
         }
         let endpoints = cfg.endpoints.join(",");
         let client = tokio::time::timeout(cfg.timeout, Client::connect(cfg.endpoints.clone(), Some(opts)))
             .await
             .map_err(|_| StoreError::Backend(format!("etcd at {endpoints} did not answer within {:?}", cfg.timeout)))?
             .map_err(|e| StoreError::Backend(format!("connecting to etcd at {endpoints}: {e}")))?;
-        let store = EtcdStore { client, prefix: cfg.prefix.clone(), timeout: cfg.timeout, revision: watch::Sender::new(0) };
+        let store = EtcdStore {
+            client,
+            prefix: cfg.prefix.clone(),
+            timeout: cfg.timeout,
+            release_grace: cfg.release_grace,
+            revision: watch::Sender::new(0),
+            fence: None,
+        };
         let rev = store.current_revision().await?;
         store.revision.send_replace(rev);
-        tokio::spawn(store.clone().follow());
+        tokio::spawn(store.clone().follow(rev as i64 + 1, cfg.watch_silence));
         Ok(store)
+    }
+
+    /// This store with blocks of deleted nodes reserved for `grace` instead of the configured time.
+    pub fn with_release_grace(&self, grace: Duration) -> Self {
+        EtcdStore { release_grace: grace, ..self.clone() }
+    }
+
+    /// A view of this store whose every write also checks, in the same transaction, that the
+    /// leader key is still bound to `lead`'s lease. A write that fails that check ends the
+    /// leadership (its `lost` turns true) and returns an error: a replica that lost the lead
+    /// without noticing (frozen, partitioned) cannot write anything.
+    pub fn fenced(&self, lead: &Leadership) -> Self {
+        EtcdStore {
+            fence: Some(Fence { key: lead.key.clone(), lease: lead.lease, lost: lead.lost_tx.clone() }),
+            ..self.clone()
+        }
     }
 
     fn key(&self, kind: &str, name: &str) -> String {
@@ -149,8 +214,28 @@ impl EtcdStore {
     }
 
     async fn txn(&self, txn: Txn) -> Result<bool, StoreError> {
+        Ok(self.txn_full(txn).await?.succeeded())
+    }
+
+    /// Runs a transaction; a fenced store nests it under the leader compare.
+    async fn txn_full(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
         let mut c = self.client.clone();
-        Ok(self.timed(c.txn(txn)).await?.succeeded())
+        let Some(f) = &self.fence else { return self.timed(c.txn(txn)).await };
+        let fenced = Txn::new()
+            .when([Compare::lease(f.key.as_str(), CompareOp::Equal, f.lease)])
+            .and_then([TxnOp::txn(txn)]);
+        let resp = self.timed(c.txn(fenced)).await?;
+        if !resp.succeeded() {
+            f.lost.send_replace(true);
+            return Err(StoreError::Backend(format!(
+                "fenced: {} is no longer bound to this replica's lease {:x}, so another replica leads; nothing written, campaigning again",
+                f.key, f.lease
+            )));
+        }
+        match resp.op_responses().into_iter().next() {
+            Some(TxnOpResponse::Txn(inner)) => Ok(inner),
+            _ => Err(StoreError::Backend("etcd answered a nested transaction without its result".into())),
+        }
     }
 
     /// The compare that a key is exactly as read (or still absent).
@@ -185,55 +270,89 @@ impl EtcdStore {
         kvs.iter().map(|kv| Ok(Pool { name: kv.name.clone(), spec: decode::<PoolSpec>("pool", &kv.name, &kv.value)? })).collect()
     }
 
-    /// Publishes the revision of every change under the prefix. A broken watch is re-opened
-    /// after a fresh read, whose revision wakes every follower to re-read too.
-    async fn follow(self) {
-        loop {
-            let rev = match self.current_revision().await {
-                Ok(rev) => rev,
-                Err(e) => {
-                    tracing::warn!(error = %e, "etcd unreachable; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            };
-            self.revision.send_if_modified(|r| {
-                let changed = *r != rev;
+    fn publish(&self, rev: u64) {
+        self.revision.send_if_modified(|r| {
+            let changed = rev > *r;
+            if changed {
                 *r = rev;
-                changed
-            });
+            }
+            changed
+        });
+    }
+
+    /// Publishes the revision of every change under the prefix, watching from `start`. The
+    /// watch asks for progress every third of `silence`; one that stays silent that long (a
+    /// partition that closes nothing) is dropped and re-created from the last revision seen.
+    /// If that revision was compacted away, it re-reads: the fresh revision wakes every
+    /// follower to re-read too.
+    async fn follow(self, start: i64, silence: Duration) {
+        let mut resume = Some(start);
+        loop {
+            let start = match resume {
+                Some(r) => r,
+                None => match self.current_revision().await {
+                    Ok(rev) => {
+                        self.publish(rev);
+                        rev as i64 + 1
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "etcd unreachable; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                },
+            };
+            resume = Some(start);
             let mut c = self.client.clone();
-            let opts = WatchOptions::new().with_prefix().with_start_revision(rev as i64 + 1);
-            let stream = match self.timed(c.watch(self.prefix.as_str(), Some(opts))).await {
-                Ok(stream) => stream,
+            let opts = WatchOptions::new().with_prefix().with_start_revision(start);
+            let (mut requests, mut responses) = match self.timed(c.watch(self.prefix.as_str(), Some(opts))).await {
+                Ok(stream) => stream.split(),
                 Err(e) => {
                     tracing::warn!(error = %e, "opening etcd watch failed; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
             };
-            let mut stream = stream;
+            let mut ask = tokio::time::interval(silence / 3);
+            let mut heard = Instant::now();
             loop {
-                match stream.message().await {
-                    Ok(Some(msg)) => {
-                        if msg.canceled() {
+                tokio::select! {
+                    msg = responses.message() => match msg {
+                        Ok(Some(msg)) => {
+                            heard = Instant::now();
+                            if msg.compact_revision() > 0 {
+                                tracing::warn!(compacted = msg.compact_revision(), from = start, "etcd compacted past the watch; re-reading");
+                                resume = None;
+                                break;
+                            }
+                            if msg.canceled() {
+                                tracing::warn!(reason = msg.cancel_reason(), "etcd canceled the watch; re-reading");
+                                resume = None;
+                                break;
+                            }
+                            if let Some(last) = msg.events().iter().filter_map(|e| e.kv()).map(|kv| kv.mod_revision()).max() {
+                                resume = Some(last + 1);
+                            }
+                            if let Some(h) = msg.header() {
+                                self.publish(h.revision() as u64);
+                            }
+                        }
+                        Ok(None) => {
+                            tracing::warn!("etcd closed the watch; re-opening");
                             break;
                         }
-                        if let Some(h) = msg.header() {
-                            let rev = h.revision() as u64;
-                            self.revision.send_if_modified(|r| {
-                                let changed = rev > *r;
-                                if changed {
-                                    *r = rev;
-                                }
-                                changed
-                            });
+                        Err(e) => {
+                            tracing::warn!(error = %e, "etcd watch broke; re-opening");
+                            break;
                         }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "etcd watch broke; resyncing");
-                        break;
+                    },
+                    _ = ask.tick() => {
+                        if heard.elapsed() >= silence {
+                            tracing::warn!(?silence, "etcd watch silent; re-creating it");
+                            break;
+                        }
+                        // The answer (or any event) proves the stream alive.
+                        let _ = tokio::time::timeout(self.timeout, requests.request_progress()).await;
                     }
                 }
             }
@@ -264,24 +383,35 @@ impl EtcdStore {
     }
 
     /// Campaigns for `leader/<role>` with a lease of `ttl`, waiting until this process leads.
-    /// The returned leadership ends (its `lost` turns true) when the lease cannot be kept.
+    /// The returned leadership ends (its `lost` turns true) strictly before the lease could
+    /// have expired on the server, or when a fenced write finds the lead gone.
     pub async fn lead(&self, role: &str, id: &str, ttl: Duration) -> Result<Leadership, StoreError> {
         let ttl_secs = ttl.as_secs().max(2) as i64;
         let key = self.key("leader", role);
         let mut c = self.client.clone();
-        let lease = self.timed(c.lease_grant(ttl_secs, None)).await?.id();
+        let asked = Instant::now();
+        let granted = self.timed(c.lease_grant(ttl_secs, None)).await?;
+        let lease = granted.id();
         let (lost_tx, lost) = watch::channel(false);
-        let keeper = tokio::spawn(keep_lease(self.clone(), lease, ttl_secs, lost_tx));
+        let keeper = tokio::spawn(keep_lease(
+            self.clone(),
+            lease,
+            Duration::from_secs(ttl_secs as u64),
+            asked + Duration::from_secs(granted.ttl().max(0) as u64),
+            lost_tx.clone(),
+        ));
+        let unfenced = EtcdStore { fence: None, ..self.clone() };
         loop {
             let txn = Txn::new()
                 .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
                 .and_then([TxnOp::put(key.as_str(), id, Some(PutOptions::new().with_lease(lease)))]);
-            match self.txn(txn).await {
-                Ok(true) => return Ok(Leadership { lost, keeper, store: self.clone(), lease }),
+            match unfenced.txn(txn).await {
+                Ok(true) => return Ok(Leadership { lost, lost_tx, keeper, store: unfenced, lease, key }),
                 Ok(false) => {}
                 Err(e) => tracing::warn!(error = %e, "campaign failed; retrying"),
             }
             if *lost.borrow() {
+                keeper.abort();
                 return Err(StoreError::Backend("lost the lease while waiting to lead".into()));
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -292,33 +422,145 @@ impl EtcdStore {
     pub async fn leader(&self, role: &str) -> Result<Option<String>, StoreError> {
         Ok(self.get_one("leader", role).await?.map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
     }
+
+    /// Marks `node` live with a fresh lease of `ttl` (`alive/<node>`); returns the lease for
+    /// `renew_alive` and `revoke_alive`.
+    pub async fn announce_alive(&self, node: &str, ttl: Duration) -> Result<i64, StoreError> {
+        let mut c = self.client.clone();
+        let lease = self.timed(c.lease_grant(ttl.as_secs().max(2) as i64, None)).await?.id();
+        let put = TxnOp::put(self.key("alive", node), node, Some(PutOptions::new().with_lease(lease)));
+        self.txn(Txn::new().and_then([put])).await?;
+        Ok(lease)
+    }
+
+    /// One keep-alive of a liveness lease: Ok(false) when it has already expired.
+    pub async fn renew_alive(&self, lease: i64) -> Result<bool, StoreError> {
+        let mut c = self.client.clone();
+        let ttl = self
+            .timed(async {
+                let (mut keeper, mut responses) = c.lease_keep_alive(lease).await?;
+                keeper.keep_alive().await?;
+                Ok(responses.message().await?.map_or(0, |r| r.ttl()))
+            })
+            .await?;
+        Ok(ttl > 0)
+    }
+
+    /// Ends a liveness lease at once (a clean stop): the node is no longer live.
+    pub async fn revoke_alive(&self, lease: i64) -> Result<(), StoreError> {
+        let mut c = self.client.clone();
+        self.timed(c.lease_revoke(lease)).await.map(|_| ())
+    }
+
+    /// Deletes a node even while its agent is live (`allot node delete --force`).
+    pub async fn force_delete_node(&self, name: &str) -> Result<Vec<BlockGrant>, StoreError> {
+        self.delete_node_inner(name, true).await
+    }
+
+    async fn delete_node_inner(&self, name: &str, force: bool) -> Result<Vec<BlockGrant>, StoreError> {
+        let mut grace_lease = None;
+        for _ in 0..RETRIES {
+            let node = self.get_one("nodes", name).await?;
+            let (block_kvs, _) = self.list("blocks", None).await?;
+            let held: Vec<&Kv> = block_kvs.iter().filter(|kv| kv.value == name.as_bytes()).collect();
+            if node.is_none() && held.is_empty() {
+                return Err(StoreError::NotFound(format!("node {name:?} not found")));
+            }
+            let mut when = vec![self.unchanged("nodes", name, node.as_ref())];
+            if !force {
+                when.push(Compare::create_revision(self.key("alive", name), CompareOp::Equal, 0));
+            }
+            let mut ops = vec![TxnOp::delete(self.key("nodes", name), None)];
+            if !held.is_empty() && !self.release_grace.is_zero() && grace_lease.is_none() {
+                let mut c = self.client.clone();
+                let secs = self.release_grace.as_secs().max(1) as i64;
+                grace_lease = Some(self.timed(c.lease_grant(secs, None)).await?.id());
+            }
+            for kv in &held {
+                when.push(self.unchanged("blocks", &kv.name, Some(kv)));
+                ops.push(TxnOp::delete(self.key("blocks", &kv.name), None));
+                if let Some(lease) = grace_lease {
+                    ops.push(TxnOp::put(self.key("released", &kv.name), name, Some(PutOptions::new().with_lease(lease))));
+                }
+            }
+            if self.txn(Txn::new().when(when).and_then(ops)).await? {
+                let held: Vec<Kv> = held.into_iter().cloned().collect();
+                return Self::grants_of(&held);
+            }
+            if !force && self.get_one("alive", name).await?.is_some() {
+                return Err(StoreError::Conflict(format!(
+                    "node {name:?} is live: its agent keeps its liveness lease, and its pods use its blocks; \
+                     stop the agent on {name} first (the lease ends when it stops), or pass --force if the node is gone for good"
+                )));
+            }
+        }
+        Err(StoreError::Backend(format!("node {name:?}: too many concurrent writers; try again")))
+    }
 }
 
-async fn keep_lease(store: EtcdStore, lease: i64, ttl_secs: i64, lost: watch::Sender<bool>) {
+/// Keeps the leader lease alive, renewing every third of `ttl`. The server expires the lease
+/// `ttl` after it last saw a keep-alive, which it saw after we sent it: so the lease is surely
+/// valid only until send time + ttl, and leadership ends a margin before that, whether or not
+/// the keep-alive is still in flight.
+/// Whether `new` drops a CIDR or a family that `old` has.
+fn shrinks(old: &PoolSpec, new: &PoolSpec) -> bool {
+    allot_core::Family::ALL.into_iter().any(|f| match (old.family(f), new.family(f)) {
+        (Some(o), Some(n)) => o.mask_size != n.mask_size || o.cidrs.iter().any(|c| !n.cidrs.contains(c)),
+        (Some(_), None) => true,
+        (None, _) => false,
+    })
+}
+
+async fn keep_lease(store: EtcdStore, lease: i64, ttl: Duration, mut valid_until: Instant, lost: watch::Sender<bool>) {
+    let margin = (ttl / 4).max(Duration::from_millis(300));
+    let period = ttl / 3;
     let mut c = store.client.clone();
-    let period = Duration::from_millis((ttl_secs as u64 * 1000) / 3);
-    let Ok(Ok((mut keeper, mut responses))) = tokio::time::timeout(store.timeout, c.lease_keep_alive(lease)).await else {
-        lost.send_replace(true);
-        return;
-    };
-    let mut last_ok = tokio::time::Instant::now();
+    let mut stream = None;
     loop {
-        tokio::time::sleep(period).await;
-        let ok = tokio::time::timeout(period, async {
+        let give_up = valid_until.checked_sub(margin).unwrap_or(valid_until);
+        let sent = Instant::now();
+        let attempt = async {
+            if stream.is_none() {
+                stream = Some(c.lease_keep_alive(lease).await?);
+            }
+            let (keeper, responses) = stream.as_mut().expect("opened above");
             keeper.keep_alive().await?;
             responses.message().await
-        })
-        .await;
-        match ok {
-            Ok(Ok(Some(r))) if r.ttl() > 0 => last_ok = tokio::time::Instant::now(),
-            _ => {
-                // The lease may still be alive on the server; stop leading before it could
-                // have expired there.
-                if last_ok.elapsed() + period >= Duration::from_secs(ttl_secs as u64) {
-                    tracing::warn!("lease keep-alive failed; giving up leadership");
-                    lost.send_replace(true);
-                    return;
+        };
+        let outcome = tokio::select! {
+            r = attempt => Some(r),
+            _ = tokio::time::sleep_until(give_up) => None,
+        };
+        let next = match outcome {
+            Some(Ok(Some(r))) if r.ttl() > 0 => {
+                valid_until = sent + Duration::from_secs(r.ttl() as u64);
+                period
+            }
+            Some(Ok(Some(_))) => {
+                tracing::warn!(lease = format!("{lease:x}"), "leader lease expired on the server; giving up leadership");
+                lost.send_replace(true);
+                return;
+            }
+            Some(other) => {
+                if let Err(e) = other {
+                    tracing::warn!(error = %e, "lease keep-alive failed; retrying");
                 }
+                stream = None;
+                Duration::from_millis(200)
+            }
+            None => {
+                tracing::warn!("lease keep-alive unanswered; giving up leadership before the lease can expire");
+                lost.send_replace(true);
+                return;
+            }
+        };
+        let give_up = valid_until.checked_sub(margin).unwrap_or(valid_until);
+        tokio::select! {
+            _ = tokio::time::sleep(next) => {}
+            _ = tokio::time::sleep_until(give_up) => {
+                tracing::warn!("lease keep-alive unanswered; giving up leadership before the lease can expire");
+                lost.send_replace(true);
+                return;
             }
         }
     }
@@ -327,9 +569,11 @@ async fn keep_lease(store: EtcdStore, lease: i64, ttl_secs: i64, lost: watch::Se
 /// Held while this process leads.
 pub struct Leadership {
     pub lost: watch::Receiver<bool>,
+    lost_tx: watch::Sender<bool>,
     keeper: tokio::task::JoinHandle<()>,
     store: EtcdStore,
     lease: i64,
+    key: String,
 }
 
 impl Leadership {
@@ -346,6 +590,7 @@ impl Leadership {
 impl Drop for Leadership {
     fn drop(&mut self) {
         self.keeper.abort();
+        self.lost_tx.send_replace(true);
     }
 }
 
@@ -369,8 +614,15 @@ impl Store for EtcdStore {
             if puts.is_empty() {
                 return Ok(actions);
             }
-            let txn = Txn::new().when([self.prefix_unchanged("pools", rev), self.prefix_unchanged("blocks", rev)]).and_then(puts);
-            if self.txn(txn).await? {
+            // Held blocks matter only to pools that lose CIDRs: compare just their blocks, so
+            // grants and releases elsewhere cannot starve the apply.
+            let mut when = vec![self.prefix_unchanged("pools", rev)];
+            for p in &incoming {
+                if existing.iter().any(|e| e.name == p.name && shrinks(&e.spec, &p.spec)) {
+                    when.push(self.prefix_unchanged(&format!("blocks/{}/", p.name), rev));
+                }
+            }
+            if self.txn(Txn::new().when(when).and_then(puts)).await? {
                 return Ok(actions);
             }
         }
@@ -385,7 +637,7 @@ impl Store for EtcdStore {
             let (block_kvs, rev) = self.list("blocks", None).await?;
             rules::validate_delete(name, &Self::grants_of(&block_kvs)?)?;
             let txn = Txn::new()
-                .when([self.unchanged("pools", name, Some(&pool)), self.prefix_unchanged(&format!("blocks/{name}"), rev)])
+                .when([self.unchanged("pools", name, Some(&pool)), self.prefix_unchanged(&format!("blocks/{name}/"), rev)])
                 .and_then([TxnOp::delete(self.key("pools", name), None)]);
             if self.txn(txn).await? {
                 return Ok(());
@@ -400,19 +652,35 @@ impl Store for EtcdStore {
 
     async fn grant_block(&self, grant: &BlockGrant) -> Result<bool, StoreError> {
         let block = format!("{}/{}", grant.pool, grant.cidr);
+        // Optimistic: no tombstone. On a lost race, find out why.
+        let mut released: Option<Kv> = None;
         for _ in 0..RETRIES {
             let Some(pool_kv) = self.get_one("pools", &grant.pool).await? else { return Ok(false) };
             let pool = Pool { name: grant.pool.clone(), spec: decode("pool", &grant.pool, &pool_kv.value)? };
             if !block_fits(&pool, grant) {
                 return Ok(false);
             }
+            let mut ops = vec![TxnOp::put(self.key("blocks", &block), grant.node.as_str(), None)];
+            if released.is_some() {
+                // The block was taken from this very node: it may have it back.
+                ops.push(TxnOp::delete(self.key("released", &block), None));
+            }
             let txn = Txn::new()
-                .when([self.unchanged("blocks", &block, None), self.unchanged("pools", &grant.pool, Some(&pool_kv))])
-                .and_then([TxnOp::put(self.key("blocks", &block), grant.node.as_str(), None)]);
+                .when([
+                    self.unchanged("blocks", &block, None),
+                    self.unchanged("pools", &grant.pool, Some(&pool_kv)),
+                    self.unchanged("released", &block, released.as_ref()),
+                ])
+                .and_then(ops);
             if self.txn(txn).await? {
                 return Ok(true);
             }
             if self.get_one("blocks", &block).await?.is_some() {
+                return Ok(false);
+            }
+            released = self.get_one("released", &block).await?;
+            if released.as_ref().is_some_and(|kv| kv.value != grant.node.as_bytes()) {
+                // Reserved for the node it was taken from, until the release grace ends.
                 return Ok(false);
             }
         }
@@ -449,25 +717,15 @@ impl Store for EtcdStore {
     }
 
     async fn delete_node(&self, name: &str) -> Result<Vec<BlockGrant>, StoreError> {
-        for _ in 0..RETRIES {
-            let node = self.get_one("nodes", name).await?;
-            let (block_kvs, _) = self.list("blocks", None).await?;
-            let held: Vec<&Kv> = block_kvs.iter().filter(|kv| kv.value == name.as_bytes()).collect();
-            if node.is_none() && held.is_empty() {
-                return Err(StoreError::NotFound(format!("node {name:?} not found")));
-            }
-            let mut when = vec![self.unchanged("nodes", name, node.as_ref())];
-            let mut ops = vec![TxnOp::delete(self.key("nodes", name), None)];
-            for kv in &held {
-                when.push(self.unchanged("blocks", &kv.name, Some(kv)));
-                ops.push(TxnOp::delete(self.key("blocks", &kv.name), None));
-            }
-            if self.txn(Txn::new().when(when).and_then(ops)).await? {
-                let held: Vec<Kv> = held.into_iter().cloned().collect();
-                return Self::grants_of(&held);
-            }
-        }
-        Err(StoreError::Backend(format!("node {name:?}: too many concurrent writers; try again")))
+        self.delete_node_inner(name, false).await
+    }
+
+    async fn live_nodes(&self) -> Result<Option<BTreeSet<String>>, StoreError> {
+        Ok(Some(self.list("alive", None).await?.0.into_iter().map(|kv| kv.name).collect()))
+    }
+
+    async fn released_blocks(&self) -> Result<Vec<BlockGrant>, StoreError> {
+        Self::grants_of(&self.list("released", None).await?.0)
     }
 
     async fn namespaces(&self) -> Result<BTreeMap<String, Annotations>, StoreError> {

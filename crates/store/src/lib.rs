@@ -6,7 +6,7 @@
 //! writers racing cannot break them. A block grant is a key of its own, created only if absent:
 //! a block has one holder by construction.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::IpAddr;
 
@@ -31,6 +31,9 @@ pub enum StoreError {
     Refused(#[from] PoolError),
     #[error("{0}")]
     NotFound(String),
+    /// The change conflicts with the state of the cluster (a live node); nothing was written.
+    #[error("{0}")]
+    Conflict(String),
     #[error("cluster store: {0}")]
     Backend(String),
 }
@@ -78,7 +81,9 @@ pub trait Store: Send + Sync + 'static {
 
     fn set_operator_error(&self, name: &str, error: Option<String>) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Removes a node and gives back every block it holds; returns those blocks.
+    /// Removes a node and gives back every block it holds; returns those blocks. Where the
+    /// backend tracks liveness, a live node is refused (`Conflict`), and the blocks stay
+    /// reserved to the deleted node for a grace period (see `released_blocks`).
     fn delete_node(&self, name: &str) -> impl Future<Output = Result<Vec<BlockGrant>, StoreError>> + Send;
 
     fn namespaces(&self) -> impl Future<Output = Result<BTreeMap<String, Annotations>, StoreError>> + Send;
@@ -89,6 +94,18 @@ pub trait Store: Send + Sync + 'static {
         set: Annotations,
         remove: Vec<String>,
     ) -> impl Future<Output = Result<Annotations, StoreError>> + Send;
+
+    /// The nodes whose agents hold a liveness lease now; None when the backend does not track
+    /// liveness (the embedded store: its one agent is live while the store is open).
+    fn live_nodes(&self) -> impl Future<Output = Result<Option<BTreeSet<String>>, StoreError>> + Send {
+        async { Ok(None) }
+    }
+
+    /// Blocks taken from deleted nodes and still reserved to them (the release grace): no other
+    /// node may be granted them yet. `node` is the node they were taken from.
+    fn released_blocks(&self) -> impl Future<Output = Result<Vec<BlockGrant>, StoreError>> + Send {
+        async { Ok(Vec::new()) }
+    }
 
     /// The revision of the last change, and a receiver that sees every later one.
     fn watch(&self) -> watch::Receiver<u64>;

@@ -7,8 +7,8 @@ mod contract;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use allot_store::{EtcdConfig, EtcdStore, EtcdTls, Store};
-use allot_testkit::{Etcd, make_certs};
+use allot_store::{EtcdConfig, EtcdStore, EtcdTls, Store, StoreError};
+use allot_testkit::{Etcd, TcpProxy, make_certs};
 
 async fn connect(etcd: &Etcd) -> EtcdStore {
     EtcdStore::connect(&EtcdConfig::new(vec![etcd.endpoint.clone()])).await.unwrap()
@@ -96,17 +96,8 @@ async fn tls_with_client_certificates() {
     let certs = make_certs();
     let etcd = Etcd::start_tls(&certs);
     let mut cfg = EtcdConfig::new(vec![etcd.endpoint.clone()]);
-    cfg.tls = Some(EtcdTls { ca: certs.ca.clone(), cert: certs.client_cert.clone(), key: certs.client_key.clone() });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let store = loop {
-        match EtcdStore::connect(&cfg).await {
-            Ok(s) => break s,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "TLS connect failed: {e}\n{}", etcd.log());
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    };
+    cfg.tls = Some(EtcdTls { ca: certs.ca.clone(), identity: Some((certs.client_cert.clone(), certs.client_key.clone())) });
+    let store = connect_retrying(&cfg, &etcd).await;
     store.apply_pools(vec![contract::pool("tls", &["10.5.0.0/16"], 24)]).await.unwrap();
     assert_eq!(store.pools().await.unwrap().len(), 1);
     // Without a client certificate etcd refuses the connection.
@@ -119,4 +110,228 @@ async fn tls_with_client_certificates() {
         Err(_) => true,
     };
     assert!(refused, "a client without TLS was served");
+}
+
+/// Connects, retrying while etcd starts (TLS endpoints are not probed before the test).
+async fn connect_retrying(cfg: &EtcdConfig, etcd: &Etcd) -> EtcdStore {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match EtcdStore::connect(cfg).await {
+            Ok(s) => return s,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "connect failed: {e}\n{}", etcd.log());
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// A raw client, for what the store does not do itself (compaction, auth setup).
+async fn raw(etcd: &Etcd) -> etcd_client::Client {
+    etcd_client::Client::connect([etcd.endpoint.as_str()], None).await.unwrap()
+}
+
+#[tokio::test]
+async fn server_only_tls_needs_no_client_certificate() {
+    let certs = make_certs();
+    let etcd = Etcd::start_server_tls(&certs);
+    let mut cfg = EtcdConfig::new(vec![etcd.endpoint.clone()]);
+    cfg.tls = Some(EtcdTls { ca: certs.ca.clone(), identity: None });
+    let store = connect_retrying(&cfg, &etcd).await;
+    store.apply_pools(vec![contract::pool("tls", &["10.5.0.0/16"], 24)]).await.unwrap();
+    assert_eq!(store.pools().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn user_and_password_when_etcd_has_auth_enabled() {
+    let etcd = Etcd::start();
+    let mut admin = raw(&etcd).await;
+    admin.user_add("root", "rootpw", None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.auth_enable().await.unwrap();
+
+    let mut cfg = EtcdConfig::new(vec![etcd.endpoint.clone()]);
+    cfg.user = Some(("root".into(), "rootpw".into()));
+    let store = EtcdStore::connect(&cfg).await.unwrap();
+    store.apply_pools(vec![contract::pool("auth", &["10.6.0.0/16"], 24)]).await.unwrap();
+    assert_eq!(store.pools().await.unwrap().len(), 1);
+    // The watch works under auth too.
+    let mut changes = store.watch();
+    let before = *changes.borrow_and_update();
+    store.register_node("n1", None).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), changes.wait_for(|r| *r > before)).await.expect("watch under auth").unwrap();
+
+    // Without credentials, or with a wrong password, etcd refuses.
+    let anonymous = EtcdStore::connect(&EtcdConfig::new(vec![etcd.endpoint.clone()])).await;
+    assert!(anonymous.is_err(), "an anonymous client was served");
+    cfg.user = Some(("root".into(), "wrong".into()));
+    let err = EtcdStore::connect(&cfg).await.err().expect("a wrong password was accepted");
+    assert!(err.to_string().contains("authentication failed"), "{err}");
+}
+
+/// A fenced store writes only while its lease holds the leader key: once the lease is gone
+/// (revoked here; expired when the process froze), every write fails and marks the lead lost.
+#[tokio::test]
+async fn a_fenced_store_whose_lease_is_gone_cannot_grant() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    store.apply_pools(vec![contract::pool("p", &["10.0.0.0/24"], 28)]).await.unwrap();
+    store.register_node("n1", None).await.unwrap();
+    let lead = store.lead("operator", "a", Duration::from_secs(5)).await.unwrap();
+    let fenced = store.fenced(&lead);
+    assert!(fenced.grant_block(&contract::grant("p", "10.0.0.0/28", "n1")).await.unwrap());
+    assert!(!*lead.lost.borrow());
+
+    let mut admin = raw(&etcd).await;
+    let leader = admin.get("/allot/leader/operator", None).await.unwrap();
+    admin.lease_revoke(leader.kvs()[0].lease()).await.unwrap();
+    // Another replica takes the lead at once.
+    let other = connect(&etcd).await.lead("operator", "b", Duration::from_secs(5)).await.unwrap();
+
+    let err = fenced.grant_block(&contract::grant("p", "10.0.0.16/28", "n1")).await.unwrap_err();
+    assert!(err.to_string().contains("fenced"), "{err}");
+    assert!(*lead.lost.borrow(), "a failed fence must end the leadership");
+    let err = fenced.set_operator_error("n1", Some("x".into())).await.unwrap_err();
+    assert!(err.to_string().contains("fenced"), "{err}");
+    assert_eq!(store.grants().await.unwrap(), vec![contract::grant("p", "10.0.0.0/28", "n1")]);
+    assert_eq!(store.nodes().await.unwrap()[0].operator_error, None);
+    // The new leader's fenced store writes.
+    assert!(store.fenced(&other).grant_block(&contract::grant("p", "10.0.0.16/28", "n1")).await.unwrap());
+}
+
+/// With etcd frozen (no keep-alive answered), leadership ends before the TTL has passed since
+/// the freeze: the last keep-alive was sent before it, so the lease may expire that early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_ends_before_the_lease_could_expire() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let ttl = Duration::from_secs(3);
+    let lead = store.lead("operator", "a", ttl).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    etcd.freeze(true);
+    let frozen = Instant::now();
+    let mut lost = lead.lost.clone();
+    tokio::time::timeout(ttl * 2, lost.wait_for(|l| *l)).await.expect("leadership never ended").unwrap();
+    let after = frozen.elapsed();
+    etcd.freeze(false);
+    println!("leadership ended {after:?} after etcd froze (ttl {ttl:?})");
+    assert!(after < ttl, "leadership ended {after:?} after the freeze; the lease may have expired after {ttl:?}");
+}
+
+/// Grants and releases of one pool in a tight loop do not starve applies of another pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pool_apply_is_not_starved_by_block_churn_elsewhere() {
+    let etcd = Etcd::start();
+    let store = Arc::new(connect(&etcd).await);
+    store.apply_pools(vec![contract::pool("churn", &["10.0.0.0/16"], 28), contract::pool("calm", &["10.1.0.0/24"], 28)]).await.unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churners: Vec<_> = (0..4)
+        .map(|i| {
+            let (s, stop) = (store.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let g = contract::grant("churn", &format!("10.0.{}.{}/28", i, (n % 16) * 16), &format!("n{i}"));
+                    assert!(s.grant_block(&g).await.unwrap());
+                    assert!(s.release_block(&g).await.unwrap());
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for k in 1..=20u8 {
+        // Growing "calm" each time: a real change, validated and written.
+        let cidrs: Vec<String> = (0..=k).map(|j| format!("10.{}.0.0/24", j + 1)).collect();
+        let cidrs: Vec<&str> = cidrs.iter().map(String::as_str).collect();
+        store.apply_pools(vec![contract::pool("calm", &cidrs, 28)]).await.unwrap_or_else(|e| panic!("apply {k} starved: {e}"));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut churned = 0;
+    for c in churners {
+        churned += c.await.unwrap();
+    }
+    println!("{churned} grant+release rounds ran during 20 applies");
+    assert!(churned > 20, "the churn did not run");
+}
+
+/// The watch behind a proxy that goes silent (connections stay open, nothing passes): after
+/// the partition heals, the watch sees what changed within seconds, and it also recovers when
+/// the revision it would resume from was compacted away meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_recovers_from_a_silent_partition_and_compaction() {
+    let etcd = Etcd::start();
+    let upstream: std::net::SocketAddr = etcd.endpoint.trim_start_matches("http://").parse().unwrap();
+    let proxy = TcpProxy::start(upstream);
+    let watched = EtcdStore::connect(&EtcdConfig::new(vec![format!("http://{}", proxy.addr)])).await.unwrap();
+    let direct = connect(&etcd).await;
+    let mut changes = watched.watch();
+    direct.register_node("n0", None).await.unwrap();
+    let rev = current(&etcd).await;
+    tokio::time::timeout(Duration::from_secs(5), changes.wait_for(|r| *r >= rev)).await.expect("watch before the partition").unwrap();
+
+    proxy.black_hole(true);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for n in 1..4 {
+        direct.register_node(&format!("n{n}"), None).await.unwrap();
+    }
+    let rev = current(&etcd).await;
+    // The watch must resume from a revision etcd no longer has.
+    raw(&etcd).await.compact(rev as i64, Some(etcd_client::CompactionOptions::new().with_physical())).await.unwrap();
+    // Long enough for the HTTP/2 keep-alive to give up on the frozen connection.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert!(*changes.borrow() < rev, "the change passed the partition");
+    proxy.black_hole(false);
+    let healed = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), changes.wait_for(|r| *r >= rev))
+        .await
+        .expect("watch did not recover within 10 s of the heal")
+        .unwrap();
+    println!("watch caught up {:?} after the partition healed", healed.elapsed());
+    // And it follows later changes.
+    direct.annotate_namespace("ns", [("k".to_string(), "v".to_string())].into(), vec![]).await.unwrap();
+    let rev = current(&etcd).await;
+    tokio::time::timeout(Duration::from_secs(5), changes.wait_for(|r| *r >= rev)).await.expect("watch after recovery").unwrap();
+}
+
+/// etcd's current revision, read on a client of its own.
+async fn current(etcd: &Etcd) -> u64 {
+    let r = raw(etcd).await.get("/", Some(etcd_client::GetOptions::new().with_count_only())).await.unwrap();
+    r.header().unwrap().revision() as u64
+}
+
+/// Deleting a live node is refused; forced, its blocks stay reserved to it for the grace: no
+/// other node can be granted them, the node itself can take them back.
+#[tokio::test]
+async fn live_nodes_and_released_blocks() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    store.apply_pools(vec![contract::pool("p", &["10.0.0.0/24"], 28)]).await.unwrap();
+    store.register_node("n1", None).await.unwrap();
+    assert!(store.grant_block(&contract::grant("p", "10.0.0.0/28", "n1")).await.unwrap());
+    let lease = store.announce_alive("n1", Duration::from_secs(5)).await.unwrap();
+    assert_eq!(store.live_nodes().await.unwrap(), Some(["n1".to_string()].into()));
+
+    let err = store.delete_node("n1").await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)) && err.to_string().contains("--force") && err.to_string().contains("n1"), "{err}");
+    assert_eq!(store.grants().await.unwrap().len(), 1);
+    assert_eq!(store.nodes().await.unwrap().len(), 1);
+
+    let released = store.with_release_grace(Duration::from_secs(3)).force_delete_node("n1").await.unwrap();
+    assert_eq!(released, vec![contract::grant("p", "10.0.0.0/28", "n1")]);
+    assert_eq!(store.released_blocks().await.unwrap(), released);
+    assert!(!store.grant_block(&contract::grant("p", "10.0.0.0/28", "n2")).await.unwrap(), "re-granted within the grace");
+    assert!(store.grant_block(&contract::grant("p", "10.0.0.0/28", "n1")).await.unwrap(), "its own node may take it back");
+    assert!(store.released_blocks().await.unwrap().is_empty());
+
+    // A clean stop ends liveness at once; then deletion needs no force, and after the grace
+    // the block is anyone's.
+    store.revoke_alive(lease).await.unwrap();
+    assert_eq!(store.live_nodes().await.unwrap(), Some(Default::default()));
+    store.register_node("n1", None).await.unwrap();
+    store.with_release_grace(Duration::from_secs(2)).delete_node("n1").await.unwrap();
+    assert!(!store.grant_block(&contract::grant("p", "10.0.0.0/28", "n2")).await.unwrap());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(store.grant_block(&contract::grant("p", "10.0.0.0/28", "n2")).await.unwrap(), "still reserved after the grace");
 }

@@ -80,10 +80,15 @@ impl Etcd {
 
     /// etcd on 127.0.0.1 that speaks TLS only and wants client certificates signed by the CA.
     pub fn start_tls(certs: &Certs) -> Etcd {
-        Self::launch(None, "127.0.0.1", Some(certs))
+        Self::launch(None, "127.0.0.1", Some((certs, true)))
     }
 
-    fn launch(netns: Option<&str>, ip: &str, tls: Option<&Certs>) -> Etcd {
+    /// etcd on 127.0.0.1 that speaks TLS only and asks clients for no certificate.
+    pub fn start_server_tls(certs: &Certs) -> Etcd {
+        Self::launch(None, "127.0.0.1", Some((certs, false)))
+    }
+
+    fn launch(netns: Option<&str>, ip: &str, tls: Option<(&Certs, bool)>) -> Etcd {
         require_etcd();
         let dir = tempfile::tempdir().unwrap();
         let (client, peer) = (free_port(), free_port());
@@ -99,12 +104,15 @@ impl Etcd {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        if let Some(c) = tls {
-            for (flag, path) in [("--cert-file", &c.server_cert), ("--key-file", &c.server_key), ("--trusted-ca-file", &c.ca)] {
+        if let Some((c, client_certs)) = tls {
+            for (flag, path) in [("--cert-file", &c.server_cert), ("--key-file", &c.server_key)] {
                 args.push(flag.into());
                 args.push(path.to_string_lossy().into());
             }
-            args.push("--client-cert-auth".into());
+            // etcd demands client certificates whenever it has a trusted CA file.
+            if client_certs {
+                args.extend(["--trusted-ca-file".into(), c.ca.to_string_lossy().into(), "--client-cert-auth".into()]);
+            }
         }
         let mut e = Etcd { dir, endpoint, args, netns: netns.map(String::from), child: None };
         e.spawn();
@@ -185,5 +193,95 @@ impl Drop for Etcd {
             self.freeze(false);
         }
         self.stop();
+    }
+}
+
+/// A TCP proxy on loopback between a client and a server, run by std threads, that can be
+/// switched to a silent partition: `black_hole(true)` freezes every open connection (nothing is
+/// forwarded, nothing is closed) and holds new ones unanswered, as a lost route or a dropped
+/// NAT entry would. Frozen connections stay frozen after `black_hole(false)`; new ones work.
+pub struct TcpProxy {
+    pub addr: std::net::SocketAddr,
+    shared: std::sync::Arc<ProxyShared>,
+}
+
+#[derive(Default)]
+struct ProxyShared {
+    /// Bumped by every partition: a connection from an earlier epoch is frozen.
+    epoch: std::sync::atomic::AtomicU64,
+    black_hole: std::sync::atomic::AtomicBool,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+impl TcpProxy {
+    pub fn start(upstream: std::net::SocketAddr) -> TcpProxy {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = std::sync::Arc::new(ProxyShared::default());
+        let sh = shared.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !sh.stop.load(SeqCst) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                client.set_nonblocking(false).unwrap();
+                if sh.black_hole.load(SeqCst) {
+                    held.push(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(upstream) else { continue };
+                let epoch = sh.epoch.load(SeqCst);
+                for (from, to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+                    let sh = sh.clone();
+                    std::thread::spawn(move || pump(from, to, epoch, &sh));
+                }
+            }
+        });
+        TcpProxy { addr, shared }
+    }
+
+    pub fn black_hole(&self, on: bool) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if on {
+            self.shared.epoch.fetch_add(1, SeqCst);
+        }
+        self.shared.black_hole.store(on, SeqCst);
+    }
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, epoch: u64, sh: &ProxyShared) {
+    use std::sync::atomic::Ordering::SeqCst;
+    from.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let mut buf = [0u8; 16384];
+    while !sh.stop.load(SeqCst) {
+        if sh.epoch.load(SeqCst) != epoch {
+            // Frozen: keep both sockets open, forward nothing, until the proxy goes.
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if sh.epoch.load(SeqCst) != epoch {
+                    continue;
+                }
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }

@@ -18,8 +18,18 @@ pub enum NodeCmd {
         #[arg(short = 'o', long, value_enum, default_value_t)]
         output: Format,
     },
-    /// Remove a departed node and release every block it holds.
-    Delete { name: String },
+    /// Remove a departed node and release every block it holds. A live node (its agent keeps
+    /// its liveness lease) is refused unless --force.
+    Delete {
+        name: String,
+        /// Delete even while the node's agent runs: its pods' addresses may then be handed out
+        /// again once the grace ends.
+        #[arg(long)]
+        force: bool,
+        /// Keep the released blocks from other nodes for this long (etcd; default 5m).
+        #[arg(long, value_name = "DURATION")]
+        grace: Option<String>,
+    },
 }
 
 fn node_table(nodes: &[NodeResource]) -> Table {
@@ -63,8 +73,9 @@ pub fn exec(cmd: NodeCmd, backend: &Backend) -> anyhow::Result<()> {
             let node = backend.node(name)?;
             print(output, &node, || node_table(std::slice::from_ref(&node)))
         }
-        NodeCmd::Delete { name } => {
-            let released = backend.delete_node(&name)?;
+        NodeCmd::Delete { name, force, grace } => {
+            let grace = grace.as_deref().map(crate::cmd::agent::parse_duration).transpose()?;
+            let released = backend.delete_node(&name, force, grace)?;
             println!("node/{name} deleted ({released} blocks released)");
             Ok(())
         }

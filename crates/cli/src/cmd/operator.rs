@@ -13,6 +13,12 @@ pub struct Args {
     /// Lease TTL: how long a dead leader holds the lead before another replica takes it.
     #[arg(long, default_value = "5s", value_name = "DURATION")]
     lease_ttl: String,
+    /// Remove a node whose agent has held no liveness lease for this long, and release its blocks.
+    #[arg(long, default_value = "10m", value_name = "DURATION")]
+    node_gc_after: String,
+    /// Blocks released from a removed node are granted to no other node for this long.
+    #[arg(long, default_value = "5m", value_name = "DURATION")]
+    release_grace: String,
 }
 
 pub fn exec(args: Args, cluster: &ClusterFlags) -> anyhow::Result<()> {
@@ -21,7 +27,9 @@ pub fn exec(args: Args, cluster: &ClusterFlags) -> anyhow::Result<()> {
     let ttl = parse_duration(&args.lease_ttl)?;
     anyhow::ensure!(ttl >= Duration::from_secs(2), "--lease-ttl must be at least 2s");
     let id = args.id.unwrap_or_else(|| format!("{}-{}", crate::cmd::agent::hostname(), std::process::id()));
-    let cfg = cluster.config()?;
+    let opts = allot_operator::Options { node_gc_after: parse_duration(&args.node_gc_after)? };
+    let mut cfg = cluster.config()?;
+    cfg.release_grace = parse_duration(&args.release_grace)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let store = std::sync::Arc::new(EtcdStore::connect(&cfg).await?);
@@ -42,8 +50,11 @@ pub fn exec(args: Args, cluster: &ClusterFlags) -> anyhow::Result<()> {
                 }
             };
             tracing::info!(%id, "leading");
+            // Every write of this term carries the leader compare: a term that ended unnoticed
+            // (this process frozen or partitioned) cannot write.
+            let fenced = std::sync::Arc::new(store.fenced(&leadership));
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            let worker = tokio::spawn(allot_operator::run(store.clone(), stop_rx));
+            let worker = tokio::spawn(allot_operator::run_with(fenced, opts, stop_rx));
             let mut lost = leadership.lost.clone();
             let quit = tokio::select! {
                 _ = lost.wait_for(|l| *l) => false,

@@ -364,3 +364,35 @@ pub fn run(args: &[&str]) {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
     assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+impl Operator {
+    /// `allot operator` with extra flags after the defaults of `start` (lease TTL 3 s).
+    pub fn start_with(netns: Option<&str>, endpoint: &str, id: &str, extra: &[&str]) -> Operator {
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(dir.path().join("operator.log")).unwrap();
+        let child = command_in(netns, &bin_dir().join("allot"))
+            .args(["--etcd-endpoints", endpoint, "operator", "--id", id, "--lease-ttl", "3s"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting allot operator");
+        Operator { id: id.to_string(), dir, child: Some(child) }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("operator running").id()
+    }
+
+    /// Sends a signal by name (`STOP`, `CONT`).
+    pub fn signal(&self, sig: &str) {
+        signal(self.pid(), sig);
+    }
+}
+
+/// Sends `kill -SIG pid`.
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap().success();
+    assert!(ok, "kill -{sig} {pid} failed");
+}

@@ -7,6 +7,9 @@ ensure_packages() {
     [ -x /usr/bin/etcd ] || need+=(etcd-server)
     command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
     command -v openssl >/dev/null 2>&1 || need+=(openssl)
+    # The CRI tests run a private containerd (runc comes with it) and build a static pause binary.
+    command -v containerd >/dev/null 2>&1 || need+=(containerd)
+    [ -n "$(find /usr/lib -name libc.a -print -quit 2>/dev/null)" ] || need+=(libc6-dev)
     if [ ${#need[@]} -gt 0 ]; then
         if [ "$(id -u)" != 0 ]; then
             echo "missing ${need[*]}: run as root (sudo) so they can be installed" >&2

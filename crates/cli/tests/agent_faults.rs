@@ -323,6 +323,7 @@ fn status_answers_from_the_node_during_outages() {
     assert_eq!(plugin(&agent, "STATUS", "").0, 0, "room again");
 }
 
+/// Each pool is used the moment its apply returns, before any watch could have told the agent.
 #[test]
 fn fifty_pools_applied_and_used_at_once_without_a_refusal() {
     require_root();
@@ -330,24 +331,28 @@ fn fifty_pools_applied_and_used_at_once_without_a_refusal() {
     let _op = Operator::start(None, &etcd.endpoint, "op-fifty");
     apply_pools(&etcd.endpoint, None, &pool_yaml("default", "10.88.0.0/24", 26));
     let agent = cluster_agent(&etcd, "node-fifty", &[]);
-    let yaml: Vec<String> = (0..50).map(|i| pool_yaml(&format!("p{i}"), &format!("10.89.{i}.0/24"), 26)).collect();
-    apply_pools(&etcd.endpoint, None, &yaml.join("---\n"));
-    let results: Vec<(i32, Value)> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..50)
-            .map(|i| {
-                let agent = &agent;
-                s.spawn(move || {
-                    let mut c = conf(agent, "1.0.0");
-                    c["ipam"]["pool"] = json!(format!("p{i}"));
-                    cni(&CniCall { plugin: &ipam_plugin(), command: "ADD", container_id: &format!("c{i}"), netns: "/x", ifname: "eth0", args: "" }, &c)
-                })
-            })
-            .collect();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let store = rt.block_on(allot_store::EtcdStore::connect(&allot_store::EtcdConfig::new(vec![etcd.endpoint.clone()]))).unwrap();
+    let results: Vec<(usize, Result<Allocation, String>)> = std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for i in 0..50 {
+            let spec = allot_core::PoolSpec {
+                ipv4: Some(allot_core::FamilySpec { cidrs: vec![format!("10.89.{i}.0/24").parse().unwrap()], mask_size: 26 }),
+                ipv6: None,
+            };
+            rt.block_on(allot_store::Store::apply_pools(&store, vec![allot_core::Pool { name: format!("p{i}"), spec }])).unwrap();
+            let agent = &agent;
+            handles.push(s.spawn(move || {
+                let mut req = request(&format!("c{i}"), "");
+                req.pool = Some(format!("p{i}"));
+                (i, agent.client().post::<_, Allocation>("/v1/cni/add", &req).map_err(|e| e.to_string()))
+            }));
+        }
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    for (i, (code, r)) in results.iter().enumerate() {
-        assert_eq!(*code, 0, "pool p{i}: {r}");
-        let ip = r["ips"][0]["address"].as_str().unwrap();
+    for (i, r) in results {
+        let a = r.unwrap_or_else(|e| panic!("pool p{i} used right after its apply: {e}"));
+        let ip = a.ips[0].address.addr().to_string();
         assert!(ip.starts_with(&format!("10.89.{i}.")), "p{i} got {ip}");
     }
 }

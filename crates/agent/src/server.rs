@@ -153,6 +153,9 @@ async fn serve_conn(stream: UnixStream, app: Router, limits: Limits, conn: Arc<C
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
+        // A client that half-closes after its request still gets the answer, and its handler
+        // runs to the end instead of being dropped halfway.
+        .half_close(true)
         .max_buf_size(64 * 1024);
     let http = builder.serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(http);

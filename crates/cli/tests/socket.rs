@@ -341,17 +341,28 @@ fn closed_stdout_pipe_exits_quietly() {
     }
 }
 
+/// `Duration::from_secs_f64` panics past u64 seconds: the flag and the file refuse instead.
 #[test]
 fn absurd_add_wait_is_refused_with_a_message() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(bin_dir().join("allot"))
-        .args(["agent", "--add-wait", "1e29", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .arg("--socket")
-        .arg(dir.path().join("allot.sock"))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && !stderr.contains("panicked"), "{}: {stderr}", out.status);
-    assert!(stderr.contains("--add-wait") && stderr.contains("1e29"), "{stderr}");
+    let file = dir.path().join("agent.yaml");
+    std::fs::write(&file, "addWaitSeconds: 1e29\n").unwrap();
+    let huge = "100000000000000000000000000000";
+    for (args, names) in [
+        (vec!["--add-wait", huge], ["--add-wait", huge]),
+        (vec!["--config", file.to_str().unwrap()], ["addWaitSeconds", "limit of 24h"]),
+    ] {
+        let out = Command::new(bin_dir().join("allot"))
+            .arg("agent")
+            .args(&args)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--socket")
+            .arg(dir.path().join("allot.sock"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && !stderr.contains("panicked"), "{args:?}: {}: {stderr}", out.status);
+        assert!(names.iter().all(|n| stderr.contains(n)), "{args:?}: {stderr}");
+    }
 }

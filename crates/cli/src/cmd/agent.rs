@@ -197,7 +197,7 @@ mod tests {
     /// `Duration::from_secs_f64` panics past u64 seconds; absurd values are refused instead.
     #[test]
     fn absurd_durations_are_refused_not_panicked_on() {
-        for s in ["1e29", "1e29s", "1e300ms", "inf", "NaN", "-1s", "1441m", "86401"] {
+        for s in ["100000000000000000000000000000", "1e29", "99999999999999999999999999999ms", "inf", "NaN", "-1s", "1441m", "86401"] {
             let e = parse_duration(s).expect_err(s);
             assert!(format!("{e:#}").contains(s.trim()), "{s}: {e:#}");
         }

@@ -71,6 +71,18 @@ struct Table {
     conns: BTreeMap<u64, Arc<Conn>>,
 }
 
+/// Removes a connection from the table when its task ends, even by a panic.
+struct Registered {
+    table: Arc<Mutex<Table>>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.table.lock().unwrap_or_else(|p| p.into_inner()).conns.remove(&self.id);
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` completes, then lets running handlers finish
 /// (up to `limits.drain_timeout`).
 pub async fn run(
@@ -108,16 +120,21 @@ pub async fn run(
                 "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
                 body.len()
             );
-            // Best effort and never blocking: the socket buffer takes a small answer whole.
+            // Best effort and never blocking: take what the client sent (so closing does not
+            // reset the connection under the answer), and the socket buffer takes the answer.
+            let mut sink = [0u8; 4096];
+            while matches!(stream.try_read(&mut sink), Ok(n) if n > 0) {}
             let _ = stream.try_write(&[head.as_bytes(), &body].concat());
             continue;
         };
         let (app, table, stop) = (app.clone(), table.clone(), stop_rx.clone());
         tasks.spawn(async move {
+            let _registered = Registered { table, id };
             serve_conn(stream, app, limits, conn, stop).await;
-            table.lock().unwrap_or_else(|p| p.into_inner()).conns.remove(&id);
         });
     }
+    // New clients are refused at once (the plugin answers "try again") while running ones finish.
+    drop(listener);
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(limits.drain_timeout, async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {

@@ -197,6 +197,108 @@ fn owners(node: &Node<EmbeddedStore>) -> BTreeSet<Owner> {
     node.allocations().into_iter().map(|a| a.owner).collect()
 }
 
+/// An agent served in process on the embedded store, with the operator loop; stopped on drop.
+struct InProcess {
+    node: Arc<Node<EmbeddedStore>>,
+    socket: std::path::PathBuf,
+    stop: tokio::sync::watch::Sender<bool>,
+    _rt: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+impl InProcess {
+    fn start(cidr: &str, mask: u8, add_wait: Duration) -> InProcess {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("allot.sock");
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let node = rt.block_on(async {
+            let store = Arc::new(EmbeddedStore::open(&dir.path().join("cluster.redb")).unwrap());
+            let spec = PoolSpec { ipv4: Some(FamilySpec { cidrs: vec![cidr.parse().unwrap()], mask_size: mask }), ipv6: None };
+            store.apply_pools(vec![Pool { name: "default".into(), spec }]).await.unwrap();
+            let mut cfg = AgentConfig::new("n1");
+            cfg.data_dir = dir.path().join("data");
+            cfg.add_wait = add_wait;
+            let node = Node::start(cfg, store.clone()).await.unwrap();
+            tokio::spawn(allot_operator::run(store.clone(), stop.clone()));
+            let listener = allot_agent::bind_socket(&socket).unwrap();
+            let mut shutdown = stop.clone();
+            tokio::spawn(allot_agent::serve(node.clone(), listener, async move { let _ = shutdown.changed().await; }, stop.clone()));
+            node
+        });
+        InProcess { node, socket, stop: stop_tx, _rt: rt, _dir: dir }
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+fn add_request(id: &str) -> Vec<u8> {
+    let body = json!({"owner": {"network": "cap", "container_id": id, "ifname": "eth0"}, "netns": "/x"}).to_string();
+    format!("POST /v1/cni/add HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+        .into_bytes()
+}
+
+/// True when the agent closed `s` (EOF) within `wait`.
+fn closed_within(mut s: &UnixStream, wait: Duration) -> bool {
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 64];
+    matches!(s.read(&mut buf), Ok(0)) || matches!(s.read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+}
+
+fn read_answer(mut s: &UnixStream) -> (u16, ApiError) {
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let (status, body) = allot_client::parse_response(&raw).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&raw)));
+    (status, serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&body))))
+}
+
+/// 256 connections at most: a new one closes the oldest idle connection; when all 256 run a
+/// handler (ADDs waiting on a full pool), a new one is answered 503 "try again" at once, and
+/// the waiting ADDs are still answered by their handlers.
+#[test]
+fn the_connection_cap_closes_idle_connections_first_and_never_a_running_request() {
+    const CAP: usize = 256;
+    let agent = InProcess::start("10.9.0.0/30", 30, Duration::from_secs(2));
+    let idle: Vec<UnixStream> = (0..CAP).map(|_| UnixStream::connect(&agent.socket).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let newest = UnixStream::connect(&agent.socket).unwrap();
+    assert!(closed_within(&idle[0], Duration::from_secs(2)), "the oldest idle connection was kept past the cap");
+    assert!(!closed_within(&idle[1], Duration::from_millis(200)), "more than one connection closed for one new one");
+    drop((idle, newest));
+
+    // Fill the pool (a /30 block: two addresses), then make every slot wait in a handler.
+    let client = allot_client::Client::new(&agent.socket, Duration::from_secs(10));
+    for id in ["f1", "f2"] {
+        let _: Allocation = client.post("/v1/cni/add", &json!({"owner": {"network": "cap", "container_id": id, "ifname": "eth0"}, "netns": "/x"})).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let waiting: Vec<UnixStream> = (0..CAP)
+        .map(|i| {
+            let mut s = UnixStream::connect(&agent.socket).unwrap();
+            s.write_all(&add_request(&format!("w{i}"))).unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut refused = UnixStream::connect(&agent.socket).unwrap();
+    refused.write_all(&add_request("late")).unwrap();
+    let started = std::time::Instant::now();
+    let (status, err) = read_answer(&refused);
+    assert_eq!(status, 503, "{err:?}");
+    assert_eq!(err.kind, allot_wire::ErrorKind::TryAgain);
+    assert!(started.elapsed() < Duration::from_secs(1), "the refusal took {:?}", started.elapsed());
+    for s in &waiting {
+        let (status, err) = read_answer(s);
+        assert_eq!((status, err.kind), (503, allot_wire::ErrorKind::TryAgain), "a waiting ADD: {}", err.message);
+        assert!(!err.message.contains("limit"), "a waiting ADD was refused by the cap: {}", err.message);
+    }
+}
+
 #[test]
 fn fuzz_the_http_layer() {
     static PANICS: AtomicUsize = AtomicUsize::new(0);
@@ -206,24 +308,8 @@ fn fuzz_the_http_layer() {
         default_hook(info);
     }));
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("allot.sock");
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let node = rt.block_on(async {
-        let store = Arc::new(EmbeddedStore::open(&dir.path().join("cluster.redb")).unwrap());
-        let spec = PoolSpec { ipv4: Some(FamilySpec { cidrs: vec!["10.0.0.0/16".parse().unwrap()], mask_size: 24 }), ipv6: None };
-        store.apply_pools(vec![Pool { name: "default".into(), spec }]).await.unwrap();
-        let mut cfg = AgentConfig::new("n1");
-        cfg.data_dir = dir.path().join("data");
-        cfg.add_wait = Duration::from_millis(500);
-        let node = Node::start(cfg, store.clone()).await.unwrap();
-        tokio::spawn(allot_operator::run(store.clone(), stop.clone()));
-        let listener = allot_agent::bind_socket(&socket).unwrap();
-        let mut shutdown = stop.clone();
-        tokio::spawn(allot_agent::serve(node.clone(), listener, async move { let _ = shutdown.changed().await; }, stop.clone()));
-        node
-    });
+    let agent = InProcess::start("10.0.0.0/16", 24, Duration::from_millis(500));
+    let (node, socket) = (agent.node.clone(), agent.socket.clone());
 
     let cases = std::env::var("ALLOT_FUZZ_CASES").ok().and_then(|s| s.parse::<u32>().ok()).map_or(1500, |n| (n / 10).max(1));
     let model = Mutex::new(owners(&node));
@@ -292,5 +378,4 @@ fn fuzz_the_http_layer() {
     let mut want = model.into_inner().unwrap();
     want.insert(a.owner);
     assert_eq!(owners(&node), want);
-    let _ = stop_tx.send(true);
 }

@@ -263,6 +263,15 @@ fn an_add_waiting_longer_than_the_header_timeout_is_answered() {
     assert_eq!(code, 0, "an ADD that waited {:?}: {third}", started.elapsed());
     assert!(started.elapsed() > HEADER_TIMEOUT, "the ADD did not wait");
     assert_eq!(ips_of(&third), ips_of(&first));
+    // ADD and DEL are logged alike at info: the owner and its addresses.
+    let log = agent.log();
+    let ip = &ips_of(&first)[0];
+    for (verb, owner) in [("add", "sock/l1/eth0"), ("del", "sock/l1/eth0"), ("add", "sock/l3/eth0")] {
+        assert!(
+            log.lines().any(|l| l.contains("INFO") && l.contains(&format!(" {verb} ")) && l.contains(owner) && l.contains(ip.as_str())),
+            "no info line for {verb} of {owner} with {ip}:\n{log}"
+        );
+    }
 }
 
 fn reads_as_gone(v: &Value) -> Option<&'static str> {

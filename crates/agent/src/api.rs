@@ -56,7 +56,7 @@ async fn cni_add<S: Store>(State(n): Shared<S>, Json(req): Json<AddRequest>) -> 
     let owner = req.owner.clone();
     match n.add(req).await {
         Ok(a) => {
-            tracing::debug!(%owner, ips = ?a.ips.iter().map(|i| i.address).collect::<Vec<_>>(), "add");
+            tracing::info!(%owner, ips = ?a.ips.iter().map(|i| i.address).collect::<Vec<_>>(), "add");
             Ok(Json(a))
         }
         Err(e) => {
@@ -66,8 +66,22 @@ async fn cni_add<S: Store>(State(n): Shared<S>, Json(req): Json<AddRequest>) -> 
     }
 }
 
+/// Logged as ADD is: info for a release, warn for a failure (debug when nothing was held).
 async fn cni_del<S: Store>(State(n): Shared<S>, Json(req): Json<OwnerRequest>) -> ApiResult<Option<Allocation>> {
-    n.del(&req.owner).await.map(Json)
+    match n.del(&req.owner).await {
+        Ok(Some(a)) => {
+            tracing::info!(owner = %req.owner, released = ?a.ips.iter().map(|i| i.address).collect::<Vec<_>>(), "del");
+            Ok(Json(Some(a)))
+        }
+        Ok(None) => {
+            tracing::debug!(owner = %req.owner, "del: nothing held");
+            Ok(Json(None))
+        }
+        Err(e) => {
+            tracing::warn!(owner = %req.owner, error = %e, "del failed");
+            Err(e)
+        }
+    }
 }
 
 async fn cni_check<S: Store>(State(n): Shared<S>, Json(req): Json<OwnerRequest>) -> ApiResult<Allocation> {

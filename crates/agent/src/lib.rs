@@ -21,6 +21,7 @@ pub mod lazy_store;
 pub mod liveness;
 mod node;
 pub mod records;
+pub mod server;
 #[cfg(feature = "etcd")]
 pub mod routes;
 
@@ -93,26 +94,36 @@ pub async fn auto_create_pools<S: Store>(store: &S, cfg: &AgentConfig) -> Result
     Ok(())
 }
 
-/// Binds the agent's socket, mode 0600. A stale socket file (nobody listening) is replaced; a
-/// live one is refused.
+/// Binds the agent's socket, mode 0600 from its first moment: it is bound inside a fresh 0700
+/// directory beside `path`, made 0600 there, and renamed into place, so no other user can
+/// ever reach it. A stale socket file (nobody listening) is replaced; a live one is refused.
 pub fn bind_socket(path: &Path) -> Result<UnixListener, AgentError> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let fail = |what: &str, e: std::io::Error| AgentError::Internal(format!("{what} {}: {e}", path.display()));
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| fail("creating the directory of", e))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| fail("creating the directory of", e))?;
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(AgentError::Conflict(format!(
+            "another agent is already serving on {}: stop it first, or pick another --socket",
+            path.display()
+        )));
     }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(AgentError::Conflict(format!(
-                "another agent is already serving on {}: stop it first, or pick another --socket",
-                path.display()
-            )));
-        }
-        std::fs::remove_file(path).map_err(|e| fail("removing stale socket", e))?;
-    }
-    let listener = UnixListener::bind(path).map_err(|e| fail("binding", e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| fail("chmod 0600", e))?;
-    Ok(listener)
+    let private = dir.join(format!(".allot-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new().mode(0o700).create(&private).map_err(|e| fail("creating a private directory beside", e))?;
+    let staged = private.join("s");
+    let bound = (|| {
+        let listener = UnixListener::bind(&staged).map_err(|e| fail("binding", e))?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600)).map_err(|e| fail("chmod 0600", e))?;
+        // Replaces a stale socket file atomically.
+        std::fs::rename(&staged, path).map_err(|e| fail("moving the bound socket into place at", e))?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    bound
 }
 
 /// Serves `node` on `listener` until `shutdown` completes, with the node's loops alongside.
@@ -127,8 +138,7 @@ pub async fn serve<S: Store>(
         tokio::spawn(node.clone().watch_loop(stop.clone())),
     ];
     let app = api::router(node);
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+    let result = server::run(listener, app, server::Limits::default(), shutdown)
         .await
         .map_err(|e| AgentError::Internal(format!("serving: {e}")));
     for l in loops {

@@ -47,7 +47,26 @@ enum Command {
     Gc(cmd::gc::Args),
 }
 
+/// `println!` panics when stdout is a closed pipe (`allot ... | head -c1`); like other Unix
+/// tools, allot then stops quietly.
+fn quiet_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
+}
+
 fn main() {
+    quiet_on_broken_pipe();
     let cli = Cli::parse();
     let socket = cli.socket.clone().unwrap_or_else(|| allot_client::DEFAULT_SOCKET.to_string());
     let client = allot_client::Client::new(&socket, Duration::from_secs(60));
@@ -66,6 +85,9 @@ fn main() {
         }),
     };
     if let Err(e) = result {
+        if output::is_broken_pipe(&e) {
+            std::process::exit(0);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

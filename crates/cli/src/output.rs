@@ -1,5 +1,7 @@
 //! kubectl-like output: a table by default, or the objects as JSON or YAML.
 
+use std::io::Write;
+
 use clap::ValueEnum;
 use serde::Serialize;
 
@@ -11,14 +13,23 @@ pub enum Format {
     Yaml,
 }
 
-/// Prints `value` as JSON or YAML, or calls `table` for the table form.
+/// Prints `value` as JSON or YAML, or calls `table` for the table form. A closed stdout (the
+/// reader went away, as with `| head`) comes back as an io error, not a panic.
 pub fn print<T: Serialize>(format: Format, value: &T, table: impl FnOnce() -> Table) -> anyhow::Result<()> {
-    match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(value)?),
-        Format::Yaml => print!("{}", serde_saphyr::to_string(value)?),
-        Format::Table => print!("{}", table().render()),
-    }
+    let text = match format {
+        Format::Json => serde_json::to_string_pretty(value)? + "\n",
+        Format::Yaml => serde_saphyr::to_string(value)?,
+        Format::Table => table().render(),
+    };
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
     Ok(())
+}
+
+/// True when `e` comes from writing to a pipe whose reader is gone.
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
 }
 
 /// Columns separated by at least three spaces, headers in capitals, like kubectl.

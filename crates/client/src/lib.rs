@@ -17,7 +17,7 @@ pub const SOCKET_ENV: &str = "ALLOT_SOCKET";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("agent socket {} not found: is `allot agent` running? (start it with `allot agent`, or point --socket / ALLOT_SOCKET at its socket)", .0.display())]
+    #[error("agent socket {} is missing: is `allot agent` running? (start it with `allot agent`, or point --socket / ALLOT_SOCKET at its socket)", .0.display())]
     NotFound(PathBuf),
     #[error("nothing listens on agent socket {}: is `allot agent` running? (start it with `allot agent`)", .0.display())]
     Refused(PathBuf),

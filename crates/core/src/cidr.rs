@@ -77,6 +77,18 @@ pub fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
+/// `::ffff:0:0/96`, where IPv6 writes IPv4 addresses (`::ffff:10.0.0.1`). A pool CIDR there
+/// would name IPv4 addresses under the IPv6 family and slip past the overlap check.
+pub const IPV4_MAPPED: Ipv6Net = match Ipv6Net::new(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0), 96) {
+    Ok(n) => n,
+    Err(_) => panic!("a /96 is a valid prefix"),
+};
+
+/// True when `net` holds any IPv4-mapped IPv6 address.
+pub fn overlaps_ipv4_mapped(net: &IpNet) -> bool {
+    overlaps(net, &IpNet::V6(IPV4_MAPPED))
+}
+
 /// Number of addresses in a network of this prefix, saturating at `u128::MAX` for a /0 IPv6.
 pub fn size_of(family: Family, prefix: u8) -> u128 {
     let host_bits = u32::from(family.max_prefix() - prefix);
@@ -140,6 +152,14 @@ mod tests {
         ] {
             assert_eq!(usable_count(&n(net)), count, "{net}");
         }
+    }
+
+    #[test]
+    fn ipv4_mapped_space_is_recognised() {
+        assert!(overlaps_ipv4_mapped(&n("::ffff:10.77.0.0/112")));
+        assert!(overlaps_ipv4_mapped(&n("::/64")));
+        assert!(!overlaps_ipv4_mapped(&n("fd00::/104")));
+        assert!(!overlaps_ipv4_mapped(&n("10.77.0.0/16")));
     }
 
     #[test]

@@ -78,6 +78,10 @@ pub enum PoolError {
     #[error("pool {pool:?}: {cidr} has host bits set: write it as {canonical}")]
     NonCanonical { pool: String, cidr: IpNet, canonical: IpNet },
     #[error(
+        "pool {pool:?}: {cidr} overlaps the IPv4-mapped range ::ffff:0:0/96: write IPv4 addresses as an ipv4 CIDR (::ffff:10.0.0.0/112 is 10.0.0.0/16)"
+    )]
+    Ipv4Mapped { pool: String, cidr: IpNet },
+    #[error(
         "pool {pool:?}: {family} maskSize {mask_size} is shorter than the prefix of {cidr}: blocks must fit inside each CIDR"
     )]
     MaskTooShort { pool: String, family: Family, mask_size: u8, cidr: IpNet },
@@ -164,6 +168,9 @@ pub fn validate_pool(pool: &Pool) -> Result<(), PoolError> {
                     cidr: *cidr,
                     canonical: cidr.trunc(),
                 });
+            }
+            if cidr::overlaps_ipv4_mapped(cidr) {
+                return Err(PoolError::Ipv4Mapped { pool: pool.name.clone(), cidr: *cidr });
             }
             if spec.mask_size < cidr.prefix_len() {
                 return Err(PoolError::MaskTooShort {
@@ -339,6 +346,9 @@ mod tests {
             ("no family", pool("blue", None, None), Some(|e| matches!(e, PoolError::NoFamilies(_)))),
             ("no cidrs", pool("blue", Some((&[], 24)), None), Some(|e| matches!(e, PoolError::NoCidrs { .. }))),
             ("bad name", pool("Blue_Pool", Some((&["10.40.0.0/16"], 24)), None), Some(|e| matches!(e, PoolError::InvalidName(_)))),
+            // green-pool holds 10.20.0.0/16: its IPv4-mapped twin must not pass as a disjoint v6 CIDR.
+            ("ipv4-mapped v6 cidr", pool("blue", None, Some((&["::ffff:10.20.0.0/112"], 120))), Some(|e| matches!(e, PoolError::Ipv4Mapped { .. }))),
+            ("v6 cidr containing the mapped range", pool("blue", None, Some((&["::/64"], 120))), Some(|e| matches!(e, PoolError::Ipv4Mapped { .. }))),
         ];
         for (what, incoming, refused) in rows {
             let got = validate_apply(&existing, &held, std::slice::from_ref(&incoming));

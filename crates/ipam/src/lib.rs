@@ -4,6 +4,7 @@
 //! to the node agent over its unix socket. Synchronous, std and serde only.
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::time::Duration;
 
 use allot_client::{Client, ClientError};
@@ -110,16 +111,59 @@ pub fn parse_command(value: Option<&str>) -> Result<Command, CniError> {
     }
 }
 
-/// `CNI_ARGS`: `K=V;K=V`. Unknown keys are ignored; a pair without `=` is an error.
+/// `CNI_ARGS`: `K=V;K=V`. Unknown keys are ignored; a pair without exactly one `=` is an error,
+/// as in libcni (`types.LoadArgs` splits on every `=` and wants two parts).
 pub fn parse_cni_args(args: &str) -> Result<BTreeMap<String, String>, CniError> {
     let mut out = BTreeMap::new();
     for pair in args.split(';').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').ok_or_else(|| {
+        let (k, v) = pair.split_once('=').filter(|(_, v)| !v.contains('=')).ok_or_else(|| {
             CniError::new(code::INVALID_ENV, format!("CNI_ARGS: {pair:?} is not KEY=VALUE"))
+                .details("pairs are separated by ';' and hold exactly one '='")
         })?;
         out.insert(k.to_string(), v.to_string());
     }
     Ok(out)
+}
+
+/// The most stdin allot-ipam reads: a network config is a few KiB.
+pub const MAX_STDIN: usize = 1 << 20;
+
+/// Reads the network config from `input`, refusing more than `MAX_STDIN` bytes (code 6).
+pub fn read_stdin(input: &mut impl Read) -> Result<Vec<u8>, CniError> {
+    let mut buf = Vec::with_capacity(16 * 1024);
+    if let Err(e) = input.take(MAX_STDIN as u64 + 1).read_to_end(&mut buf) {
+        return Err(CniError::new(code::DECODE, reword_gone(&format!("reading the network config on stdin: {e}"))));
+    }
+    if buf.len() > MAX_STDIN {
+        return Err(CniError::new(code::DECODE, format!("the network config on stdin is larger than {MAX_STDIN} bytes"))
+            .details("allot-ipam reads at most 1 MiB: check what the runtime passes on stdin"));
+    }
+    Ok(buf)
+}
+
+/// Phrases a runtime reads as "already gone": containerd's CNI library treats a DEL error that
+/// contains "not found" (or, with no netns, "no such file or directory") as success, and the
+/// address would leak. No DEL error and no "try again" error may contain them, in any case.
+pub const GONE_PHRASES: [&str; 2] = ["not found", "no such file or directory"];
+
+/// Rewrites the phrases of `GONE_PHRASES` (ASCII, any case) so that a runtime retries.
+pub fn reword_gone(text: &str) -> String {
+    let mut out = text.to_string();
+    for (bad, good) in GONE_PHRASES.iter().zip(["missing", "missing file or directory (ENOENT)"]) {
+        while let Some(i) = out.to_ascii_lowercase().find(bad) {
+            out.replace_range(i..i + bad.len(), good);
+        }
+    }
+    out
+}
+
+/// The error as the runtime gets it: DEL errors and "try again" errors never read as "gone".
+pub fn answer_error(command: Option<&str>, mut e: CniError) -> CniError {
+    if e.code == code::TRY_AGAIN || command == Some("DEL") {
+        e.msg = reword_gone(&e.msg);
+        e.details = reword_gone(&e.details);
+    }
+    e
 }
 
 fn valid_container_id(id: &str) -> bool {
@@ -308,7 +352,7 @@ fn owner(inv: &Invocation) -> Owner {
     Owner { network: inv.conf.name.clone(), container_id: inv.env.container_id.clone(), ifname: inv.env.ifname.clone() }
 }
 
-fn agent_error(e: ClientError, what: &str) -> CniError {
+pub fn agent_error(e: ClientError, what: &str) -> CniError {
     match &e {
         ClientError::Api(api) => {
             let code = match api.kind {
@@ -420,7 +464,7 @@ pub fn run(var: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> (String, i32) 
     match outcome {
         Ok(Some(out)) => (out, 0),
         Ok(None) => (String::new(), 0),
-        Err(e) => (e.to_json(&label()), 1),
+        Err(e) => (answer_error(var("CNI_COMMAND").as_deref(), e).to_json(&label()), 1),
     }
 }
 

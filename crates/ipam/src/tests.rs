@@ -41,6 +41,7 @@ fn error_codes_for_bad_input() {
         (env(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "abc"), ("CNI_NETNS", "/x"), ("CNI_IFNAME", "a/b")]), CONF, code::INVALID_ENV),
         (env(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "abc"), ("CNI_NETNS", "/x"), ("CNI_IFNAME", "sixteen-chars-xx")]), CONF, code::INVALID_ENV),
         ({ let mut e = add_env(); e.insert("CNI_ARGS".into(), "IgnoreUnknown=1;broken".into()); e }, CONF, code::INVALID_ENV),
+        ({ let mut e = add_env(); e.insert("CNI_ARGS".into(), "IgnoreUnknown=1;K8S_POD_NAME=a=b".into()); e }, CONF, code::INVALID_ENV),
         (add_env(), "", code::DECODE),
         (add_env(), "{not json", code::DECODE),
         (add_env(), "[1,2]", code::DECODE),
@@ -127,6 +128,98 @@ fn results_in_each_versions_shape() {
             assert_eq!(r["ips"][1]["version"], "6");
         }
     }
+}
+
+/// libcni's `types.LoadArgs` splits a pair on every `=` and refuses anything but two parts.
+#[test]
+fn cni_args_pair_with_two_equals_is_refused_as_libcni_does() {
+    for bad in ["K=V=W", "IgnoreUnknown=1;K8S_POD_NAMESPACE=a=b", "==", "K8S_POD_NAME=web=0;K8S_POD_NAMESPACE=x"] {
+        let e = parse_cni_args(bad).unwrap_err();
+        assert_eq!(e.code, code::INVALID_ENV, "{bad}");
+        assert!(e.msg.contains("KEY=VALUE"), "{bad}: {}", e.msg);
+    }
+    assert_eq!(parse_cni_args("A=1;B=;=C").unwrap().len(), 3);
+}
+
+#[test]
+fn stdin_is_read_up_to_one_mib_and_refused_past_it() {
+    let exact = vec![b' '; MAX_STDIN];
+    assert_eq!(read_stdin(&mut exact.as_slice()).unwrap().len(), MAX_STDIN);
+    let over = vec![b' '; MAX_STDIN + 1];
+    let e = read_stdin(&mut over.as_slice()).unwrap_err();
+    assert_eq!(e.code, code::DECODE);
+    assert!(e.msg.contains("larger than"), "{}", e.msg);
+}
+
+fn reads_as_gone(text: &str) -> Option<&'static str> {
+    let lower = text.to_lowercase();
+    GONE_PHRASES.into_iter().find(|p| lower.contains(p))
+}
+
+/// Every error that can reach a DEL answer or a code-11 answer, as the runtime reads it
+/// (`msg` and `details`): none may contain a phrase containerd takes for "already deleted".
+#[test]
+fn no_del_or_try_again_error_reads_as_not_found() {
+    let socket = std::path::PathBuf::from("/run/allot/allot.sock");
+    let mut client_errors = vec![
+        ClientError::NotFound(socket.clone()),
+        ClientError::Refused(socket.clone()),
+        ClientError::Denied(socket.clone()),
+        ClientError::Timeout { socket: socket.clone(), timeout: Duration::from_secs(120) },
+        ClientError::Protocol { socket: socket.clone(), what: "incomplete HTTP response (0 bytes)".into() },
+    ];
+    // The client's own words, before any rewording.
+    for e in &client_errors {
+        assert_eq!(reads_as_gone(&e.to_string()), None, "client message: {e}");
+    }
+    // An answer that is not an ApiError is echoed, and may say anything.
+    client_errors.push(ClientError::Protocol { socket: socket.clone(), what: "HTTP 404 for POST /v1/cni/del: Not Found".into() });
+    // Every OS error's text (ENOENT is "No such file or directory") and every io kind.
+    for errno in 1..134 {
+        client_errors.push(ClientError::Io { socket: socket.clone(), source: std::io::Error::from_raw_os_error(errno) });
+    }
+    for kind in [std::io::ErrorKind::NotFound, std::io::ErrorKind::BrokenPipe, std::io::ErrorKind::ConnectionReset] {
+        client_errors.push(ClientError::Io { socket: socket.clone(), source: kind.into() });
+    }
+    // The agent's answers on the DEL route: a journal error carries an io error's text.
+    for kind in [ErrorKind::Invalid, ErrorKind::NotFound, ErrorKind::Conflict, ErrorKind::TryAgain, ErrorKind::Internal] {
+        for message in [
+            "allocation journal /var/lib/allot/allocations.journal: No such file or directory (os error 2)",
+            "pool \"x\" NOT FOUND",
+            "Failed to deserialize the JSON body into the target type: missing field `owner`",
+        ] {
+            client_errors.push(ClientError::Api(allot_wire::ApiError { kind, message: message.into() }));
+        }
+    }
+    for e in client_errors {
+        let shown = e.to_string();
+        for command in ["DEL", "ADD", "CHECK", "GC"] {
+            let answer = answer_error(Some(command), agent_error(ClientError::Protocol { socket: socket.clone(), what: shown.clone() }, command));
+            assert_eq!(answer.code, code::TRY_AGAIN);
+            let doc: Value = serde_json::from_str(&answer.to_json(LATEST)).unwrap();
+            assert_eq!(reads_as_gone(&doc.to_string()), None, "{command}: {doc}");
+        }
+        let del = answer_error(Some("DEL"), agent_error(e, "DEL"));
+        assert_eq!(reads_as_gone(&format!("{} {}", del.msg, del.details)), None, "DEL code {}: {}", del.code, del.msg);
+    }
+    // A DEL refused before it reaches the agent, with the phrase in what the runtime passed.
+    let vars = env(&[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "not found"), ("CNI_IFNAME", "eth0")]);
+    let (v, code) = run_with(&vars, CONF);
+    assert_eq!((code, v["code"].as_u64()), (1, Some(u64::from(code::INVALID_ENV))));
+    assert_eq!(reads_as_gone(&v.to_string()), None, "{v}");
+    // The agent is down: code 11, the socket named, how to start it.
+    let vars = env(&[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "abc"), ("CNI_IFNAME", "eth0")]);
+    let (v, _) = run_with(&vars, CONF);
+    assert_eq!(v["code"], json!(code::TRY_AGAIN));
+    let msg = v["msg"].as_str().unwrap();
+    assert!(msg.contains("/nonexistent/allot.sock") && msg.contains("allot agent"), "{msg}");
+    assert_eq!(reads_as_gone(msg), None, "{msg}");
+}
+
+#[test]
+fn rewording_keeps_the_rest_of_the_message() {
+    assert_eq!(reword_gone("pool x Not Found, no such file or directory"), "pool x missing, missing file or directory (ENOENT)");
+    assert_eq!(reword_gone("all good"), "all good");
 }
 
 // ---- fuzzing the parsers ----

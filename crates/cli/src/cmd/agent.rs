@@ -58,7 +58,21 @@ pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
         "m" => n * 60.0,
         _ => anyhow::bail!("duration {s:?}: unit must be ms, s or m"),
     };
-    anyhow::ensure!(secs.is_finite() && secs >= 0.0, "duration {s:?} must not be negative");
+    duration_from_secs(secs).with_context(|| format!("duration {s:?}"))
+}
+
+/// The longest duration any flag takes: longer ones are typos (`1e29`), not intentions.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+/// Seconds as a Duration, refusing negative, non-finite and absurd values (instead of the
+/// panic of `Duration::from_secs_f64`).
+pub fn duration_from_secs(secs: f64) -> anyhow::Result<Duration> {
+    anyhow::ensure!(secs.is_finite() && secs >= 0.0, "must be a non-negative number of seconds, not {secs}");
+    anyhow::ensure!(
+        secs <= MAX_DURATION.as_secs_f64(),
+        "{secs} seconds is more than the limit of {}h: give a shorter duration",
+        MAX_DURATION.as_secs() / 3600
+    );
     Ok(Duration::from_secs_f64(secs))
 }
 
@@ -118,8 +132,7 @@ pub fn build_config(args: &Args, socket: Option<&str>) -> anyhow::Result<AgentCo
     }
     cfg.auto_create_pools = pools;
     if let Some(secs) = file.add_wait_seconds {
-        anyhow::ensure!(secs.is_finite() && secs >= 0.0, "addWaitSeconds must not be negative");
-        cfg.add_wait = Duration::from_secs_f64(secs);
+        cfg.add_wait = duration_from_secs(secs).context("addWaitSeconds")?;
     }
     if let Some(w) = &args.add_wait {
         cfg.add_wait = parse_duration(w).context("--add-wait")?;
@@ -179,6 +192,17 @@ mod tests {
         assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
         assert!(parse_duration("5h").is_err());
         assert!(parse_duration("x").is_err());
+    }
+
+    /// `Duration::from_secs_f64` panics past u64 seconds; absurd values are refused instead.
+    #[test]
+    fn absurd_durations_are_refused_not_panicked_on() {
+        for s in ["100000000000000000000000000000", "1e29", "99999999999999999999999999999ms", "inf", "NaN", "-1s", "1441m", "86401"] {
+            let e = parse_duration(s).expect_err(s);
+            assert!(format!("{e:#}").contains(s.trim()), "{s}: {e:#}");
+        }
+        assert_eq!(parse_duration("1440m").unwrap(), MAX_DURATION);
+        assert!(duration_from_secs(1e29).is_err());
     }
 
     #[test]

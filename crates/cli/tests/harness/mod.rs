@@ -396,3 +396,25 @@ pub fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap().success();
     assert!(ok, "kill -{sig} {pid} failed");
 }
+
+/// `allot agent` started by hand (own arguments, own environment), killed on drop.
+pub struct RawAgent(pub Child);
+
+impl RawAgent {
+    /// Waits until the agent on `socket` answers status, or panics with its stderr.
+    pub fn wait_ready(&mut self, socket: &Path, log: &Path) {
+        poll("agent ready", Duration::from_secs(20), || {
+            if let Some(st) = self.0.try_wait().unwrap() {
+                panic!("agent exited early ({st}):\n{}", std::fs::read_to_string(log).unwrap_or_default());
+            }
+            Client::new(socket, Duration::from_secs(5)).get::<allot_wire::Status>("/v1/status").ok().filter(|s| s.ready)
+        });
+    }
+}
+
+impl Drop for RawAgent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -323,16 +323,7 @@ pub struct Operator {
 
 impl Operator {
     pub fn start(netns: Option<&str>, endpoint: &str, id: &str) -> Operator {
-        let dir = tempfile::tempdir().unwrap();
-        let log = std::fs::File::create(dir.path().join("operator.log")).unwrap();
-        let child = command_in(netns, &bin_dir().join("allot"))
-            .args(["--etcd-endpoints", endpoint, "operator", "--id", id, "--lease-ttl", "3s"])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting allot operator");
-        Operator { id: id.to_string(), dir, child: Some(child) }
+        Self::start_with(netns, endpoint, id, &[])
     }
 
     pub fn log(&self) -> String {

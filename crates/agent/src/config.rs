@@ -9,6 +9,8 @@ use serde::Deserialize;
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/allot";
 pub const DEFAULT_POOL: &str = "default";
+/// Half the operator's default `--node-gc-after` (10 minutes).
+pub const DEFAULT_MAX_VIEW_AGE: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -24,6 +26,10 @@ pub struct AgentConfig {
     pub add_wait: Duration,
     /// How long a failed attempt counts as pending demand.
     pub pending_ttl: Duration,
+    /// New addresses come from the node's blocks only while the store confirmed them within
+    /// this long: past it, the operator may have removed the node and given its blocks away.
+    /// Keep it below the operator's `--node-gc-after`.
+    pub max_view_age: Duration,
     /// This node's address on the node network (cluster mode).
     pub node_ip: Option<std::net::IpAddr>,
     /// Route every other node's blocks via that node's IP.
@@ -43,6 +49,7 @@ impl AgentConfig {
             auto_create_pools: BTreeMap::new(),
             add_wait: Duration::from_secs(10),
             pending_ttl: allot_core::demand::PENDING_TTL,
+            max_view_age: DEFAULT_MAX_VIEW_AGE,
             node_ip: None,
             direct_routes: false,
             reserve_gateway: false,
@@ -66,6 +73,8 @@ pub struct ConfigFile {
     pub auto_create_pools: Option<BTreeMap<String, PoolSpec>>,
     /// Seconds.
     pub add_wait_seconds: Option<f64>,
+    /// Seconds.
+    pub max_view_age_seconds: Option<f64>,
     pub node_ip: Option<std::net::IpAddr>,
     pub auto_direct_node_routes: Option<bool>,
     pub reserve_gateway: Option<bool>,

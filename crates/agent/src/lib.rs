@@ -217,13 +217,21 @@ async fn connect_etcd(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = std::time::Duration::from_millis(200);
+    // One client for every attempt: each connect starts a watch that lives as long as the client.
+    let mut client: Option<Arc<allot_store::EtcdStore>> = None;
     loop {
-        let attempt = async {
-            let store = Arc::new(allot_store::EtcdStore::connect(&cfg).await?);
-            let lease = store.announce_alive(&node, liveness::TTL).await?;
-            Ok::<_, allot_store::StoreError>((store, lease))
+        let attempt = match &client {
+            Some(store) => Ok(store.clone()),
+            None => allot_store::EtcdStore::connect(&cfg).await.map(Arc::new),
         };
-        match attempt.await {
+        let attempt = match attempt {
+            Ok(store) => {
+                client = Some(store.clone());
+                store.announce_alive(&node, liveness::TTL).await.map(|lease| (store, lease))
+            }
+            Err(e) => Err(e),
+        };
+        match attempt {
             Ok((store, lease)) => {
                 tracing::info!(%node, lease = format!("{lease:x}"), "connected to etcd; node is live");
                 lazy.set(store.clone());

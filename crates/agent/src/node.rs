@@ -20,11 +20,13 @@ use tokio::sync::{Notify, watch};
 
 use crate::AgentError;
 use crate::config::AgentConfig;
-use crate::records::{Op, Records};
+use crate::records::{Op, Queued, Records};
 
 /// The last cluster view the agent read, kept in its data dir so that it can serve from its
 /// blocks when it starts while the store is unreachable.
 const VIEW_FILE: &str = "cluster-view.json";
+/// How often the saved view's confirmation time is rewritten when nothing else changed.
+const VIEW_CONFIRM_EVERY: Duration = Duration::from_secs(60);
 /// Connecting to the store is retried with backoff up to this.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -51,6 +53,10 @@ struct State {
     wanted: BTreeSet<(String, IpNet)>,
     /// The view last written to `VIEW_FILE`.
     saved: Option<SavedView>,
+    /// Blocks this node needs back but another node holds (reported once each).
+    conflicts: BTreeSet<(String, IpNet)>,
+    /// Unix seconds of the last complete read of the node's view from the store.
+    confirmed_at: u64,
 }
 
 /// What `VIEW_FILE` holds.
@@ -59,14 +65,22 @@ struct SavedView {
     pools: BTreeMap<String, PoolSpec>,
     namespaces: BTreeMap<String, Annotations>,
     blocks: Vec<(String, IpNet)>,
+    /// Unix seconds when the store last confirmed this view (0: unknown).
+    #[serde(default)]
+    confirmed_at: u64,
 }
 
+/// What one ADD attempt found. The allocation's record is queued in the journal under the
+/// state lock, so the journal sees ADDs and DELs of one owner in the order memory did.
 enum Taken {
-    Existing(Allocation),
-    New(Allocation),
+    Existing(Allocation, Queued),
+    New(Allocation, Queued),
     Full(String),
     /// The chosen pool is unknown here: looked up in the store, or waited for, before refusing.
     UnknownPool(String),
+    /// The store has not confirmed the node's blocks for too long (or not yet, just after
+    /// start): waited for, then refused.
+    Stale(String),
 }
 
 pub struct Node<S> {
@@ -123,6 +137,8 @@ impl<S: Store> Node<S> {
                 },
                 cluster_blocks: BTreeMap::new(),
                 wanted: BTreeSet::new(),
+                conflicts: BTreeSet::new(),
+                confirmed_at: saved.as_ref().map_or(0, |v| v.confirmed_at),
                 saved: saved.clone(),
             }),
             cfg,
@@ -223,11 +239,18 @@ impl<S: Store> Node<S> {
             Ok::<(), AgentError>(())
         }
         .await;
-        if let Err(e) = &result {
-            if let AgentError::Internal(m) = e {
+        match &result {
+            Ok(()) => {}
+            Err(AgentError::Internal(m)) => {
                 self.note_store_error(m);
+                return result;
             }
-            return result;
+            Err(other) => {
+                // Not an outage: the store refused what this agent asked (its auto-create pools).
+                tracing::error!(error = %other, "the cluster store refused this agent's configuration (--pool / autoCreatePools): fix it and restart the agent");
+                self.lock().store.last_error = Some(format!("the store refused this agent's configuration: {other}"));
+                return result;
+            }
         }
         let mut st = self.lock();
         if !st.connected {
@@ -293,46 +316,82 @@ impl<S: Store> Node<S> {
         let mine: HashSet<(&str, IpNet)> =
             grants.iter().filter(|g| g.node == self.cfg.node).map(|g| (g.pool.as_str(), g.cidr)).collect();
         let (changed, reclaim) = self.apply_view(pools, namespaces, record, &mine, cluster_blocks);
+        // Every block is tried, whatever happens to the others; the first error is returned.
+        let mut failed = None;
         for (pool, block) in reclaim {
             let grant = BlockGrant { pool: pool.clone(), cidr: block, node: self.cfg.node.clone() };
-            if self.store.grant_block(&grant).await? {
-                tracing::warn!(%pool, %block, "re-claimed a block that holds this node's allocations");
-                let mut st = self.lock();
-                if st.alloc.holds(&pool, &block) {
-                    st.alloc.set_draining(&pool, &block, false);
-                } else {
-                    self.add_block(&mut st, &pool, block);
+            match self.store.grant_block(&grant).await {
+                Ok(true) => {
+                    tracing::warn!(%pool, %block, "re-claimed a block that holds this node's allocations");
+                    let mut st = self.lock();
+                    if st.alloc.holds(&pool, &block) {
+                        st.alloc.set_draining(&pool, &block, false);
+                    } else {
+                        self.add_block(&mut st, &pool, block);
+                    }
+                    st.conflicts.remove(&(pool, block));
                 }
-            } else if self.lock().wanted.contains(&(pool.clone(), block)) {
-                tracing::error!(%pool, %block, "stored allocations lie in a block this node cannot hold");
-            } else {
-                tracing::error!(%pool, %block, "a block this node still uses is held elsewhere; no new addresses from it");
+                Ok(false) => {
+                    let mut st = self.lock();
+                    let first = st.conflicts.insert((pool.clone(), block));
+                    let what = if st.wanted.contains(&(pool.clone(), block)) {
+                        "stored allocations lie in a block this node cannot hold"
+                    } else {
+                        "a block this node still uses is held elsewhere; no new addresses from it"
+                    };
+                    if first {
+                        tracing::error!(%pool, %block, "{what}");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%pool, %block, error = %e, "re-claiming a block failed; retried on the next refresh");
+                    failed.get_or_insert(e);
+                }
             }
         }
         self.save_view();
+        if let Some(e) = failed {
+            return Err(e);
+        }
         if changed {
             self.room_changed.notify_waiters();
         }
         Ok(())
     }
 
-    /// Writes the view to `VIEW_FILE` when it changed (written aside, synced, renamed).
-    fn save_view(&self) {
-        let view = {
+    /// Writes the view to `VIEW_FILE` when it changed (written aside, synced, renamed); false
+    /// when that failed.
+    fn save_view(&self) -> bool {
+        let (view, unchanged) = {
             let st = self.lock();
-            SavedView {
+            let view = SavedView {
                 pools: st.pools.clone(),
                 namespaces: st.namespaces.clone(),
                 blocks: st.alloc.block_list().filter(|(_, b)| !b.draining).map(|(p, b)| (p.to_string(), b.net)).collect(),
-            }
+                confirmed_at: st.confirmed_at,
+            };
+            // The confirmation time alone is rewritten only now and then: it matters in minutes.
+            let unchanged = st.saved.as_ref().is_some_and(|old| {
+                old.pools == view.pools
+                    && old.namespaces == view.namespaces
+                    && old.blocks == view.blocks
+                    && view.confirmed_at.saturating_sub(old.confirmed_at) < VIEW_CONFIRM_EVERY.as_secs()
+            });
+            (view, unchanged)
         };
-        if self.lock().saved.as_ref() == Some(&view) {
-            return;
+        if unchanged {
+            return true;
         }
         let path = self.cfg.data_dir.join(VIEW_FILE);
         match write_atomically(&path, &serde_json::to_vec(&view).expect("views encode")) {
-            Ok(()) => self.lock().saved = Some(view),
-            Err(e) => tracing::warn!(file = %path.display(), error = %e, "saving the cluster view failed"),
+            Ok(()) => {
+                self.lock().saved = Some(view);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "saving the cluster view failed");
+                false
+            }
         }
     }
 
@@ -356,6 +415,9 @@ impl<S: Store> Node<S> {
         st.operator_error = record.and_then(|r| r.operator_error);
         st.cluster_blocks = cluster_blocks;
         st.store.from_saved_view = false;
+        // ADDs waiting for a confirmed view go on now.
+        changed |= self.stale_view(&st).is_some();
+        st.confirmed_at = now_unix();
         for (pool, block) in mine {
             // Refresh and release never interleave, so a draining block held here is one that
             // was lost earlier and is this node's again.
@@ -366,16 +428,22 @@ impl<S: Store> Node<S> {
                 changed = true;
             }
         }
-        let gone: Vec<(String, IpNet)> = st
+        // Refresh and release never interleave (`blocks_sync`), so every block held here that
+        // the store does not give this node is a lost one, draining or not: a re-claim that
+        // failed before is tried again on every refresh.
+        let gone: Vec<(String, IpNet, bool)> = st
             .alloc
             .block_list()
-            .filter(|(p, b)| !b.draining && !mine.contains(&(*p, b.net)))
-            .map(|(p, b)| (p.to_string(), b.net))
+            .filter(|(p, b)| !mine.contains(&(*p, b.net)))
+            .map(|(p, b)| (p.to_string(), b.net, b.draining))
             .collect();
         let mut reclaim = Vec::new();
-        for (pool, block) in gone {
+        for (pool, block, was_draining) in gone {
             if st.alloc.remove_block(&pool, &block) {
-                tracing::warn!(%pool, %block, "block no longer held by this node; dropped");
+                if !was_draining {
+                    tracing::warn!(%pool, %block, "block no longer held by this node; dropped");
+                }
+                st.conflicts.remove(&(pool, block));
             } else {
                 // Pods still hold addresses in it: hand out nothing more from it, and take it
                 // back below if nobody else holds it now.
@@ -443,15 +511,15 @@ impl<S: Store> Node<S> {
             tokio::pin!(room_changed);
             room_changed.as_mut().enable();
             match self.try_take(&req)? {
-                Taken::Existing(a) => {
+                Taken::Existing(a, queued) => {
                     // The first ADD may still be committing: writing the same record again
                     // returns only once it is on disk.
-                    self.records.apply(vec![Op::Put(a.clone())]).await.map_err(|e| AgentError::Internal(e.to_string()))?;
+                    queued.durable().await.map_err(|e| AgentError::Internal(e.to_string()))?;
                     return Ok(a);
                 }
-                Taken::New(a) => {
+                Taken::New(a, queued) => {
                     self.demand_changed.notify_one();
-                    return self.commit_new(a).await;
+                    return self.commit_new(a, queued).await;
                 }
                 Taken::UnknownPool(why) => {
                     // A pool applied a moment ago may not have reached this node's view yet:
@@ -464,6 +532,11 @@ impl<S: Store> Node<S> {
                     }
                     if tokio::time::timeout_at(deadline, room_changed).await.is_err() {
                         return Err(AgentError::TryAgain(format!("{why} (waited {:?})", self.cfg.add_wait)));
+                    }
+                }
+                Taken::Stale(why) => {
+                    if tokio::time::timeout_at(deadline, room_changed).await.is_err() {
+                        return Err(AgentError::TryAgain(why));
                     }
                 }
                 Taken::Full(pool) => {
@@ -486,7 +559,11 @@ impl<S: Store> Node<S> {
     fn try_take(&self, req: &AddRequest) -> Result<Taken, AgentError> {
         let mut st = self.lock();
         if let Some(existing) = st.owners.get(&req.owner) {
-            return Ok(Taken::Existing(existing.clone()));
+            let queued = self.records.enqueue(vec![Op::Put(existing.clone())]);
+            return Ok(Taken::Existing(existing.clone(), queued));
+        }
+        if let Some(why) = self.stale_view(&st) {
+            return Ok(Taken::Stale(why));
         }
         let choice = match self.choose(&st, req) {
             Ok(c) => c,
@@ -504,7 +581,8 @@ impl<S: Store> Node<S> {
                     created: now_unix(),
                 };
                 st.owners.insert(a.owner.clone(), a.clone());
-                Ok(Taken::New(a))
+                let queued = self.records.enqueue(vec![Op::Put(a.clone())]);
+                Ok(Taken::New(a, queued))
             }
             Err(pool) => {
                 let families = choice.iter().filter(|(_, p)| *p == pool).map(|(f, _)| *f).collect();
@@ -518,8 +596,8 @@ impl<S: Store> Node<S> {
     /// (its addresses are not handed to anyone else): whether it reached the disk is unknown,
     /// and a retried ADD of the same owner writes it again and gets the same addresses, a DEL
     /// frees it. Freeing it here could let a retry be told "ok" for an address given away.
-    async fn commit_new(&self, a: Allocation) -> Result<Allocation, AgentError> {
-        match self.records.apply(vec![Op::Put(a.clone())]).await {
+    async fn commit_new(&self, a: Allocation, queued: Queued) -> Result<Allocation, AgentError> {
+        match queued.durable().await {
             Ok(()) => Ok(a),
             Err(e) => {
                 tracing::error!(owner = %a.owner, error = %e, "recording an allocation failed; kept reserved until DEL");
@@ -535,21 +613,23 @@ impl<S: Store> Node<S> {
 
     /// Removes owners in one durable write; their addresses are freed only after it.
     async fn release_owners(&self, owners: &[Owner]) -> Result<Vec<Allocation>, AgentError> {
-        let taken: Vec<Allocation> = {
+        let (taken, queued) = {
             let mut st = self.lock();
-            owners
+            let taken: Vec<Allocation> = owners
                 .iter()
                 .filter_map(|o| {
                     st.pending.clear(o);
                     st.owners.remove(o)
                 })
-                .collect()
+                .collect();
+            if taken.is_empty() {
+                return Ok(taken);
+            }
+            // Queued under the lock: an ADD of the same owner after this DEL lands after it.
+            let queued = self.records.enqueue(taken.iter().map(|a| Op::Delete(a.owner.clone())).collect());
+            (taken, queued)
         };
-        if taken.is_empty() {
-            return Ok(taken);
-        }
-        let ops = taken.iter().map(|a| Op::Delete(a.owner.clone())).collect();
-        if let Err(e) = self.records.apply(ops).await {
+        if let Err(e) = queued.durable().await {
             let mut st = self.lock();
             for a in taken {
                 st.owners.entry(a.owner.clone()).or_insert(a);
@@ -698,6 +778,23 @@ impl<S: Store> Node<S> {
         }
     }
 
+    /// Why the node's blocks may not be used for new addresses: the store has not confirmed
+    /// them within `max_view_age` (the operator may have removed the node and given them away).
+    fn stale_view(&self, st: &State) -> Option<String> {
+        let age = now_unix().saturating_sub(st.confirmed_at);
+        (age > self.cfg.max_view_age.as_secs()).then(|| {
+            let when = if st.confirmed_at == 0 { "has not confirmed this node's blocks yet".to_string() } else {
+                format!("last confirmed this node's blocks {age}s ago, more than --max-view-age {:?}", self.cfg.max_view_age)
+            };
+            format!(
+                "node {:?}: the cluster store {when}; another node may hold them by now, so no new addresses until the store answers \
+                 (DEL and existing pods are unaffected; {})",
+                self.cfg.node,
+                describe_outage(&st.store)
+            )
+        })
+    }
+
     /// Whether an ADD can be served now (CNI STATUS): restored, some pool known, and either a
     /// free address in the node's blocks or a store that can grant more.
     fn readiness(&self, st: &State) -> Readiness {
@@ -712,12 +809,15 @@ impl<S: Store> Node<S> {
                 format!("no IP pool known yet: {}", describe_outage(&st.store))
             });
         }
+        if let Some(why) = self.stale_view(st) {
+            return not(why);
+        }
         if !st.store.reachable {
             let free: u128 = st
                 .alloc
-                .pools()
-                .map(|(p, f)| st.alloc.usage(p, f))
-                .map(|u| u.capacity.saturating_sub(u.in_use))
+                .block_list()
+                .filter(|(_, b)| !b.draining)
+                .map(|(_, b)| b.pod_capacity().saturating_sub(b.pods()))
                 .sum();
             if free == 0 {
                 return not(format!("no free address in this node's blocks and {}", describe_outage(&st.store)));
@@ -780,6 +880,18 @@ impl<S: Store> Node<S> {
             }
             out
         };
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        // Out of the saved view before it is given back: an agent that dies right after the
+        // release must not start again with a block another node may hold by then.
+        if !self.save_view() {
+            let mut st = self.lock();
+            for (pool, block) in &candidates {
+                st.alloc.set_draining(pool, block, false);
+            }
+            return Ok(());
+        }
         for (pool, block) in candidates {
             let grant = BlockGrant { pool: pool.clone(), cidr: block, node: self.cfg.node.clone() };
             let result = self.store.release_block(&grant).await;
@@ -806,7 +918,7 @@ impl<S: Store> Node<S> {
         while !self.lock().connected {
             match self.connect().await {
                 Ok(()) => break,
-                Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "cluster store unreachable; serving from this node's blocks"),
+                Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "connecting the node to the cluster store failed; retrying (serving from its journal and saved view meanwhile)"),
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}

@@ -38,6 +38,8 @@ const CHUNK: u64 = 4 << 20;
 /// Rewrite the journal once it has this many entries and more than twice the live count.
 const COMPACT_MIN_ENTRIES: usize = 8192;
 const HEADER: usize = 8;
+/// Batches one caller writes before it hands the queue to a task (see `drain`).
+const DRAIN_ROUNDS: usize = 3;
 
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("allocation journal {path}: {what}")]
@@ -222,15 +224,23 @@ impl Journal {
             f.write_all_at(&buf, 0)?;
             zeros(&f, end, capacity)?;
             f.sync_all()?;
-            std::fs::rename(&tmp, &self.path)?;
-            sync_dir(&self.path)?;
             Ok(f)
         };
-        self.file = write().map_err(|e| {
+        let file = write().map_err(|e| {
             // Give the space back: a full disk is the usual reason.
             let _ = std::fs::remove_file(&tmp);
             self.fail(format!("writing snapshot: {e}"))
         })?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            self.fail(format!("renaming snapshot: {e}"))
+        })?;
+        // From here on the path names the snapshot: appending to the old, unlinked file would
+        // lose every later entry.
+        self.file = file;
+        if let Err(e) = sync_dir(&self.path) {
+            self.poisoned = Some(format!("syncing the directory after a snapshot: {e}"));
+        }
         self.end = end;
         self.capacity = capacity;
         self.entries = self.live.len();
@@ -334,6 +344,13 @@ impl Records {
     /// Writes `ops` (sharing one write and one fdatasync with whatever else is waiting) and
     /// returns once they are durable.
     pub async fn apply(&self, ops: Vec<Op>) -> Result<(), RecordsError> {
+        self.enqueue(ops).durable().await
+    }
+
+    /// Puts `ops` in the queue now, without waiting: entries reach the file in the order they
+    /// were queued, so a caller that queues under its own lock keeps the journal in the order of
+    /// its in-memory changes. A `Queued` that is dropped is still written.
+    pub fn enqueue(&self, ops: Vec<Op>) -> Queued {
         let mut bytes = Vec::with_capacity(512 * ops.len());
         let mut updates = Vec::with_capacity(ops.len());
         for op in ops {
@@ -352,14 +369,15 @@ impl Records {
         }
         let (done, wait) = oneshot::channel();
         lock(&self.shared.queue).push(Job { bytes, updates, done });
-        self.drain();
-        wait.await.map_err(|_| RecordsError { path: String::new(), what: "write abandoned".into() })?
+        Queued { records: self.clone(), wait }
     }
 
     /// Writes whatever is queued if nobody else is writing. Whoever holds the journal lock
     /// re-checks the queue after letting go, so a request queued meanwhile is never stranded.
     fn drain(&self) {
-        loop {
+        // A caller writes a few batches at most, then hands what is still queued to a task of
+        // its own: under steady load it would otherwise never get back to its own answer.
+        for _ in 0..DRAIN_ROUNDS {
             let Ok(mut journal) = self.shared.journal.try_lock() else { return };
             let batch = std::mem::take(&mut *lock(&self.shared.queue));
             if batch.is_empty() {
@@ -378,6 +396,31 @@ impl Records {
                 let _ = job.done.send(result.clone());
             }
         }
+        if lock(&self.shared.queue).is_empty() {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                let me = self.clone();
+                h.spawn(async move { me.drain() });
+            }
+            Err(_) => self.drain(),
+        }
+    }
+}
+
+/// Entries in the journal's queue.
+pub struct Queued {
+    records: Records,
+    wait: oneshot::Receiver<Result<(), RecordsError>>,
+}
+
+impl Queued {
+    /// Returns once the entries are on disk (writing them, and whatever else is queued, if
+    /// nobody else is).
+    pub async fn durable(self) -> Result<(), RecordsError> {
+        self.records.drain();
+        self.wait.await.map_err(|_| RecordsError { path: String::new(), what: "write abandoned".into() })?
     }
 }
 

@@ -95,16 +95,26 @@ pub struct SyncReport {
 pub async fn sync(handle: &Handle, want: &BTreeMap<IpNet, (IpAddr, String)>) -> Result<SyncReport, rtnetlink::Error> {
     let have = installed(handle).await?;
     let mut report = SyncReport::default();
+    let mut stuck = Vec::new();
     for (dst, gw, msg) in &have {
         if want.get(dst).map(|(via, _)| via) != gw.as_ref() {
             match handle.route().del(msg.clone()).execute().await {
                 Ok(()) => report.removed += 1,
-                Err(e) => tracing::warn!(%dst, error = %e, "removing a stale direct route failed; retrying"),
+                Err(e) => {
+                    tracing::warn!(%dst, error = %e, "removing a stale direct route failed; retrying");
+                    stuck.push((*dst, e.to_string()));
+                }
             }
         }
     }
     for (dst, (via, node)) in want {
         if have.iter().any(|(d, g, _)| d == dst && g.as_ref() == Some(via)) {
+            continue;
+        }
+        // allot's own old route is still there: say so, rather than blame someone else's.
+        if let Some((_, e)) = stuck.iter().find(|(d, _)| d == dst) {
+            let error = format!("allot's previous route to {dst} could not be removed: {e}");
+            report.failures.push(RouteFailure { node: node.clone(), cidr: *dst, via: *via, error });
             continue;
         }
         let Some(msg) = route_message(*dst, *via) else { continue };

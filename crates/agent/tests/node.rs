@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use allot_agent::{AgentConfig, Node};
 use allot_core::{BlockGrant, FamilySpec, Pool, PoolSpec};
-use allot_store::{EmbeddedStore, Store};
+use allot_store::{EmbeddedStore, Store, StoreError};
 use allot_wire::{AddRequest, Owner, PodRef};
 
 fn req(id: &str) -> AddRequest {
@@ -92,5 +92,118 @@ async fn reserved_gateways_are_counted_in_requested() {
         assert!(tokio::time::Instant::now() < deadline, "requested {requested:?}, want 16");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let _ = stop_tx.send(true);
+}
+
+/// The embedded store with grants that fail on demand, as a store outage fails them.
+struct FlakyGrants {
+    inner: EmbeddedStore,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+impl Store for FlakyGrants {
+    async fn pools(&self) -> Result<Vec<Pool>, StoreError> {
+        self.inner.pools().await
+    }
+    async fn apply_pools(&self, pools: Vec<Pool>) -> Result<Vec<allot_core::ApplyAction>, StoreError> {
+        self.inner.apply_pools(pools).await
+    }
+    async fn delete_pool(&self, name: &str) -> Result<(), StoreError> {
+        self.inner.delete_pool(name).await
+    }
+    async fn grants(&self) -> Result<Vec<BlockGrant>, StoreError> {
+        self.inner.grants().await
+    }
+    async fn grant_block(&self, grant: &BlockGrant) -> Result<bool, StoreError> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Backend("injected: grant timed out".into()));
+        }
+        self.inner.grant_block(grant).await
+    }
+    async fn release_block(&self, grant: &BlockGrant) -> Result<bool, StoreError> {
+        self.inner.release_block(grant).await
+    }
+    async fn nodes(&self) -> Result<Vec<allot_store::NodeRecord>, StoreError> {
+        self.inner.nodes().await
+    }
+    async fn register_node(&self, name: &str, ip: Option<std::net::IpAddr>) -> Result<(), StoreError> {
+        self.inner.register_node(name, ip).await
+    }
+    async fn set_requested(&self, name: &str, requested: Vec<allot_wire::PoolRequest>) -> Result<(), StoreError> {
+        self.inner.set_requested(name, requested).await
+    }
+    async fn set_operator_error(&self, name: &str, error: Option<String>) -> Result<(), StoreError> {
+        self.inner.set_operator_error(name, error).await
+    }
+    async fn delete_node(&self, name: &str) -> Result<Vec<BlockGrant>, StoreError> {
+        self.inner.delete_node(name).await
+    }
+    async fn namespaces(&self) -> Result<std::collections::BTreeMap<String, allot_store::Annotations>, StoreError> {
+        self.inner.namespaces().await
+    }
+    async fn annotate_namespace(
+        &self,
+        namespace: &str,
+        set: allot_store::Annotations,
+        remove: Vec<String>,
+    ) -> Result<allot_store::Annotations, StoreError> {
+        self.inner.annotate_namespace(namespace, set, remove).await
+    }
+    fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.watch()
+    }
+}
+
+/// A block taken from the node while its pods use it is claimed back; a claim that fails (the
+/// store times out) is tried again on the next refresh, not forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_reclaim_of_a_lost_block_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FlakyGrants {
+        inner: EmbeddedStore::open(&dir.path().join("cluster.redb")).unwrap(),
+        fail: false.into(),
+    });
+    store.apply_pools(vec![pool("10.0.0.0/24", 28)]).await.unwrap();
+    let block: ipnet::IpNet = "10.0.0.0/28".parse().unwrap();
+    let grant = BlockGrant { pool: "default".into(), cidr: block, node: "n1".into() };
+    store.register_node("n1", None).await.unwrap();
+    store.grant_block(&grant).await.unwrap();
+    let node = Node::start(config(dir.path()), store.clone()).await.unwrap();
+    node.add(req("a")).await.unwrap();
+    // Taken away behind the node's back, and the store fails the first claim.
+    assert!(store.release_block(&grant).await.unwrap());
+    store.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(node.refresh().await.is_err(), "the failed claim is reported");
+    assert!(store.grants().await.unwrap().is_empty());
+    store.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    node.refresh().await.unwrap();
+    assert_eq!(store.grants().await.unwrap(), vec![grant], "claimed back on the next refresh");
+}
+
+/// A block given back leaves the saved view before the store hears of it, so an agent that
+/// dies right after cannot start again with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_block_leaves_the_saved_view_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("cluster.redb")).unwrap());
+    store.apply_pools(vec![pool("10.0.0.0/24", 28)]).await.unwrap();
+    store.register_node("n1", None).await.unwrap();
+    for cidr in ["10.0.0.0/28", "10.0.0.16/28"] {
+        store.grant_block(&BlockGrant { pool: "default".into(), cidr: cidr.parse().unwrap(), node: "n1".into() }).await.unwrap();
+    }
+    let mut cfg = config(dir.path());
+    cfg.pre_allocation.clear();
+    let node = Node::start(cfg, store.clone()).await.unwrap();
+    let view = || std::fs::read_to_string(dir.path().join("cluster-view.json")).unwrap();
+    assert!(view().contains("10.0.0.16/28"), "{}", view());
+    // Only the demand loop runs: no refresh rewrites the view after the release.
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(node.clone().demand_loop(stop));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !store.grants().await.unwrap().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "unused blocks were not given back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!view().contains("10.0.0.0/28") && !view().contains("10.0.0.16/28"), "{}", view());
     let _ = stop_tx.send(true);
 }

@@ -165,7 +165,16 @@ impl Backend {
                     "node {name:?} is live: it is this agent's own node, and its pods use its blocks; \
                      stop the agent first, or pass --force"
                 );
-                let v: serde_json::Value = c.delete(&format!("/v1/nodes/{name}"))?;
+                anyhow::ensure!(grace.is_none(), "--grace applies to the cluster store: pass --etcd-endpoints");
+                let v: serde_json::Value = c.delete(&format!("/v1/nodes/{name}")).map_err(|e| {
+                    let through = if force && matches!(&e, allot_client::ClientError::Api(a) if a.kind == allot_wire::ErrorKind::Conflict) {
+                        "\n(--force through the local agent only lifts the own-node check; to delete another live node, \
+                         run `allot --etcd-endpoints ... node delete NAME --force`)"
+                    } else {
+                        ""
+                    };
+                    anyhow::anyhow!("{e}{through}")
+                })?;
                 Ok(v["releasedBlocks"].as_u64().unwrap_or(0))
             }
             #[cfg(feature = "etcd")]

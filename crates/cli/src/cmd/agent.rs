@@ -31,6 +31,10 @@ pub struct Args {
     /// How long an ADD waits for a new block before answering "try again later" (e.g. 10s, 500ms).
     #[arg(long, value_name = "DURATION")]
     add_wait: Option<String>,
+    /// New addresses come from this node's blocks only while the cluster store confirmed them
+    /// within this long (default 5m; keep it below the operator's --node-gc-after).
+    #[arg(long, value_name = "DURATION")]
+    max_view_age: Option<String>,
     /// This node's IP on the node network (cluster mode; other nodes route to it).
     #[arg(long)]
     node_ip: Option<std::net::IpAddr>,
@@ -137,6 +141,12 @@ pub fn build_config(args: &Args, socket: Option<&str>) -> anyhow::Result<AgentCo
     if let Some(w) = &args.add_wait {
         cfg.add_wait = parse_duration(w).context("--add-wait")?;
     }
+    if let Some(secs) = file.max_view_age_seconds {
+        cfg.max_view_age = duration_from_secs(secs).context("maxViewAgeSeconds")?;
+    }
+    if let Some(w) = &args.max_view_age {
+        cfg.max_view_age = parse_duration(w).context("--max-view-age")?;
+    }
     cfg.node_ip = args.node_ip.or(file.node_ip);
     cfg.direct_routes = args.auto_direct_node_routes || file.auto_direct_node_routes.unwrap_or(false);
     cfg.reserve_gateway = args.reserve_gateway || file.reserve_gateway.unwrap_or(false);
@@ -221,7 +231,7 @@ mod tests {
         let path = dir.path().join("agent.yaml");
         std::fs::write(
             &path,
-            "node: n1\npreAllocation: {default: 16, other: 2}\naddWaitSeconds: 1.5\nautoCreatePools:\n  default:\n    ipv4:\n      cidrs:\n        - 10.10.0.0/16\n      maskSize: 24\n  other:\n    ipv4:\n      cidrs:\n        - 10.20.0.0/16\n      maskSize: 24\n",
+            "node: n1\npreAllocation: {default: 16, other: 2}\naddWaitSeconds: 1.5\nmaxViewAgeSeconds: 120\nautoCreatePools:\n  default:\n    ipv4:\n      cidrs:\n        - 10.10.0.0/16\n      maskSize: 24\n  other:\n    ipv4:\n      cidrs:\n        - 10.20.0.0/16\n      maskSize: 24\n",
         )
         .unwrap();
         let args = Args {
@@ -232,12 +242,14 @@ mod tests {
             default_pool: Some("other".into()),
             pools: vec![],
             add_wait: None,
+            max_view_age: None,
             node_ip: None,
             auto_direct_node_routes: false,
             reserve_gateway: false,
         };
         let cfg = build_config(&args, Some("/tmp/x.sock")).unwrap();
         assert_eq!(cfg.node, "n1");
+        assert_eq!(cfg.max_view_age, Duration::from_secs(120));
         assert_eq!(cfg.pre_alloc("default"), 16);
         assert_eq!(cfg.default_pool, "other");
         assert_eq!(cfg.auto_create_pools.len(), 2);

@@ -9,7 +9,7 @@ use allot_core::demand::{self, Pending};
 use allot_core::node_alloc::NodeAllocator;
 use allot_core::select::{self, Source};
 use allot_core::{BlockGrant, Family, PoolSpec};
-use allot_store::{Annotations, Store, StoreError};
+use allot_store::{Annotations, Change, ClusterView, Store, StoreError, StoreEvent};
 use allot_wire::{
     AddRequest, AllocatedIp, Allocation, Attachment, GcResponse, Needed, Owner, PoolRequest, PoolStatus, Readiness,
     RouteFailure, Status, StoreHealth,
@@ -77,9 +77,10 @@ pub struct Node<S> {
     /// Woken when a block arrives or an address is freed: waiting ADDs retry.
     room_changed: Notify,
     demand_changed: Notify,
-    /// Serialises reading the node's blocks from the store with giving blocks back, so a
-    /// refresh that read the grants before a release cannot re-add the released block.
-    blocks_sync: tokio::sync::Mutex<()>,
+    /// The cluster view kept current by the store's events (None until first read). Its lock
+    /// serialises applying it with giving blocks back, so a view that still lists a released
+    /// block cannot re-add it.
+    blocks_sync: tokio::sync::Mutex<Option<ClusterView>>,
     /// Failed direct routes, written by the routes loop (cluster mode).
     pub(crate) route_failures: Mutex<Vec<RouteFailure>>,
 }
@@ -130,7 +131,7 @@ impl<S: Store> Node<S> {
             records,
             room_changed: Notify::new(),
             demand_changed: Notify::new(),
-            blocks_sync: tokio::sync::Mutex::new(()),
+            blocks_sync: tokio::sync::Mutex::new(None),
             route_failures: Mutex::new(Vec::new()),
         });
         node.restore(replay, saved.unwrap_or_default());
@@ -274,11 +275,41 @@ impl<S: Store> Node<S> {
     }
 
     async fn refresh_inner(&self) -> Result<(), StoreError> {
-        let _sync = self.blocks_sync.lock().await;
-        let pools = self.store.pools().await?;
-        let namespaces = self.store.namespaces().await?;
-        let grants = self.store.grants().await?;
-        let record = self.store.nodes().await?.into_iter().find(|n| n.name == self.cfg.node);
+        let mut view = self.blocks_sync.lock().await;
+        let snapshot = self.store.snapshot().await?;
+        // Other nodes' records matter only for direct routes.
+        let focus = (!self.cfg.direct_routes).then_some(self.cfg.node.as_str());
+        *view = Some(ClusterView::new(snapshot, focus));
+        self.settle(view.as_mut().expect("set above")).await
+    }
+
+    /// Takes in changes from the store's events; the node's state follows when they concern
+    /// it (pools, namespaces, its own record and blocks). Others' blocks only move counts.
+    async fn apply_changes(&self, changes: &[(u64, Change)]) -> Result<(), StoreError> {
+        let mut guard = self.blocks_sync.lock().await;
+        let Some(view) = guard.as_mut() else { return Ok(()) };
+        let me = self.cfg.node.as_str();
+        let applied = view.apply_all(changes);
+        let concerns = applied.iter().any(|c| match c {
+            Change::Pool { .. } | Change::Namespace { .. } => true,
+            Change::Node { name, .. } => name == me,
+            Change::Block { pool, cidr, node } => node.as_deref() == Some(me) || self.lock().alloc.holds(pool, cidr),
+            Change::Alive { .. } | Change::Released { .. } => false,
+        });
+        if concerns {
+            self.settle(view).await
+        } else {
+            if applied.iter().any(|c| matches!(c, Change::Block { .. })) {
+                self.lock().cluster_blocks = view.counts().clone();
+            }
+            Ok(())
+        }
+    }
+
+    /// Brings the node's state in line with `view`: its blocks, pools, namespaces, operator
+    /// status; claims back blocks its pods still use; registers again if its record is gone.
+    async fn settle(&self, view: &mut ClusterView) -> Result<(), StoreError> {
+        let record = view.nodes.get(&self.cfg.node).cloned();
         if record.is_none() {
             // The node was deleted while this agent runs: register it again, with its demand.
             tracing::warn!(node = %self.cfg.node, "node record missing; registering again");
@@ -286,17 +317,14 @@ impl<S: Store> Node<S> {
             let requested = self.requested(&self.lock());
             self.store.set_requested(&self.cfg.node, requested).await?;
         }
-        let mut cluster_blocks: BTreeMap<(String, Family), u64> = BTreeMap::new();
-        for g in &grants {
-            *cluster_blocks.entry((g.pool.clone(), Family::of(&g.cidr))).or_default() += 1;
-        }
-        let mine: HashSet<(&str, IpNet)> =
-            grants.iter().filter(|g| g.node == self.cfg.node).map(|g| (g.pool.as_str(), g.cidr)).collect();
-        let (changed, reclaim) = self.apply_view(pools, namespaces, record, &mine, cluster_blocks);
+        let mine: HashSet<(&str, IpNet)> = view.blocks_of(&self.cfg.node).collect();
+        let (changed, reclaim) =
+            self.apply_view(view.pool_list(), view.namespaces.clone(), record, &mine, view.counts().clone());
         for (pool, block) in reclaim {
             let grant = BlockGrant { pool: pool.clone(), cidr: block, node: self.cfg.node.clone() };
             if self.store.grant_block(&grant).await? {
                 tracing::warn!(%pool, %block, "re-claimed a block that holds this node's allocations");
+                view.note_granted(&grant);
                 let mut st = self.lock();
                 if st.alloc.holds(&pool, &block) {
                     st.alloc.set_draining(&pool, &block, false);
@@ -761,7 +789,7 @@ impl<S: Store> Node<S> {
 
     /// Gives back empty blocks while what stays still covers the demand.
     async fn release_unused_blocks(&self) -> Result<(), StoreError> {
-        let _sync = self.blocks_sync.lock().await;
+        let mut view = self.blocks_sync.lock().await;
         let candidates: Vec<(String, IpNet)> = {
             let mut st = self.lock();
             // Before the first read from the store, the blocks are the saved view's.
@@ -787,6 +815,9 @@ impl<S: Store> Node<S> {
             match result {
                 Ok(_) => {
                     st.alloc.remove_block(&pool, &block);
+                    if let Some(v) = view.as_mut() {
+                        v.forget_block(&pool, &block);
+                    }
                     tracing::info!(%pool, %block, "released unused block");
                 }
                 Err(e) => {
@@ -798,9 +829,15 @@ impl<S: Store> Node<S> {
         Ok(())
     }
 
-    /// Connects to the store (retrying with backoff while it is away), then follows it: every
-    /// change refreshes pools, namespaces and this node's blocks.
+    /// Connects to the store (retrying with backoff while it is away), then follows its
+    /// events: the view is read whole only at start, when events were missed (a lagging
+    /// subscriber, a watch re-created past a compaction), after a failure, and every
+    /// `FULL_READ`; in between, every 30 s the node settles from its view (retrying claims).
     pub async fn watch_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        const FULL_READ: Duration = Duration::from_secs(300);
+        const SETTLE: Duration = Duration::from_secs(30);
+        // Subscribed before the first read: nothing between the read and the events is missed.
+        let mut events = self.store.events();
         let mut changes = self.store.watch();
         let mut backoff = Duration::from_millis(100);
         while !self.lock().connected {
@@ -815,16 +852,45 @@ impl<S: Store> Node<S> {
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+        let mut last_read = Instant::now();
+        let mut full = false;
         loop {
-            tokio::select! {
-                r = changes.changed() => if r.is_err() { return },
-                _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+            let wait = if full { Duration::from_secs(1) } else { SETTLE };
+            let event = tokio::select! {
+                e = events.recv() => Some(e),
+                _ = tokio::time::sleep(wait) => None,
                 _ = shutdown.changed() => return,
+            };
+            let r = match event {
+                Some(Ok(StoreEvent::Changes(c))) if !full => self.apply_changes(&c).await.inspect(|_| self.note_store_ok()),
+                Some(Ok(StoreEvent::Changes(_))) => Ok(()),
+                Some(Ok(StoreEvent::Resync) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
+                    full = true;
+                    Ok(())
+                }
+                Some(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return,
+                None if !full && last_read.elapsed() < FULL_READ => {
+                    let mut guard = self.blocks_sync.lock().await;
+                    match guard.as_mut() {
+                        Some(view) => self.settle(view).await,
+                        None => Ok(full = true),
+                    }
+                }
+                None => Ok(full = true),
+            };
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "following the cluster store failed; reading it again");
+                self.observe::<()>(&Err(e));
+                full = true;
             }
-            changes.borrow_and_update();
-            if let Err(e) = self.refresh().await {
-                tracing::warn!(error = %e, "refreshing from the cluster store failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+            if full {
+                // What is queued now is older than the read below; what comes after is not.
+                while !matches!(events.try_recv(), Err(tokio::sync::broadcast::error::TryRecvError::Empty | tokio::sync::broadcast::error::TryRecvError::Closed)) {}
+                last_read = Instant::now();
+                match self.refresh().await {
+                    Ok(()) => full = false,
+                    Err(e) => tracing::warn!(error = %e, "refreshing from the cluster store failed; retrying"),
+                }
             }
         }
     }

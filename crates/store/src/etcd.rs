@@ -15,23 +15,27 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use allot_core::{ApplyAction, BlockGrant, Pool, PoolSpec, pool as rules};
 use allot_wire::PoolRequest;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
     WatchOptions,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 
-use crate::{Annotations, NodeRecord, Store, StoreError, block_fits};
+use crate::{Annotations, Change, NodeRecord, Snapshot, Store, StoreError, StoreEvent, block_fits};
 
 /// How many times a transaction that lost a race is retried before giving up.
 const RETRIES: usize = 32;
+/// Grants per batched transaction: two compares each plus one per pool stay under etcd's
+/// default `--max-txn-ops` (128).
+const GRANT_BATCH: usize = 40;
 
 /// Where etcd is and how to reach it.
 #[derive(Debug, Clone)]
@@ -82,6 +86,7 @@ pub struct EtcdStore {
     timeout: Duration,
     release_grace: Duration,
     revision: watch::Sender<u64>,
+    events: broadcast::Sender<StoreEvent>,
     fence: Option<Fence>,
 }
 
@@ -143,6 +148,7 @@ impl EtcdStore {
             timeout: cfg.timeout,
             release_grace: cfg.release_grace,
             revision: watch::Sender::new(0),
+            events: broadcast::Sender::new(crate::EVENT_BUFFER),
             fence: None,
         };
         let rev = store.current_revision().await?;
@@ -292,6 +298,8 @@ impl EtcdStore {
                 Some(r) => r,
                 None => match self.current_revision().await {
                     Ok(rev) => {
+                        // Changes were missed: every subscriber reads afresh.
+                        let _ = self.events.send(StoreEvent::Resync);
                         self.publish(rev);
                         rev as i64 + 1
                     }
@@ -333,6 +341,10 @@ impl EtcdStore {
                             if let Some(last) = msg.events().iter().filter_map(|e| e.kv()).map(|kv| kv.mod_revision()).max() {
                                 resume = Some(last + 1);
                             }
+                            let changes: Vec<(u64, Change)> = msg.events().iter().filter_map(|e| self.change_of(e)).collect();
+                            if !changes.is_empty() {
+                                let _ = self.events.send(StoreEvent::Changes(Arc::new(changes)));
+                            }
                             if let Some(h) = msg.header() {
                                 self.publish(h.revision() as u64);
                             }
@@ -358,6 +370,56 @@ impl EtcdStore {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// The typed change an etcd watch event stands for; None for keys outside the layout.
+    fn change_of(&self, e: &etcd_client::Event) -> Option<(u64, Change)> {
+        let kv = e.kv()?;
+        let key = std::str::from_utf8(kv.key()).ok()?.strip_prefix(self.prefix.as_str())?;
+        let (kind, name) = key.split_once('/')?;
+        let put = e.event_type() == EventType::Put;
+        let value = kv.value();
+        let block = || -> Option<(String, ipnet::IpNet)> {
+            let (pool, cidr) = name.split_once('/')?;
+            Some((pool.to_string(), cidr.parse().ok()?))
+        };
+        let node_name = || put.then(|| String::from_utf8_lossy(value).into_owned());
+        let change = match kind {
+            "pools" => Change::Pool { name: name.into(), spec: event_value(put, key, value)? },
+            "nodes" => Change::Node { name: name.into(), record: event_value(put, key, value)? },
+            "namespaces" => Change::Namespace { name: name.into(), annotations: event_value(put, key, value)? },
+            "blocks" | "released" => {
+                let Some((pool, cidr)) = block() else {
+                    tracing::warn!(key, "corrupt block key in the etcd watch; ignored until the next full read");
+                    return None;
+                };
+                if kind == "blocks" {
+                    Change::Block { pool, cidr, node: node_name() }
+                } else {
+                    Change::Released { pool, cidr, node: node_name() }
+                }
+            }
+            "alive" => Change::Alive { node: name.into(), live: put },
+            _ => return None,
+        };
+        Some((kv.mod_revision() as u64, change))
+    }
+
+    /// Grants one batch in one transaction, all or nothing; Ok(false) when any compare failed.
+    async fn grant_batch(&self, batch: &[&BlockGrant], pools: &BTreeMap<String, Kv>) -> Result<bool, StoreError> {
+        let mut when = Vec::with_capacity(batch.len() * 2 + 4);
+        let mut ops = Vec::with_capacity(batch.len());
+        let mut compared = BTreeSet::new();
+        for g in batch {
+            let block = format!("{}/{}", g.pool, g.cidr);
+            when.push(self.unchanged("blocks", &block, None));
+            when.push(self.unchanged("released", &block, None));
+            if compared.insert(g.pool.as_str()) {
+                when.push(self.unchanged("pools", &g.pool, pools.get(&g.pool)));
+            }
+            ops.push(TxnOp::put(self.key("blocks", &block), g.node.as_str(), None));
+        }
+        self.txn(Txn::new().when(when).and_then(ops)).await
     }
 
     async fn update_node(&self, name: &str, create: bool, change: impl Fn(&mut NodeRecord)) -> Result<(), StoreError> {
@@ -495,6 +557,20 @@ impl EtcdStore {
             }
         }
         Err(StoreError::Backend(format!("node {name:?}: too many concurrent writers; try again")))
+    }
+}
+
+/// The value of a put (Some(Some)), a delete (Some(None)), or None when it does not decode.
+fn event_value<T: DeserializeOwned>(put: bool, key: &str, bytes: &[u8]) -> Option<Option<T>> {
+    if !put {
+        return Some(None);
+    }
+    match serde_json::from_slice(bytes) {
+        Ok(v) => Some(Some(v)),
+        Err(e) => {
+            tracing::warn!(key, error = %e, "corrupt record in the etcd watch; ignored until the next full read");
+            None
+        }
     }
 }
 
@@ -761,7 +837,62 @@ impl Store for EtcdStore {
         Err(StoreError::Backend(format!("namespace {ns:?}: too many concurrent writers; try again")))
     }
 
+    async fn grant_blocks(&self, grants: &[BlockGrant]) -> Result<Vec<bool>, StoreError> {
+        let mut out = vec![false; grants.len()];
+        if grants.is_empty() {
+            return Ok(out);
+        }
+        // One read of the pools, then one transaction per batch; a batch that loses any race
+        // falls back to one grant at a time, so one lost block does not lose the rest.
+        let pools: BTreeMap<String, Kv> = self.list("pools", None).await?.0.into_iter().map(|kv| (kv.name.clone(), kv)).collect();
+        let mut fitting = Vec::new();
+        for (i, g) in grants.iter().enumerate() {
+            let Some(kv) = pools.get(&g.pool) else { continue };
+            let pool = Pool { name: g.pool.clone(), spec: decode("pool", &g.pool, &kv.value)? };
+            if block_fits(&pool, g) {
+                fitting.push(i);
+            }
+        }
+        for chunk in fitting.chunks(GRANT_BATCH) {
+            let batch: Vec<&BlockGrant> = chunk.iter().map(|&i| &grants[i]).collect();
+            if self.grant_batch(&batch, &pools).await? {
+                for &i in chunk {
+                    out[i] = true;
+                }
+                continue;
+            }
+            for &i in chunk {
+                out[i] = self.grant_block(&grants[i]).await?;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        // One read per kind, all at the revision of the first.
+        let (pool_kvs, rev) = self.list("pools", None).await?;
+        let at = Some(rev);
+        let (block_kvs, _) = self.list("blocks", at).await?;
+        let (node_kvs, _) = self.list("nodes", at).await?;
+        let (ns_kvs, _) = self.list("namespaces", at).await?;
+        let (alive_kvs, _) = self.list("alive", at).await?;
+        let (released_kvs, _) = self.list("released", at).await?;
+        Ok(Snapshot {
+            revision: rev as u64,
+            pools: Self::pools_of(&pool_kvs)?,
+            grants: Self::grants_of(&block_kvs)?,
+            nodes: node_kvs.iter().map(|kv| decode("node", &kv.name, &kv.value)).collect::<Result<_, _>>()?,
+            namespaces: ns_kvs.iter().map(|kv| Ok((kv.name.clone(), decode("namespace", &kv.name, &kv.value)?))).collect::<Result<_, StoreError>>()?,
+            live: Some(alive_kvs.into_iter().map(|kv| kv.name).collect()),
+            released: Self::grants_of(&released_kvs)?,
+        })
+    }
+
     fn watch(&self) -> watch::Receiver<u64> {
         self.revision.subscribe()
+    }
+
+    fn events(&self) -> broadcast::Receiver<StoreEvent> {
+        self.events.subscribe()
     }
 }

@@ -80,24 +80,28 @@ fn node_name(i: usize) -> String {
 /// Blocks each simulated node holds, as seen through the watch of its connection.
 type Held = Arc<Mutex<HashMap<String, Vec<(String, IpNet)>>>>;
 
-fn follow(store: &EtcdStore, held: Held) {
+/// Follows the blocks of the nodes that use connection `conn` (index % CONNECTIONS).
+fn follow(store: &EtcdStore, conn: usize, held: Held) {
     let mut events = store.events();
+    let mine = move |node: &str| node.strip_prefix("sim-").and_then(|i| i.parse::<usize>().ok()).is_some_and(|i| i % CONNECTIONS == conn);
     tokio::spawn(async move {
+        let mut holder: HashMap<(String, IpNet), String> = HashMap::new();
         loop {
             match events.recv().await {
                 Ok(StoreEvent::Changes(changes)) => {
                     let mut h = held.lock().unwrap();
                     for (_, c) in changes.iter() {
                         let Change::Block { pool, cidr, node } = c else { continue };
+                        let key = (pool.clone(), *cidr);
                         match node {
-                            Some(n) => {
-                                if let Some(list) = h.get_mut(n) {
-                                    list.push((pool.clone(), *cidr));
-                                }
+                            Some(n) if mine(n) => {
+                                holder.insert(key.clone(), n.clone());
+                                h.get_mut(n).expect("every simulated node is listed").push(key);
                             }
+                            Some(_) => {}
                             None => {
-                                for list in h.values_mut() {
-                                    list.retain(|(p, b)| !(p == pool && b == cidr));
+                                if let Some(n) = holder.remove(&key) {
+                                    h.get_mut(&n).expect("listed").retain(|b| *b != key);
                                 }
                             }
                         }
@@ -174,8 +178,8 @@ pub fn run(bin: &Path, nodes: usize, churn: Duration) -> ScaleFigures {
 
     let held: Held = Arc::new(Mutex::new((0..nodes).map(|i| (node_name(i), Vec::new())).collect()));
     let _guard = rt.enter();
-    for s in &stores {
-        follow(s, held.clone());
+    for (conn, s) in stores.iter().enumerate() {
+        follow(s, conn, held.clone());
     }
     let stores = Arc::new(stores);
 

@@ -861,31 +861,35 @@ impl<S: Store> Node<S> {
                 _ = tokio::time::sleep(wait) => None,
                 _ = shutdown.changed() => return,
             };
+            use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+            // Ok(true): read the whole view again.
             let r = match event {
-                Some(Ok(StoreEvent::Changes(c))) if !full => self.apply_changes(&c).await.inspect(|_| self.note_store_ok()),
-                Some(Ok(StoreEvent::Changes(_))) => Ok(()),
-                Some(Ok(StoreEvent::Resync) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
-                    full = true;
-                    Ok(())
-                }
-                Some(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return,
-                None if !full && last_read.elapsed() < FULL_READ => {
+                // An event proves the store reachable again after a failed call.
+                Some(Ok(StoreEvent::Changes(c))) if !full => self.apply_changes(&c).await.map(|()| self.note_store_ok()).map(|()| false),
+                Some(Ok(StoreEvent::Changes(_))) => Ok(true),
+                Some(Ok(StoreEvent::Resync) | Err(RecvError::Lagged(_))) => Ok(true),
+                Some(Err(RecvError::Closed)) => return,
+                // While a call failed and no event came since, a read tells whether it is back.
+                None if !full && last_read.elapsed() < FULL_READ && self.lock().store.reachable => {
                     let mut guard = self.blocks_sync.lock().await;
                     match guard.as_mut() {
-                        Some(view) => self.settle(view).await,
-                        None => Ok(full = true),
+                        Some(view) => self.settle(view).await.map(|()| false),
+                        None => Ok(true),
                     }
                 }
-                None => Ok(full = true),
+                None => Ok(true),
             };
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "following the cluster store failed; reading it again");
-                self.observe::<()>(&Err(e));
-                full = true;
+            match r {
+                Ok(again) => full |= again,
+                Err(e) => {
+                    tracing::warn!(error = %e, "following the cluster store failed; reading it again");
+                    self.observe::<()>(&Err(e));
+                    full = true;
+                }
             }
             if full {
                 // What is queued now is older than the read below; what comes after is not.
-                while !matches!(events.try_recv(), Err(tokio::sync::broadcast::error::TryRecvError::Empty | tokio::sync::broadcast::error::TryRecvError::Closed)) {}
+                while !matches!(events.try_recv(), Err(TryRecvError::Empty | TryRecvError::Closed)) {}
                 last_read = Instant::now();
                 match self.refresh().await {
                     Ok(()) => full = false,

@@ -33,9 +33,11 @@ use crate::{Annotations, Change, NodeRecord, Snapshot, Store, StoreError, StoreE
 
 /// How many times a transaction that lost a race is retried before giving up.
 const RETRIES: usize = 32;
-/// Grants per batched transaction: two compares each plus one per pool stay under etcd's
-/// default `--max-txn-ops` (128).
-const GRANT_BATCH: usize = 40;
+/// Grants per batched transaction: one compare each plus two stay under etcd's default
+/// `--max-txn-ops` (128).
+const GRANT_BATCH: usize = 120;
+/// Batched grant transactions in flight at once (etcd commits concurrent ones together).
+const GRANTS_IN_FLIGHT: usize = 4;
 
 /// Where etcd is and how to reach it.
 #[derive(Debug, Clone)]
@@ -406,17 +408,16 @@ impl EtcdStore {
     }
 
     /// Grants one batch in one transaction, all or nothing; Ok(false) when any compare failed.
-    async fn grant_batch(&self, batch: &[&BlockGrant], pools: &BTreeMap<String, Kv>) -> Result<bool, StoreError> {
-        let mut when = Vec::with_capacity(batch.len() * 2 + 4);
+    /// Besides each block key's absence it compares that no pool and no `released/` key
+    /// changed since `rev`, the revision the pools and reservations were read at.
+    async fn grant_batch(&self, batch: &[BlockGrant], rev: i64) -> Result<bool, StoreError> {
+        let mut when = Vec::with_capacity(batch.len() + 2);
+        when.push(self.prefix_unchanged("pools", rev));
+        when.push(self.prefix_unchanged("released", rev));
         let mut ops = Vec::with_capacity(batch.len());
-        let mut compared = BTreeSet::new();
         for g in batch {
             let block = format!("{}/{}", g.pool, g.cidr);
             when.push(self.unchanged("blocks", &block, None));
-            when.push(self.unchanged("released", &block, None));
-            if compared.insert(g.pool.as_str()) {
-                when.push(self.unchanged("pools", &g.pool, pools.get(&g.pool)));
-            }
             ops.push(TxnOp::put(self.key("blocks", &block), g.node.as_str(), None));
         }
         self.txn(Txn::new().when(when).and_then(ops)).await
@@ -842,28 +843,43 @@ impl Store for EtcdStore {
         if grants.is_empty() {
             return Ok(out);
         }
-        // One read of the pools, then one transaction per batch; a batch that loses any race
-        // falls back to one grant at a time, so one lost block does not lose the rest.
-        let pools: BTreeMap<String, Kv> = self.list("pools", None).await?.0.into_iter().map(|kv| (kv.name.clone(), kv)).collect();
-        let mut fitting = Vec::new();
+        // Pools and reservations read once at one revision; then one transaction per batch,
+        // a few in flight. A batch that loses any race falls back to one grant at a time, so
+        // one lost block does not lose the rest. Reserved blocks always go one at a time (the
+        // node they were taken from may take them back).
+        let (pool_kvs, rev) = self.list("pools", None).await?;
+        let pools: BTreeMap<String, Pool> = Self::pools_of(&pool_kvs)?.into_iter().map(|p| (p.name.clone(), p)).collect();
+        let (released_kvs, _) = self.list("released", Some(rev)).await?;
+        let reserved: BTreeSet<(String, ipnet::IpNet)> =
+            Self::grants_of(&released_kvs)?.into_iter().map(|g| (g.pool, g.cidr)).collect();
+        let mut batched = Vec::new();
+        let mut single = Vec::new();
         for (i, g) in grants.iter().enumerate() {
-            let Some(kv) = pools.get(&g.pool) else { continue };
-            let pool = Pool { name: g.pool.clone(), spec: decode("pool", &g.pool, &kv.value)? };
-            if block_fits(&pool, g) {
-                fitting.push(i);
-            }
-        }
-        for chunk in fitting.chunks(GRANT_BATCH) {
-            let batch: Vec<&BlockGrant> = chunk.iter().map(|&i| &grants[i]).collect();
-            if self.grant_batch(&batch, &pools).await? {
-                for &i in chunk {
-                    out[i] = true;
-                }
+            if !pools.get(&g.pool).is_some_and(|p| block_fits(p, g)) {
                 continue;
             }
-            for &i in chunk {
-                out[i] = self.grant_block(&grants[i]).await?;
+            if reserved.contains(&(g.pool.clone(), g.cidr)) { single.push(i) } else { batched.push(i) }
+        }
+        let mut flights = tokio::task::JoinSet::new();
+        let mut chunks = batched.chunks(GRANT_BATCH).map(<[usize]>::to_vec);
+        loop {
+            while flights.len() < GRANTS_IN_FLIGHT {
+                let Some(chunk) = chunks.next() else { break };
+                let (store, batch): (EtcdStore, Vec<BlockGrant>) = (self.clone(), chunk.iter().map(|&i| grants[i].clone()).collect());
+                flights.spawn(async move { (store.grant_batch(&batch, rev).await, chunk) });
             }
+            let Some(done) = flights.join_next().await else { break };
+            let (result, chunk) = done.map_err(|e| StoreError::Backend(format!("a grant batch failed: {e}")))?;
+            if result? {
+                for i in chunk {
+                    out[i] = true;
+                }
+            } else {
+                single.extend(chunk);
+            }
+        }
+        for i in single {
+            out[i] = self.grant_block(&grants[i]).await?;
         }
         Ok(out)
     }

@@ -373,11 +373,18 @@ fn txn_count(etcd: &Etcd) -> f64 {
 async fn grant_blocks_batches_and_a_lost_race_loses_only_its_block() {
     let etcd = Etcd::start();
     let store = connect(&etcd).await;
-    store.apply_pools(vec![contract::pool("p", &["10.0.0.0/24"], 28)]).await.unwrap();
+    store.apply_pools(vec![contract::pool("p", &["10.0.0.0/24"], 28), contract::pool("big", &["10.1.0.0/16"], 28)]).await.unwrap();
     let batch: Vec<_> = (0..8).map(|i| contract::grant("p", &format!("10.0.0.{}/28", i * 16), "n1")).collect();
     let before = txn_count(&etcd);
     assert_eq!(store.grant_blocks(&batch).await.unwrap(), vec![true; 8]);
     assert_eq!(txn_count(&etcd) - before, 1.0, "eight grants, one transaction");
+    // 250 grants: three transactions (at most 120 blocks each, under etcd's 128 compares),
+    // also through a fenced store (the batch nested under the leader compare).
+    let lead = store.lead("operator", "t", Duration::from_secs(5)).await.unwrap();
+    let batch: Vec<_> = (0..250).map(|i| contract::grant("big", &format!("10.1.{}.{}/28", i / 16, (i % 16) * 16), "n9")).collect();
+    let before = txn_count(&etcd);
+    assert_eq!(store.fenced(&lead).grant_blocks(&batch).await.unwrap(), vec![true; 250]);
+    assert_eq!(txn_count(&etcd) - before, 3.0, "250 grants, three transactions");
 
     // 10.0.0.160/28 is taken by another writer first; the others still go through.
     assert!(store.grant_block(&contract::grant("p", "10.0.0.160/28", "other")).await.unwrap());
@@ -385,7 +392,7 @@ async fn grant_blocks_batches_and_a_lost_race_loses_only_its_block() {
     assert_eq!(store.grant_blocks(&batch).await.unwrap(), vec![true, true, false, true]);
     // Outside the pool: refused without a write.
     assert_eq!(store.grant_blocks(&[contract::grant("p", "10.9.0.0/28", "n2")]).await.unwrap(), vec![false]);
-    let grants = store.grants().await.unwrap();
+    let grants: Vec<_> = store.grants().await.unwrap().into_iter().filter(|g| g.pool == "p").collect();
     assert_eq!(grants.len(), 12);
     assert_eq!(grants.iter().filter(|g| g.node == "other").count(), 1);
 

@@ -30,6 +30,8 @@ pub struct ScaleFigures {
     pub seconds: f64,
     /// Registering every node (not part of `seconds`).
     pub register_seconds: f64,
+    /// Part of `seconds`: until every node's `requested` write was acknowledged.
+    pub requested_written_seconds: f64,
     /// Peak resident memory of the `allot operator` process (VmHWM).
     pub operator_peak_rss_mb: f64,
     /// Churn phase: store changes (revisions) and every gRPC request etcd served meanwhile,
@@ -197,6 +199,7 @@ pub fn run(bin: &Path, nodes: usize, churn: Duration) -> ScaleFigures {
         let s = s.clone();
         async move { s[i % CONNECTIONS].set_requested(&node_name(i), requested(false)).await.expect("writing requested") }
     }));
+    let requested_written_seconds = started.elapsed().as_secs_f64();
     let want = POOLS.len() * 2;
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
@@ -272,6 +275,7 @@ pub fn run(bin: &Path, nodes: usize, churn: Duration) -> ScaleFigures {
         grants,
         seconds,
         register_seconds,
+        requested_written_seconds,
         operator_peak_rss_mb: peak_rss_mb(operator.0.id()),
         churn_changes,
         etcd_requests_per_change: (req_after - req_before) / churn_changes.max(1) as f64,
@@ -285,6 +289,7 @@ pub fn print(f: &ScaleFigures) {
     println!("| figure | value |\n|---|---:|");
     println!("| nodes registered | {:.2} s |", f.register_seconds);
     println!("| {} blocks granted, every node's watch saw its own | {:.2} s |", f.grants, f.seconds);
+    println!("| of which writing every node's `requested` | {:.2} s |", f.requested_written_seconds);
     println!("| operator peak RSS | {:.1} MB |", f.operator_peak_rss_mb);
     println!("| churn: etcd requests per change ({} changes) | {:.2} |", f.churn_changes, f.etcd_requests_per_change);
     println!("| churn: ADD p99 on the real agent ({} ADDs) | {:.2} ms |", f.churn_adds, f.add_p99_ms);

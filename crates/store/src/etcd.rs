@@ -90,6 +90,8 @@ pub struct EtcdStore {
     revision: watch::Sender<u64>,
     events: broadcast::Sender<StoreEvent>,
     fence: Option<Fence>,
+    /// Node records as this process last wrote or read them, so an update is one request.
+    nodes_seen: Arc<std::sync::Mutex<BTreeMap<String, Kv>>>,
 }
 
 /// What a fenced store compares in every write: the leader key is still bound to our lease.
@@ -152,6 +154,7 @@ impl EtcdStore {
             revision: watch::Sender::new(0),
             events: broadcast::Sender::new(crate::EVENT_BUFFER),
             fence: None,
+            nodes_seen: Arc::default(),
         };
         let rev = store.current_revision().await?;
         store.revision.send_replace(rev);
@@ -423,11 +426,21 @@ impl EtcdStore {
         self.txn(Txn::new().when(when).and_then(ops)).await
     }
 
+    /// Read-modify-write of a node record in one request when the record is as this process
+    /// last wrote or read it: the write compares the cached mod revision, and a lost compare
+    /// reads the key in the same transaction for the next try.
     async fn update_node(&self, name: &str, create: bool, change: impl Fn(&mut NodeRecord)) -> Result<(), StoreError> {
+        let cached = self.nodes_seen.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned();
+        let mut read = match cached {
+            Some(kv) => Some(kv),
+            // Registering guesses a new node; a wrong guess reads the record in the same request.
+            None if create => None,
+            None => self.get_one("nodes", name).await?,
+        };
         for _ in 0..RETRIES {
-            let read = self.get_one("nodes", name).await?;
             let old: Option<NodeRecord> = read.as_ref().map(|kv| decode("node", name, &kv.value)).transpose()?;
             if old.is_none() && !create {
+                self.nodes_seen.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
                 return Err(StoreError::NotFound(format!("node {name:?} is not registered")));
             }
             let mut new = old.clone().unwrap_or_else(|| NodeRecord { name: name.to_string(), ..Default::default() });
@@ -435,12 +448,31 @@ impl EtcdStore {
             if old.as_ref() == Some(&new) {
                 return Ok(());
             }
+            let key = self.key("nodes", name);
+            let value = encode(&new);
             let txn = Txn::new()
                 .when([self.unchanged("nodes", name, read.as_ref())])
-                .and_then([TxnOp::put(self.key("nodes", name), encode(&new), None)]);
-            if self.txn(txn).await? {
+                .and_then([TxnOp::put(key.as_str(), value.clone(), None)])
+                .or_else([TxnOp::get(key.as_str(), None)]);
+            let resp = self.txn_full(txn).await?;
+            let mut seen = self.nodes_seen.lock().unwrap_or_else(|p| p.into_inner());
+            if resp.succeeded() {
+                let mod_revision = resp.header().map_or(0, |h| h.revision());
+                seen.insert(name.to_string(), Kv { name: name.to_string(), value, mod_revision });
                 return Ok(());
             }
+            read = match resp.op_responses().into_iter().next() {
+                Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| Kv {
+                    name: name.to_string(),
+                    value: kv.value().to_vec(),
+                    mod_revision: kv.mod_revision(),
+                }),
+                _ => return Err(StoreError::Backend("etcd answered a transaction without its read".into())),
+            };
+            match &read {
+                Some(kv) => seen.insert(name.to_string(), kv.clone()),
+                None => seen.remove(name),
+            };
         }
         Err(StoreError::Backend(format!("node {name:?}: too many concurrent writers; try again")))
     }

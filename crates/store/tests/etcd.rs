@@ -354,6 +354,11 @@ async fn live_nodes_and_released_blocks() {
 
 /// etcd's count of answered Txn requests, from its /metrics.
 fn txn_count(etcd: &Etcd) -> f64 {
+    handled(etcd, "grpc_method=\"Txn\"")
+}
+
+/// etcd's count of answered requests whose metric line contains `filter`.
+fn handled(etcd: &Etcd, filter: &str) -> f64 {
     use std::io::{Read, Write};
     let addr = etcd.endpoint.trim_start_matches("http://");
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -361,7 +366,7 @@ fn txn_count(etcd: &Etcd) -> f64 {
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
     body.lines()
-        .filter(|l| l.starts_with("grpc_server_handled_total{") && l.contains("grpc_method=\"Txn\""))
+        .filter(|l| l.starts_with("grpc_server_handled_total{") && l.contains(filter))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -402,4 +407,32 @@ async fn grant_blocks_batches_and_a_lost_race_loses_only_its_block() {
     let out = store.grant_blocks(&[contract::grant("p", "10.0.0.0/28", "n3"), contract::grant("p", "10.0.0.192/28", "n3")]).await.unwrap();
     assert_eq!(out, vec![false, true]);
     assert!(store.grant_blocks(&[contract::grant("p", "10.0.0.0/28", "n1")]).await.unwrap()[0], "its own node takes it back");
+}
+
+/// A node's own updates cost one request each (the record as last written is compared, not
+/// read again); a record another writer changed meanwhile is read in the same transaction,
+/// and its change is kept.
+#[tokio::test]
+async fn a_node_update_is_one_request_and_loses_no_concurrent_change() {
+    let etcd = Etcd::start();
+    let (agent, operator) = (connect(&etcd).await, connect(&etcd).await);
+    let req = |n: u64| vec![allot_wire::PoolRequest { pool: "p".into(), needed: allot_wire::Needed { ipv4_addrs: n, ipv6_addrs: 0 } }];
+    let all = |etcd: &Etcd| handled(etcd, "grpc_type=\"unary\"");
+    let before = all(&etcd);
+    agent.register_node("n1", None).await.unwrap();
+    agent.set_requested("n1", req(8)).await.unwrap();
+    agent.set_requested("n1", req(9)).await.unwrap();
+    assert_eq!(all(&etcd) - before, 3.0, "register and two updates: one request each");
+
+    operator.set_operator_error("n1", Some("no room".into())).await.unwrap();
+    let before = all(&etcd);
+    agent.set_requested("n1", req(10)).await.unwrap();
+    assert_eq!(all(&etcd) - before, 2.0, "a lost compare reads in the same request, then writes");
+    let n = &agent.nodes().await.unwrap()[0];
+    assert_eq!((n.requested.clone(), n.operator_error.as_deref()), (req(10), Some("no room")));
+
+    // Deleted meanwhile: an update says so instead of writing a record back.
+    operator.delete_node("n1").await.unwrap();
+    assert!(matches!(agent.set_requested("n1", req(11)).await, Err(StoreError::NotFound(_))));
+    assert!(agent.nodes().await.unwrap().is_empty());
 }

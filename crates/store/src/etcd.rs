@@ -431,21 +431,29 @@ impl EtcdStore {
     /// reads the key in the same transaction for the next try.
     async fn update_node(&self, name: &str, create: bool, change: impl Fn(&mut NodeRecord)) -> Result<(), StoreError> {
         let cached = self.nodes_seen.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned();
-        let mut read = match cached {
-            Some(kv) => Some(kv),
+        // `read` is a guess (cached, or "absent" for a registration) until etcd confirmed it.
+        let (mut read, mut confirmed) = match cached {
+            Some(kv) => (Some(kv), false),
             // Registering guesses a new node; a wrong guess reads the record in the same request.
-            None if create => None,
-            None => self.get_one("nodes", name).await?,
+            None if create => (None, false),
+            None => (self.get_one("nodes", name).await?, true),
         };
         for _ in 0..RETRIES {
             let old: Option<NodeRecord> = read.as_ref().map(|kv| decode("node", name, &kv.value)).transpose()?;
+            let mut new = old.clone().unwrap_or_else(|| NodeRecord { name: name.to_string(), ..Default::default() });
+            change(&mut new);
+            let unchanged = old.as_ref() == Some(&new);
+            if (unchanged || (old.is_none() && !create)) && !confirmed {
+                // Nothing to write, or nothing to write to, by the guess: check it first.
+                read = self.get_one("nodes", name).await?;
+                confirmed = true;
+                continue;
+            }
             if old.is_none() && !create {
                 self.nodes_seen.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
                 return Err(StoreError::NotFound(format!("node {name:?} is not registered")));
             }
-            let mut new = old.clone().unwrap_or_else(|| NodeRecord { name: name.to_string(), ..Default::default() });
-            change(&mut new);
-            if old.as_ref() == Some(&new) {
+            if unchanged {
                 return Ok(());
             }
             let key = self.key("nodes", name);
@@ -473,6 +481,7 @@ impl EtcdStore {
                 Some(kv) => seen.insert(name.to_string(), kv.clone()),
                 None => seen.remove(name),
             };
+            confirmed = true;
         }
         Err(StoreError::Backend(format!("node {name:?}: too many concurrent writers; try again")))
     }

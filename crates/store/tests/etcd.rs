@@ -435,4 +435,9 @@ async fn a_node_update_is_one_request_and_loses_no_concurrent_change() {
     operator.delete_node("n1").await.unwrap();
     assert!(matches!(agent.set_requested("n1", req(11)).await, Err(StoreError::NotFound(_))));
     assert!(agent.nodes().await.unwrap().is_empty());
+    // Registering again writes the record, though it equals what this process wrote last.
+    agent.register_node("n1", None).await.unwrap();
+    operator.delete_node("n1").await.unwrap();
+    agent.register_node("n1", None).await.unwrap();
+    assert_eq!(agent.nodes().await.unwrap().len(), 1, "a registration trusted a stale copy");
 }

@@ -7,28 +7,43 @@ use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 
 use allot_core::{ApplyAction, BlockGrant, Pool};
-use allot_store::{Annotations, NodeRecord, Store, StoreError};
+use allot_store::{Annotations, NodeRecord, Snapshot, Store, StoreError, StoreEvent};
 use allot_wire::PoolRequest;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 pub struct LazyStore<S> {
     inner: OnceLock<Arc<S>>,
     revision: watch::Sender<u64>,
+    events: broadcast::Sender<StoreEvent>,
     what: String,
 }
 
 impl<S: Store> LazyStore<S> {
     /// `what` names the store in errors (for example the etcd endpoints).
     pub fn new(what: impl Into<String>) -> Self {
-        LazyStore { inner: OnceLock::new(), revision: watch::Sender::new(0), what: what.into() }
+        LazyStore { inner: OnceLock::new(), revision: watch::Sender::new(0), events: broadcast::Sender::new(allot_store::EVENT_BUFFER), what: what.into() }
     }
 
     /// Hands over the connected store and forwards its changes to this store's watchers.
     pub fn set(&self, store: Arc<S>) {
         let mut changes = store.watch();
+        let mut inner_events = store.events();
         if self.inner.set(store).is_err() {
             return;
         }
+        // Typed events pass through; subscribers read a snapshot first (the store can be read
+        // now), and again when this forwarder fell behind.
+        let events = self.events.clone();
+        let _ = events.send(StoreEvent::Resync);
+        tokio::spawn(async move {
+            loop {
+                match inner_events.recv().await {
+                    Ok(e) => drop(events.send(e)),
+                    Err(broadcast::error::RecvError::Lagged(_)) => drop(events.send(StoreEvent::Resync)),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
         // This store counts changes of its own: wake every follower now (the view can be read)
         // and on every change of the inner store.
         let revision = self.revision.clone();
@@ -111,7 +126,24 @@ impl<S: Store> Store for LazyStore<S> {
         self.inner()?.released_blocks().await
     }
 
+    async fn grant_blocks(&self, grants: &[BlockGrant]) -> Result<Vec<bool>, StoreError> {
+        self.inner()?.grant_blocks(grants).await
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        self.inner()?.snapshot().await
+    }
+
     fn watch(&self) -> watch::Receiver<u64> {
         self.revision.subscribe()
+    }
+
+    fn events(&self) -> broadcast::Receiver<StoreEvent> {
+        self.events.subscribe()
+    }
+
+    fn heard_unix(&self) -> Option<u64> {
+        // Not connected yet: never heard.
+        self.inner.get().map_or(Some(0), |s| s.heard_unix())
     }
 }

@@ -9,7 +9,7 @@ use allot_core::demand::{self, Pending};
 use allot_core::node_alloc::NodeAllocator;
 use allot_core::select::{self, Source};
 use allot_core::{BlockGrant, Family, PoolSpec};
-use allot_store::{Annotations, Store, StoreError};
+use allot_store::{Annotations, Change, ClusterView, Store, StoreError, StoreEvent};
 use allot_wire::{
     AddRequest, AllocatedIp, Allocation, Attachment, GcResponse, Needed, Owner, PoolRequest, PoolStatus, Readiness,
     RouteFailure, Status, StoreHealth,
@@ -91,9 +91,10 @@ pub struct Node<S> {
     /// Woken when a block arrives or an address is freed: waiting ADDs retry.
     room_changed: Notify,
     demand_changed: Notify,
-    /// Serialises reading the node's blocks from the store with giving blocks back, so a
-    /// refresh that read the grants before a release cannot re-add the released block.
-    blocks_sync: tokio::sync::Mutex<()>,
+    /// The cluster view kept current by the store's events (None until first read). Its lock
+    /// serialises applying it with giving blocks back, so a view that still lists a released
+    /// block cannot re-add it.
+    blocks_sync: tokio::sync::Mutex<Option<ClusterView>>,
     /// Failed direct routes, written by the routes loop (cluster mode).
     pub(crate) route_failures: Mutex<Vec<RouteFailure>>,
 }
@@ -146,7 +147,7 @@ impl<S: Store> Node<S> {
             records,
             room_changed: Notify::new(),
             demand_changed: Notify::new(),
-            blocks_sync: tokio::sync::Mutex::new(()),
+            blocks_sync: tokio::sync::Mutex::new(None),
             route_failures: Mutex::new(Vec::new()),
         });
         node.restore(replay, saved.unwrap_or_default());
@@ -297,11 +298,41 @@ impl<S: Store> Node<S> {
     }
 
     async fn refresh_inner(&self) -> Result<(), StoreError> {
-        let _sync = self.blocks_sync.lock().await;
-        let pools = self.store.pools().await?;
-        let namespaces = self.store.namespaces().await?;
-        let grants = self.store.grants().await?;
-        let record = self.store.nodes().await?.into_iter().find(|n| n.name == self.cfg.node);
+        let mut view = self.blocks_sync.lock().await;
+        let snapshot = self.store.snapshot().await?;
+        // Other nodes' records matter only for direct routes.
+        let focus = (!self.cfg.direct_routes).then_some(self.cfg.node.as_str());
+        *view = Some(ClusterView::new(snapshot, focus));
+        self.settle(view.as_mut().expect("set above")).await
+    }
+
+    /// Takes in changes from the store's events; the node's state follows when they concern
+    /// it (pools, namespaces, its own record and blocks). Others' blocks only move counts.
+    async fn apply_changes(&self, changes: &[(u64, Change)]) -> Result<(), StoreError> {
+        let mut guard = self.blocks_sync.lock().await;
+        let Some(view) = guard.as_mut() else { return Ok(()) };
+        let me = self.cfg.node.as_str();
+        let applied = view.apply_all(changes);
+        let concerns = applied.iter().any(|c| match c {
+            Change::Pool { .. } | Change::Namespace { .. } => true,
+            Change::Node { name, .. } => name == me,
+            Change::Block { pool, cidr, node } => node.as_deref() == Some(me) || self.lock().alloc.holds(pool, cidr),
+            Change::Alive { .. } | Change::Released { .. } => false,
+        });
+        if concerns {
+            self.settle(view).await
+        } else {
+            if applied.iter().any(|c| matches!(c, Change::Block { .. })) {
+                self.lock().cluster_blocks = view.counts().clone();
+            }
+            Ok(())
+        }
+    }
+
+    /// Brings the node's state in line with `view`: its blocks, pools, namespaces, operator
+    /// status; claims back blocks its pods still use; registers again if its record is gone.
+    async fn settle(&self, view: &mut ClusterView) -> Result<(), StoreError> {
+        let record = view.nodes.get(&self.cfg.node).cloned();
         if record.is_none() {
             // The node was deleted while this agent runs: register it again, with its demand.
             tracing::warn!(node = %self.cfg.node, "node record missing; registering again");
@@ -309,13 +340,9 @@ impl<S: Store> Node<S> {
             let requested = self.requested(&self.lock());
             self.store.set_requested(&self.cfg.node, requested).await?;
         }
-        let mut cluster_blocks: BTreeMap<(String, Family), u64> = BTreeMap::new();
-        for g in &grants {
-            *cluster_blocks.entry((g.pool.clone(), Family::of(&g.cidr))).or_default() += 1;
-        }
-        let mine: HashSet<(&str, IpNet)> =
-            grants.iter().filter(|g| g.node == self.cfg.node).map(|g| (g.pool.as_str(), g.cidr)).collect();
-        let (changed, reclaim) = self.apply_view(pools, namespaces, record, &mine, cluster_blocks);
+        let mine: HashSet<(&str, IpNet)> = view.blocks_of(&self.cfg.node).collect();
+        let (changed, reclaim) =
+            self.apply_view(view.pool_list(), view.namespaces.clone(), record, &mine, view.counts().clone());
         // Every block is tried, whatever happens to the others; the first error is returned.
         let mut failed = None;
         for (pool, block) in reclaim {
@@ -323,6 +350,7 @@ impl<S: Store> Node<S> {
             match self.store.grant_block(&grant).await {
                 Ok(true) => {
                     tracing::warn!(%pool, %block, "re-claimed a block that holds this node's allocations");
+                    view.note_granted(&grant);
                     let mut st = self.lock();
                     if st.alloc.holds(&pool, &block) {
                         st.alloc.set_draining(&pool, &block, false);
@@ -350,13 +378,10 @@ impl<S: Store> Node<S> {
             }
         }
         self.save_view();
-        if let Some(e) = failed {
-            return Err(e);
-        }
         if changed {
             self.room_changed.notify_waiters();
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     /// Writes the view to `VIEW_FILE` when it changed (written aside, synced, renamed); false
@@ -368,7 +393,7 @@ impl<S: Store> Node<S> {
                 pools: st.pools.clone(),
                 namespaces: st.namespaces.clone(),
                 blocks: st.alloc.block_list().filter(|(_, b)| !b.draining).map(|(p, b)| (p.to_string(), b.net)).collect(),
-                confirmed_at: st.confirmed_at,
+                confirmed_at: self.confirmed(&st),
             };
             // The confirmation time alone is rewritten only now and then: it matters in minutes.
             let unchanged = st.saved.as_ref().is_some_and(|old| {
@@ -778,12 +803,23 @@ impl<S: Store> Node<S> {
         }
     }
 
+    /// Unix seconds as of which the node's view is known current: its last read from the store,
+    /// or, while it follows the store's watch, the watch's last answer if that is older (a
+    /// silent partition stops it). Before the first connection, the saved view's time.
+    fn confirmed(&self, st: &State) -> u64 {
+        match self.store.heard_unix() {
+            Some(heard) if st.connected => st.confirmed_at.min(heard),
+            _ => st.confirmed_at,
+        }
+    }
+
     /// Why the node's blocks may not be used for new addresses: the store has not confirmed
     /// them within `max_view_age` (the operator may have removed the node and given them away).
     fn stale_view(&self, st: &State) -> Option<String> {
-        let age = now_unix().saturating_sub(st.confirmed_at);
+        let confirmed = self.confirmed(st);
+        let age = now_unix().saturating_sub(confirmed);
         (age > self.cfg.max_view_age.as_secs()).then(|| {
-            let when = if st.confirmed_at == 0 { "has not confirmed this node's blocks yet".to_string() } else {
+            let when = if confirmed == 0 { "has not confirmed this node's blocks yet".to_string() } else {
                 format!("last confirmed this node's blocks {age}s ago, more than --max-view-age {:?}", self.cfg.max_view_age)
             };
             format!(
@@ -861,7 +897,7 @@ impl<S: Store> Node<S> {
 
     /// Gives back empty blocks while what stays still covers the demand.
     async fn release_unused_blocks(&self) -> Result<(), StoreError> {
-        let _sync = self.blocks_sync.lock().await;
+        let mut view = self.blocks_sync.lock().await;
         let candidates: Vec<(String, IpNet)> = {
             let mut st = self.lock();
             // Before the first read from the store, the blocks are the saved view's.
@@ -899,6 +935,9 @@ impl<S: Store> Node<S> {
             match result {
                 Ok(_) => {
                     st.alloc.remove_block(&pool, &block);
+                    if let Some(v) = view.as_mut() {
+                        v.forget_block(&pool, &block);
+                    }
                     tracing::info!(%pool, %block, "released unused block");
                 }
                 Err(e) => {
@@ -910,9 +949,16 @@ impl<S: Store> Node<S> {
         Ok(())
     }
 
-    /// Connects to the store (retrying with backoff while it is away), then follows it: every
-    /// change refreshes pools, namespaces and this node's blocks.
+    /// Connects to the store (retrying with backoff while it is away), then follows its
+    /// events: the view is read whole only at start, when events were missed (a lagging
+    /// subscriber, a watch re-created past a compaction), after a failure, and every
+    /// `FULL_READ`; in between, every 30 s the node settles from its view (retrying claims).
     pub async fn watch_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        const FULL_READ: Duration = Duration::from_secs(300);
+        const SETTLE: Duration = Duration::from_secs(30);
+        const TICK: Duration = Duration::from_secs(1);
+        // Subscribed before the first read: nothing between the read and the events is missed.
+        let mut events = self.store.events();
         let mut changes = self.store.watch();
         let mut backoff = Duration::from_millis(100);
         while !self.lock().connected {
@@ -927,16 +973,61 @@ impl<S: Store> Node<S> {
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+        let mut last_read = Instant::now();
+        let mut last_settle = Instant::now();
+        let mut full = false;
         loop {
-            tokio::select! {
-                r = changes.changed() => if r.is_err() { return },
-                _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+            let event = tokio::select! {
+                e = events.recv() => Some(e),
+                _ = tokio::time::sleep(TICK) => None,
                 _ = shutdown.changed() => return,
+            };
+            // Away from the store, or with a view too old to hand out addresses from, read it
+            // again at once: new addresses wait for that. Otherwise settle every `SETTLE`.
+            let behind = {
+                let st = self.lock();
+                !st.store.reachable || self.stale_view(&st).is_some()
+            };
+            if event.is_none() && !full && !behind && last_settle.elapsed() < SETTLE {
+                continue;
             }
-            changes.borrow_and_update();
-            if let Err(e) = self.refresh().await {
-                tracing::warn!(error = %e, "refreshing from the cluster store failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+            if event.is_none() {
+                last_settle = Instant::now();
+            }
+            use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+            // Ok(true): read the whole view again.
+            let r = match event {
+                // An event proves the store reachable again after a failed call.
+                Some(Ok(StoreEvent::Changes(c))) if !full => self.apply_changes(&c).await.map(|()| self.note_store_ok()).map(|()| false),
+                Some(Ok(StoreEvent::Changes(_))) => Ok(true),
+                Some(Ok(StoreEvent::Resync) | Err(RecvError::Lagged(_))) => Ok(true),
+                Some(Err(RecvError::Closed)) => return,
+                // While a call failed and no event came since, a read tells whether it is back.
+                None if !full && !behind && last_read.elapsed() < FULL_READ => {
+                    let mut guard = self.blocks_sync.lock().await;
+                    match guard.as_mut() {
+                        Some(view) => self.settle(view).await.map(|()| false),
+                        None => Ok(true),
+                    }
+                }
+                None => Ok(true),
+            };
+            match r {
+                Ok(again) => full |= again,
+                Err(e) => {
+                    tracing::warn!(error = %e, "following the cluster store failed; reading it again");
+                    self.observe::<()>(&Err(e));
+                    full = true;
+                }
+            }
+            if full {
+                // What is queued now is older than the read below; what comes after is not.
+                while !matches!(events.try_recv(), Err(TryRecvError::Empty | TryRecvError::Closed)) {}
+                last_read = Instant::now();
+                match self.refresh().await {
+                    Ok(()) => full = false,
+                    Err(e) => tracing::warn!(error = %e, "refreshing from the cluster store failed; retrying"),
+                }
             }
         }
     }

@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use allot_store::Store;
+use allot_store::{ClusterView, Store, StoreEvent};
 use allot_wire::RouteFailure;
 use futures_util::TryStreamExt;
 use ipnet::IpNet;
@@ -21,19 +21,15 @@ use crate::Node;
 pub const ROUTE_PROTOCOL: u8 = 0xa1;
 
 /// The routes this node should have: other nodes' blocks via their IPs, with the node's name.
-pub async fn wanted<S: Store>(store: &S, me: &str) -> Result<BTreeMap<IpNet, (IpAddr, String)>, allot_store::StoreError> {
-    let nodes = store.nodes().await?;
-    let ips: BTreeMap<&str, IpAddr> = nodes.iter().filter_map(|n| n.ip.map(|ip| (n.name.as_str(), ip))).collect();
-    Ok(store
-        .grants()
-        .await?
-        .into_iter()
-        .filter(|g| g.node != me)
-        .filter_map(|g| {
-            let via = *ips.get(g.node.as_str())?;
-            (via.is_ipv4() == g.cidr.addr().is_ipv4()).then_some((g.cidr, (via, g.node)))
+pub fn wanted(view: &ClusterView, me: &str) -> BTreeMap<IpNet, (IpAddr, String)> {
+    view.blocks
+        .iter()
+        .filter(|(_, node)| node.as_str() != me)
+        .filter_map(|((_, cidr), node)| {
+            let via = view.nodes.get(node)?.ip?;
+            (via.is_ipv4() == cidr.addr().is_ipv4()).then(|| (*cidr, (via, node.clone())))
         })
-        .collect())
+        .collect()
 }
 
 fn ours(msg: &RouteMessage) -> Option<(IpNet, Option<IpAddr>)> {
@@ -147,11 +143,20 @@ pub async fn run<S: Store>(store: Arc<S>, node: Arc<Node<S>>, mut stop: watch::R
         }
     };
     tokio::spawn(connection);
-    let mut changes = store.watch();
+    // A view of every block and node, read once and kept by the store's events.
+    let mut events = store.events();
+    let mut view: Option<ClusterView> = None;
     loop {
-        changes.borrow_and_update();
-        match wanted(&*store, &me).await {
-            Ok(want) => match sync(&handle, &want).await {
+        if view.is_none() {
+            match store.snapshot().await {
+                Ok(s) => view = Some(ClusterView::new(s, None)),
+                // With the store away, keep the routes as they are.
+                Err(e) => tracing::warn!(error = %e, "reading blocks for direct routes failed; retrying"),
+            }
+        }
+        if let Some(v) = &view {
+            let want = wanted(v, &me);
+            match sync(&handle, &want).await {
                 Ok(report) => {
                     if report.added + report.removed > 0 {
                         tracing::info!(added = report.added, removed = report.removed, routes = want.len(), "direct node routes updated");
@@ -162,14 +167,32 @@ pub async fn run<S: Store>(store: Arc<S>, node: Arc<Node<S>>, mut stop: watch::R
                     *node.route_failures.lock().unwrap_or_else(|p| p.into_inner()) = report.failures;
                 }
                 Err(e) => tracing::warn!(error = %e, "reading the kernel's routes failed; retrying"),
-            },
-            // With the store away, keep the routes as they are.
-            Err(e) => tracing::warn!(error = %e, "reading blocks for direct routes failed; retrying"),
+            }
         }
-        tokio::select! {
-            r = changes.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+        let wait = if view.is_some() { Duration::from_secs(10) } else { Duration::from_secs(1) };
+        let mut next = tokio::select! {
+            e = events.recv() => Some(e),
+            _ = tokio::time::sleep(wait) => None,
             _ = stop.changed() => return,
+        };
+        // Take in the whole burst before syncing.
+        while let Some(e) = next {
+            use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+            match e {
+                Ok(StoreEvent::Changes(c)) => {
+                    if let Some(v) = view.as_mut() {
+                        v.apply_all(&c);
+                    }
+                }
+                Ok(StoreEvent::Resync) | Err(RecvError::Lagged(_)) => view = None,
+                Err(RecvError::Closed) => return,
+            }
+            next = match events.try_recv() {
+                Ok(e) => Some(Ok(e)),
+                Err(TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
+                Err(TryRecvError::Closed) => Some(Err(RecvError::Closed)),
+                Err(TryRecvError::Empty) => None,
+            };
         }
     }
 }

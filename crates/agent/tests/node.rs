@@ -152,6 +152,12 @@ impl Store for FlakyGrants {
     fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.watch()
     }
+    async fn snapshot(&self) -> Result<allot_store::Snapshot, StoreError> {
+        self.inner.snapshot().await
+    }
+    fn events(&self) -> tokio::sync::broadcast::Receiver<allot_store::StoreEvent> {
+        self.inner.events()
+    }
 }
 
 /// A block taken from the node while its pods use it is claimed back; a claim that fails (the

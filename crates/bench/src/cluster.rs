@@ -22,7 +22,7 @@ pub struct ClusterFigures {
     pub standalone_seconds: f64,
 }
 
-struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -31,13 +31,13 @@ impl Drop for Proc {
     }
 }
 
-fn allot(bin: &Path) -> Command {
+pub(crate) fn allot(bin: &Path) -> Command {
     let mut c = Command::new(bin.join("allot"));
     c.env("RUST_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::null());
     c
 }
 
-fn wait_ready(socket: &Path) {
+pub(crate) fn wait_ready(socket: &Path) {
     let client = Client::new(socket, Duration::from_secs(5));
     let deadline = Instant::now() + Duration::from_secs(60);
     while !client.get::<Status>("/v1/status").is_ok_and(|s| s.ready) {
@@ -47,7 +47,7 @@ fn wait_ready(socket: &Path) {
 }
 
 /// Sum of etcd's `grpc_server_handled_total`: every gRPC request it has answered.
-fn etcd_requests(endpoint: &str) -> f64 {
+pub(crate) fn etcd_requests(endpoint: &str) -> f64 {
     use std::io::{Read, Write};
     let addr = endpoint.trim_start_matches("http://");
     let mut s = std::net::TcpStream::connect(addr).expect("etcd metrics");

@@ -17,6 +17,7 @@ use serde_json::json;
 
 mod chart;
 mod cluster;
+mod scale;
 mod inproc;
 
 const HOST_LOCAL: &str = "/usr/lib/cni/host-local";
@@ -70,14 +71,29 @@ struct Report {
     concurrency: Option<Concurrency>,
     core: Option<inproc::CoreFigures>,
     cluster: Option<cluster::ClusterFigures>,
+    etcd_scale: Option<scale::ScaleFigures>,
+    /// etcd requests per change with `--per-change-agents` idle agents following the store.
+    etcd_requests_per_change: Option<PerChange>,
+}
+
+#[derive(Debug, Serialize)]
+struct PerChange {
+    agents: usize,
+    allot: PathBuf,
+    requests_per_change: f64,
 }
 
 struct Args {
     ops: usize,
     levels: Vec<usize>,
     out: PathBuf,
-    /// Parts to run: exec, core, cluster (all by default).
+    /// Parts to run: exec, core, cluster, etcd-scale, per-change (all by default).
     only: Vec<String>,
+    etcd_nodes: usize,
+    churn_seconds: u64,
+    per_change_agents: usize,
+    /// Where the `allot` binary the cluster parts start lives (default: beside this one).
+    allot_bin: PathBuf,
 }
 
 impl Args {
@@ -87,7 +103,16 @@ impl Args {
 }
 
 fn parse_args() -> Args {
-    let mut a = Args { ops: 200, levels: vec![10, 1_000, 10_000], out: PathBuf::from("bench-out"), only: Vec::new() };
+    let mut a = Args {
+        ops: 200,
+        levels: vec![10, 1_000, 10_000],
+        out: PathBuf::from("bench-out"),
+        only: Vec::new(),
+        etcd_nodes: 5_000,
+        churn_seconds: 5,
+        per_change_agents: 20,
+        allot_bin: bin_dir(),
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut val = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -96,6 +121,10 @@ fn parse_args() -> Args {
             "--levels" => a.levels = val().split(',').map(|s| s.parse().expect("--levels N,N,...")).collect(),
             "--out" => a.out = PathBuf::from(val()),
             "--only" => a.only = val().split(',').map(String::from).collect(),
+            "--etcd-nodes" => a.etcd_nodes = val().parse().expect("--etcd-nodes N"),
+            "--churn-seconds" => a.churn_seconds = val().parse().expect("--churn-seconds N"),
+            "--per-change-agents" => a.per_change_agents = val().parse().expect("--per-change-agents N"),
+            "--allot-bin" => a.allot_bin = PathBuf::from(val()),
             "--chart-from" => {
                 // Redraw the chart from a results.json of an earlier run.
                 let path = PathBuf::from(val());
@@ -111,7 +140,9 @@ fn parse_args() -> Args {
                 std::process::exit(0);
             }
             "-h" | "--help" => {
-                println!("allot-bench [--ops N] [--levels 10,1000,10000] [--out DIR] [--only exec,core,cluster]");
+                println!(
+                    "allot-bench [--ops N] [--levels 10,1000,10000] [--out DIR] [--only exec,core,cluster,etcd-scale,per-change]\n            [--etcd-nodes 5000] [--churn-seconds 5] [--per-change-agents 20] [--allot-bin DIR]"
+                );
                 std::process::exit(0);
             }
             other => panic!("unknown flag {other}"),
@@ -380,11 +411,19 @@ fn print_tables(r: &Report) {
     if let Some(c) = &r.cluster {
         cluster::print(c);
     }
+    if let Some(f) = &r.etcd_scale {
+        scale::print(f);
+    }
+    if let Some(p) = &r.etcd_requests_per_change {
+        println!("\n## etcd requests per change ({} idle agents, `{}`): {:.2}", p.agents, p.allot.display(), p.requests_per_change);
+    }
 }
 
 fn main() {
     let args = parse_args();
-    assert!(Path::new(HOST_LOCAL).exists(), "needs Debian's containernetworking-plugins (scripts/bench.sh installs it)");
+    if args.runs("exec") {
+        assert!(Path::new(HOST_LOCAL).exists(), "needs Debian's containernetworking-plugins (scripts/bench.sh installs it)");
+    }
     std::fs::create_dir_all(&args.out).unwrap();
 
     let core = args.runs("core").then(|| {
@@ -413,10 +452,23 @@ fn main() {
 
     let cluster = args.runs("cluster").then(|| {
         eprintln!("cluster: 30 agents, 3,000 pods over one etcd ...");
-        cluster::run(&bin_dir(), 30, 3_000)
+        cluster::run(&args.allot_bin, 30, 3_000)
     });
 
-    let report = Report { exec: exec_points, concurrency: conc, core, cluster };
+    let etcd_scale = args.runs("etcd-scale").then(|| {
+        eprintln!("etcd at scale: {} simulated nodes ...", args.etcd_nodes);
+        scale::run(&args.allot_bin, args.etcd_nodes, Duration::from_secs(args.churn_seconds))
+    });
+    let per_change = args.runs("per-change").then(|| {
+        eprintln!("etcd requests per change with {} idle agents ...", args.per_change_agents);
+        PerChange {
+            agents: args.per_change_agents,
+            allot: args.allot_bin.clone(),
+            requests_per_change: scale::per_change(&args.allot_bin, args.per_change_agents, 20),
+        }
+    });
+
+    let report = Report { exec: exec_points, concurrency: conc, core, cluster, etcd_scale, etcd_requests_per_change: per_change };
     print_tables(&report);
     let json_path = args.out.join("results.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&report).unwrap()).unwrap();

@@ -11,15 +11,16 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 use allot_core::{ApplyAction, BlockGrant, Pool, PoolSpec, pool as rules};
 use allot_wire::PoolRequest;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
-use crate::{Annotations, NodeRecord, Store, StoreError, block_fits};
+use crate::{Annotations, Change, NodeRecord, Snapshot, Store, StoreError, StoreEvent, block_fits};
 
 const POOLS: TableDefinition<&str, &[u8]> = TableDefinition::new("pools");
 const BLOCKS: TableDefinition<&str, &str> = TableDefinition::new("blocks");
@@ -52,6 +53,7 @@ fn parse_block_key(key: &str, node: &str) -> Result<BlockGrant, StoreError> {
 pub struct EmbeddedStore {
     db: Database,
     revision: watch::Sender<u64>,
+    events: broadcast::Sender<StoreEvent>,
 }
 
 /// Whether a write changed anything; an unchanged write is aborted and wakes no watcher.
@@ -75,7 +77,7 @@ impl EmbeddedStore {
             meta.get("revision").map_err(backend)?.map_or(0, |v| v.value())
         };
         txn.commit().map_err(backend)?;
-        Ok(EmbeddedStore { db, revision: watch::Sender::new(revision) })
+        Ok(EmbeddedStore { db, revision: watch::Sender::new(revision), events: broadcast::Sender::new(crate::EVENT_BUFFER) })
     }
 
     fn read<T>(&self, f: impl FnOnce(&redb::ReadTransaction) -> Result<T, StoreError>) -> Result<T, StoreError> {
@@ -83,10 +85,16 @@ impl EmbeddedStore {
         f(&txn)
     }
 
-    fn write<T>(&self, f: impl FnOnce(&WriteTransaction) -> Result<Outcome<T>, StoreError>) -> Result<T, StoreError> {
+    /// Runs `f` in one write transaction; the changes it lists are published with the new
+    /// revision once committed.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&WriteTransaction, &mut Vec<Change>) -> Result<Outcome<T>, StoreError>,
+    ) -> Result<T, StoreError> {
         let mut txn = self.db.begin_write().map_err(backend)?;
         txn.set_durability(Durability::Immediate).map_err(backend)?;
-        match f(&txn) {
+        let mut changes = Vec::new();
+        match f(&txn, &mut changes) {
             Ok(Outcome::Changed(v)) => {
                 let rev = {
                     let mut meta = txn.open_table(META).map_err(backend)?;
@@ -95,6 +103,8 @@ impl EmbeddedStore {
                     rev
                 };
                 txn.commit().map_err(backend)?;
+                // No subscriber is not an error.
+                let _ = self.events.send(StoreEvent::Changes(Arc::new(changes.into_iter().map(|c| (rev, c)).collect())));
                 self.revision.send_replace(rev);
                 Ok(v)
             }
@@ -142,6 +152,7 @@ fn get_node(table: &Table<&str, &[u8]>, name: &str) -> Result<Option<NodeRecord>
 /// Reads a node, applies `change`, writes it back when it differs.
 fn update_node(
     txn: &WriteTransaction,
+    changes: &mut Vec<Change>,
     name: &str,
     create: bool,
     change: impl FnOnce(&mut NodeRecord),
@@ -157,12 +168,13 @@ fn update_node(
         return Ok(Outcome::Unchanged(()));
     }
     nodes.insert(name, encode(&new).as_slice()).map_err(backend)?;
+    changes.push(Change::Node { name: name.to_string(), record: Some(new) });
     Ok(Outcome::Changed(()))
 }
 
 impl EmbeddedStore {
     fn apply_pools_sync(&self, incoming: Vec<Pool>) -> Result<Vec<ApplyAction>, StoreError> {
-        self.write(|txn| {
+        self.write(|txn, changes| {
             let mut pools = txn.open_table(POOLS).map_err(backend)?;
             let existing = read_pools(&pools)?;
             let grants = read_grants(&txn.open_table(BLOCKS).map_err(backend)?)?;
@@ -171,6 +183,7 @@ impl EmbeddedStore {
             for (pool, action) in incoming.iter().zip(&actions) {
                 if *action != ApplyAction::Unchanged {
                     pools.insert(pool.name.as_str(), encode(&pool.spec).as_slice()).map_err(backend)?;
+                    changes.push(Change::Pool { name: pool.name.clone(), spec: Some(pool.spec.clone()) });
                     changed = true;
                 }
             }
@@ -179,7 +192,7 @@ impl EmbeddedStore {
     }
 
     fn delete_pool_sync(&self, name: &str) -> Result<(), StoreError> {
-        self.write(|txn| {
+        self.write(|txn, changes| {
             let mut pools = txn.open_table(POOLS).map_err(backend)?;
             if pools.get(name).map_err(backend)?.is_none() {
                 return Err(StoreError::NotFound(format!("pool {name:?} not found")));
@@ -187,12 +200,13 @@ impl EmbeddedStore {
             let grants = read_grants(&txn.open_table(BLOCKS).map_err(backend)?)?;
             rules::validate_delete(name, &grants)?;
             pools.remove(name).map_err(backend)?;
+            changes.push(Change::Pool { name: name.to_string(), spec: None });
             Ok(Outcome::Changed(()))
         })
     }
 
     fn grant_block_sync(&self, grant: &BlockGrant) -> Result<bool, StoreError> {
-        self.write(|txn| {
+        self.write(|txn, changes| {
             let pools = txn.open_table(POOLS).map_err(backend)?;
             let Some(spec) = pools.get(grant.pool.as_str()).map_err(backend)? else {
                 return Ok(Outcome::Unchanged(false));
@@ -207,12 +221,13 @@ impl EmbeddedStore {
                 return Ok(Outcome::Unchanged(false));
             }
             blocks.insert(key.as_str(), grant.node.as_str()).map_err(backend)?;
+            changes.push(Change::Block { pool: grant.pool.clone(), cidr: grant.cidr, node: Some(grant.node.clone()) });
             Ok(Outcome::Changed(true))
         })
     }
 
     fn release_block_sync(&self, grant: &BlockGrant) -> Result<bool, StoreError> {
-        self.write(|txn| {
+        self.write(|txn, changes| {
             let mut blocks = txn.open_table(BLOCKS).map_err(backend)?;
             let key = block_key(&grant.pool, &grant.cidr);
             let held_by_node = blocks.get(key.as_str()).map_err(backend)?.is_some_and(|v| v.value() == grant.node);
@@ -220,19 +235,24 @@ impl EmbeddedStore {
                 return Ok(Outcome::Unchanged(false));
             }
             blocks.remove(key.as_str()).map_err(backend)?;
+            changes.push(Change::Block { pool: grant.pool.clone(), cidr: grant.cidr, node: None });
             Ok(Outcome::Changed(true))
         })
     }
 
     fn delete_node_sync(&self, name: &str) -> Result<Vec<BlockGrant>, StoreError> {
-        self.write(|txn| {
+        self.write(|txn, changes| {
             let mut nodes = txn.open_table(NODES).map_err(backend)?;
             let existed = nodes.remove(name).map_err(backend)?.is_some();
+            if existed {
+                changes.push(Change::Node { name: name.to_string(), record: None });
+            }
             let mut blocks = txn.open_table(BLOCKS).map_err(backend)?;
             let released: Vec<BlockGrant> =
                 read_grants(&blocks)?.into_iter().filter(|g| g.node == name).collect();
             for g in &released {
                 blocks.remove(block_key(&g.pool, &g.cidr).as_str()).map_err(backend)?;
+                changes.push(Change::Block { pool: g.pool.clone(), cidr: g.cidr, node: None });
             }
             if !existed && released.is_empty() {
                 return Err(StoreError::NotFound(format!("node {name:?} not found")));
@@ -242,7 +262,7 @@ impl EmbeddedStore {
     }
 
     fn annotate_sync(&self, ns: &str, set: Annotations, remove: Vec<String>) -> Result<Annotations, StoreError> {
-        self.write(|txn| {
+        self.write(|txn, changes| {
             let mut table = txn.open_table(NAMESPACES).map_err(backend)?;
             let old: Annotations =
                 table.get(ns).map_err(backend)?.map(|v| decode("namespace", ns, v.value())).transpose()?.unwrap_or_default();
@@ -259,6 +279,7 @@ impl EmbeddedStore {
             } else {
                 table.insert(ns, encode(&new).as_slice()).map_err(backend)?;
             }
+            changes.push(Change::Namespace { name: ns.to_string(), annotations: (!new.is_empty()).then(|| new.clone()) });
             Ok(Outcome::Changed(new))
         })
     }
@@ -297,8 +318,8 @@ impl Store for EmbeddedStore {
     }
 
     fn register_node(&self, name: &str, ip: Option<IpAddr>) -> impl Future<Output = Result<(), StoreError>> + Send {
-        std::future::ready(self.write(|txn| {
-            update_node(txn, name, true, |n| {
+        std::future::ready(self.write(|txn, changes| {
+            update_node(txn, changes, name, true, |n| {
                 if ip.is_some() {
                     n.ip = ip;
                 }
@@ -307,11 +328,11 @@ impl Store for EmbeddedStore {
     }
 
     fn set_requested(&self, name: &str, requested: Vec<PoolRequest>) -> impl Future<Output = Result<(), StoreError>> + Send {
-        std::future::ready(self.write(|txn| update_node(txn, name, false, |n| n.requested = requested)))
+        std::future::ready(self.write(|txn, changes| update_node(txn, changes, name, false, |n| n.requested = requested)))
     }
 
     fn set_operator_error(&self, name: &str, error: Option<String>) -> impl Future<Output = Result<(), StoreError>> + Send {
-        std::future::ready(self.write(|txn| update_node(txn, name, false, |n| n.operator_error = error)))
+        std::future::ready(self.write(|txn, changes| update_node(txn, changes, name, false, |n| n.operator_error = error)))
     }
 
     fn delete_node(&self, name: &str) -> impl Future<Output = Result<Vec<BlockGrant>, StoreError>> + Send {
@@ -333,7 +354,25 @@ impl Store for EmbeddedStore {
         std::future::ready(self.annotate_sync(namespace, set, remove))
     }
 
+    fn snapshot(&self) -> impl Future<Output = Result<Snapshot, StoreError>> + Send {
+        std::future::ready(self.read(|t| {
+            Ok(Snapshot {
+                revision: t.open_table(META).map_err(backend)?.get("revision").map_err(backend)?.map_or(0, |v| v.value()),
+                pools: read_pools(&t.open_table(POOLS).map_err(backend)?)?,
+                grants: read_grants(&t.open_table(BLOCKS).map_err(backend)?)?,
+                nodes: all::<NodeRecord>("node", &t.open_table(NODES).map_err(backend)?)?.into_iter().map(|(_, n)| n).collect(),
+                namespaces: all::<Annotations>("namespace", &t.open_table(NAMESPACES).map_err(backend)?)?.into_iter().collect(),
+                live: None,
+                released: Vec::new(),
+            })
+        }))
+    }
+
     fn watch(&self) -> watch::Receiver<u64> {
         self.revision.subscribe()
+    }
+
+    fn events(&self) -> broadcast::Receiver<StoreEvent> {
+        self.events.subscribe()
     }
 }

@@ -15,23 +15,29 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use allot_core::{ApplyAction, BlockGrant, Pool, PoolSpec, pool as rules};
 use allot_wire::PoolRequest;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
     WatchOptions,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 
-use crate::{Annotations, NodeRecord, Store, StoreError, block_fits};
+use crate::{Annotations, Change, NodeRecord, Snapshot, Store, StoreError, StoreEvent, block_fits};
 
 /// How many times a transaction that lost a race is retried before giving up.
 const RETRIES: usize = 32;
+/// Grants per batched transaction: one compare each plus two stay under etcd's default
+/// `--max-txn-ops` (128).
+const GRANT_BATCH: usize = 120;
+/// Batched grant transactions in flight at once (etcd commits concurrent ones together).
+const GRANTS_IN_FLIGHT: usize = 4;
 
 /// Where etcd is and how to reach it.
 #[derive(Debug, Clone)]
@@ -82,7 +88,12 @@ pub struct EtcdStore {
     timeout: Duration,
     release_grace: Duration,
     revision: watch::Sender<u64>,
+    events: broadcast::Sender<StoreEvent>,
     fence: Option<Fence>,
+    /// Node records as this process last wrote or read them, so an update is one request.
+    nodes_seen: Arc<std::sync::Mutex<BTreeMap<String, Kv>>>,
+    /// Unix seconds of the watch's last answer (see `Store::heard_unix`).
+    heard: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// What a fenced store compares in every write: the leader key is still bound to our lease.
@@ -143,9 +154,13 @@ impl EtcdStore {
             timeout: cfg.timeout,
             release_grace: cfg.release_grace,
             revision: watch::Sender::new(0),
+            events: broadcast::Sender::new(crate::EVENT_BUFFER),
             fence: None,
+            nodes_seen: Arc::default(),
+            heard: Arc::default(),
         };
         let rev = store.current_revision().await?;
+        store.note_heard();
         store.revision.send_replace(rev);
         tokio::spawn(store.clone().follow(rev as i64 + 1, cfg.watch_silence));
         Ok(store)
@@ -280,6 +295,11 @@ impl EtcdStore {
         });
     }
 
+    fn note_heard(&self) {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.heard.store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Publishes the revision of every change under the prefix, watching from `start`. The
     /// watch asks for progress every third of `silence`; one that stays silent that long (a
     /// partition that closes nothing) is dropped and re-created from the last revision seen.
@@ -292,6 +312,8 @@ impl EtcdStore {
                 Some(r) => r,
                 None => match self.current_revision().await {
                     Ok(rev) => {
+                        // Changes were missed: every subscriber reads afresh.
+                        let _ = self.events.send(StoreEvent::Resync);
                         self.publish(rev);
                         rev as i64 + 1
                     }
@@ -320,6 +342,7 @@ impl EtcdStore {
                     msg = responses.message() => match msg {
                         Ok(Some(msg)) => {
                             heard = Instant::now();
+                            self.note_heard();
                             if msg.compact_revision() > 0 {
                                 tracing::warn!(compacted = msg.compact_revision(), from = start, "etcd compacted past the watch; re-reading");
                                 resume = None;
@@ -332,6 +355,10 @@ impl EtcdStore {
                             }
                             if let Some(last) = msg.events().iter().filter_map(|e| e.kv()).map(|kv| kv.mod_revision()).max() {
                                 resume = Some(last + 1);
+                            }
+                            let changes: Vec<(u64, Change)> = msg.events().iter().filter_map(|e| self.change_of(e)).collect();
+                            if !changes.is_empty() {
+                                let _ = self.events.send(StoreEvent::Changes(Arc::new(changes)));
                             }
                             if let Some(h) = msg.header() {
                                 self.publish(h.revision() as u64);
@@ -360,24 +387,111 @@ impl EtcdStore {
         }
     }
 
-    async fn update_node(&self, name: &str, create: bool, change: impl Fn(&mut NodeRecord)) -> Result<(), StoreError> {
-        for _ in 0..RETRIES {
-            let read = self.get_one("nodes", name).await?;
-            let old: Option<NodeRecord> = read.as_ref().map(|kv| decode("node", name, &kv.value)).transpose()?;
-            if old.is_none() && !create {
-                return Err(StoreError::NotFound(format!("node {name:?} is not registered")));
+    /// The typed change an etcd watch event stands for; None for keys outside the layout.
+    fn change_of(&self, e: &etcd_client::Event) -> Option<(u64, Change)> {
+        let kv = e.kv()?;
+        let key = std::str::from_utf8(kv.key()).ok()?.strip_prefix(self.prefix.as_str())?;
+        let (kind, name) = key.split_once('/')?;
+        let put = e.event_type() == EventType::Put;
+        let value = kv.value();
+        let block = || -> Option<(String, ipnet::IpNet)> {
+            let (pool, cidr) = name.split_once('/')?;
+            Some((pool.to_string(), cidr.parse().ok()?))
+        };
+        let node_name = || put.then(|| String::from_utf8_lossy(value).into_owned());
+        let change = match kind {
+            "pools" => Change::Pool { name: name.into(), spec: event_value(put, key, value)? },
+            "nodes" => Change::Node { name: name.into(), record: event_value(put, key, value)? },
+            "namespaces" => Change::Namespace { name: name.into(), annotations: event_value(put, key, value)? },
+            "blocks" | "released" => {
+                let Some((pool, cidr)) = block() else {
+                    tracing::warn!(key, "corrupt block key in the etcd watch; ignored until the next full read");
+                    return None;
+                };
+                if kind == "blocks" {
+                    Change::Block { pool, cidr, node: node_name() }
+                } else {
+                    Change::Released { pool, cidr, node: node_name() }
+                }
             }
+            "alive" => Change::Alive { node: name.into(), live: put },
+            _ => return None,
+        };
+        Some((kv.mod_revision() as u64, change))
+    }
+
+    /// Grants one batch in one transaction, all or nothing; Ok(false) when any compare failed.
+    /// Besides each block key's absence it compares that no pool and no `released/` key
+    /// changed since `rev`, the revision the pools and reservations were read at.
+    async fn grant_batch(&self, batch: &[BlockGrant], rev: i64) -> Result<bool, StoreError> {
+        let mut when = Vec::with_capacity(batch.len() + 2);
+        when.push(self.prefix_unchanged("pools", rev));
+        when.push(self.prefix_unchanged("released", rev));
+        let mut ops = Vec::with_capacity(batch.len());
+        for g in batch {
+            let block = format!("{}/{}", g.pool, g.cidr);
+            when.push(self.unchanged("blocks", &block, None));
+            ops.push(TxnOp::put(self.key("blocks", &block), g.node.as_str(), None));
+        }
+        self.txn(Txn::new().when(when).and_then(ops)).await
+    }
+
+    /// Read-modify-write of a node record in one request when the record is as this process
+    /// last wrote or read it: the write compares the cached mod revision, and a lost compare
+    /// reads the key in the same transaction for the next try.
+    async fn update_node(&self, name: &str, create: bool, change: impl Fn(&mut NodeRecord)) -> Result<(), StoreError> {
+        let cached = self.nodes_seen.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned();
+        // `read` is a guess (cached, or "absent" for a registration) until etcd confirmed it.
+        let (mut read, mut confirmed) = match cached {
+            Some(kv) => (Some(kv), false),
+            // Registering guesses a new node; a wrong guess reads the record in the same request.
+            None if create => (None, false),
+            None => (self.get_one("nodes", name).await?, true),
+        };
+        for _ in 0..RETRIES {
+            let old: Option<NodeRecord> = read.as_ref().map(|kv| decode("node", name, &kv.value)).transpose()?;
             let mut new = old.clone().unwrap_or_else(|| NodeRecord { name: name.to_string(), ..Default::default() });
             change(&mut new);
-            if old.as_ref() == Some(&new) {
+            let unchanged = old.as_ref() == Some(&new);
+            if (unchanged || (old.is_none() && !create)) && !confirmed {
+                // Nothing to write, or nothing to write to, by the guess: check it first.
+                read = self.get_one("nodes", name).await?;
+                confirmed = true;
+                continue;
+            }
+            if old.is_none() && !create {
+                self.nodes_seen.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+                return Err(StoreError::NotFound(format!("node {name:?} is not registered")));
+            }
+            if unchanged {
                 return Ok(());
             }
+            let key = self.key("nodes", name);
+            let value = encode(&new);
             let txn = Txn::new()
                 .when([self.unchanged("nodes", name, read.as_ref())])
-                .and_then([TxnOp::put(self.key("nodes", name), encode(&new), None)]);
-            if self.txn(txn).await? {
+                .and_then([TxnOp::put(key.as_str(), value.clone(), None)])
+                .or_else([TxnOp::get(key.as_str(), None)]);
+            let resp = self.txn_full(txn).await?;
+            let mut seen = self.nodes_seen.lock().unwrap_or_else(|p| p.into_inner());
+            if resp.succeeded() {
+                let mod_revision = resp.header().map_or(0, |h| h.revision());
+                seen.insert(name.to_string(), Kv { name: name.to_string(), value, mod_revision });
                 return Ok(());
             }
+            read = match resp.op_responses().into_iter().next() {
+                Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| Kv {
+                    name: name.to_string(),
+                    value: kv.value().to_vec(),
+                    mod_revision: kv.mod_revision(),
+                }),
+                _ => return Err(StoreError::Backend("etcd answered a transaction without its read".into())),
+            };
+            match &read {
+                Some(kv) => seen.insert(name.to_string(), kv.clone()),
+                None => seen.remove(name),
+            };
+            confirmed = true;
         }
         Err(StoreError::Backend(format!("node {name:?}: too many concurrent writers; try again")))
     }
@@ -495,6 +609,20 @@ impl EtcdStore {
             }
         }
         Err(StoreError::Backend(format!("node {name:?}: too many concurrent writers; try again")))
+    }
+}
+
+/// The value of a put (Some(Some)), a delete (Some(None)), or None when it does not decode.
+fn event_value<T: DeserializeOwned>(put: bool, key: &str, bytes: &[u8]) -> Option<Option<T>> {
+    if !put {
+        return Some(None);
+    }
+    match serde_json::from_slice(bytes) {
+        Ok(v) => Some(Some(v)),
+        Err(e) => {
+            tracing::warn!(key, error = %e, "corrupt record in the etcd watch; ignored until the next full read");
+            None
+        }
     }
 }
 
@@ -761,7 +889,81 @@ impl Store for EtcdStore {
         Err(StoreError::Backend(format!("namespace {ns:?}: too many concurrent writers; try again")))
     }
 
+    async fn grant_blocks(&self, grants: &[BlockGrant]) -> Result<Vec<bool>, StoreError> {
+        let mut out = vec![false; grants.len()];
+        if grants.is_empty() {
+            return Ok(out);
+        }
+        // Pools and reservations read once at one revision; then one transaction per batch,
+        // a few in flight. A batch that loses any race falls back to one grant at a time, so
+        // one lost block does not lose the rest. Reserved blocks always go one at a time (the
+        // node they were taken from may take them back).
+        let (pool_kvs, rev) = self.list("pools", None).await?;
+        let pools: BTreeMap<String, Pool> = Self::pools_of(&pool_kvs)?.into_iter().map(|p| (p.name.clone(), p)).collect();
+        let (released_kvs, _) = self.list("released", Some(rev)).await?;
+        let reserved: BTreeSet<(String, ipnet::IpNet)> =
+            Self::grants_of(&released_kvs)?.into_iter().map(|g| (g.pool, g.cidr)).collect();
+        let mut batched = Vec::new();
+        let mut single = Vec::new();
+        for (i, g) in grants.iter().enumerate() {
+            if !pools.get(&g.pool).is_some_and(|p| block_fits(p, g)) {
+                continue;
+            }
+            if reserved.contains(&(g.pool.clone(), g.cidr)) { single.push(i) } else { batched.push(i) }
+        }
+        let mut flights = tokio::task::JoinSet::new();
+        let mut chunks = batched.chunks(GRANT_BATCH).map(<[usize]>::to_vec);
+        loop {
+            while flights.len() < GRANTS_IN_FLIGHT {
+                let Some(chunk) = chunks.next() else { break };
+                let (store, batch): (EtcdStore, Vec<BlockGrant>) = (self.clone(), chunk.iter().map(|&i| grants[i].clone()).collect());
+                flights.spawn(async move { (store.grant_batch(&batch, rev).await, chunk) });
+            }
+            let Some(done) = flights.join_next().await else { break };
+            let (result, chunk) = done.map_err(|e| StoreError::Backend(format!("a grant batch failed: {e}")))?;
+            if result? {
+                for i in chunk {
+                    out[i] = true;
+                }
+            } else {
+                single.extend(chunk);
+            }
+        }
+        for i in single {
+            out[i] = self.grant_block(&grants[i]).await?;
+        }
+        Ok(out)
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        // One read per kind, all at the revision of the first.
+        let (pool_kvs, rev) = self.list("pools", None).await?;
+        let at = Some(rev);
+        let (block_kvs, _) = self.list("blocks", at).await?;
+        let (node_kvs, _) = self.list("nodes", at).await?;
+        let (ns_kvs, _) = self.list("namespaces", at).await?;
+        let (alive_kvs, _) = self.list("alive", at).await?;
+        let (released_kvs, _) = self.list("released", at).await?;
+        Ok(Snapshot {
+            revision: rev as u64,
+            pools: Self::pools_of(&pool_kvs)?,
+            grants: Self::grants_of(&block_kvs)?,
+            nodes: node_kvs.iter().map(|kv| decode("node", &kv.name, &kv.value)).collect::<Result<_, _>>()?,
+            namespaces: ns_kvs.iter().map(|kv| Ok((kv.name.clone(), decode("namespace", &kv.name, &kv.value)?))).collect::<Result<_, StoreError>>()?,
+            live: Some(alive_kvs.into_iter().map(|kv| kv.name).collect()),
+            released: Self::grants_of(&released_kvs)?,
+        })
+    }
+
     fn watch(&self) -> watch::Receiver<u64> {
         self.revision.subscribe()
+    }
+
+    fn events(&self) -> broadcast::Receiver<StoreEvent> {
+        self.events.subscribe()
+    }
+
+    fn heard_unix(&self) -> Option<u64> {
+        Some(self.heard.load(std::sync::atomic::Ordering::Relaxed))
     }
 }

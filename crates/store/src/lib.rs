@@ -9,16 +9,20 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::IpAddr;
+use std::sync::Arc;
 
-use allot_core::{ApplyAction, BlockGrant, Pool, PoolError};
+use allot_core::{ApplyAction, BlockGrant, Pool, PoolError, PoolSpec};
+use ipnet::IpNet;
 use allot_wire::{
     NodeAddress, NodeIpamSpec, NodeIpamStatus, NodePools, NodeResource, NodeSpec, NodeStatus,
     ObjectMeta, OperatorStatus, PoolAllocation, PoolRequest,
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 mod embedded;
+mod view;
+pub use view::ClusterView;
 pub use embedded::EmbeddedStore;
 #[cfg(feature = "etcd")]
 pub mod etcd;
@@ -51,6 +55,46 @@ pub struct NodeRecord {
 }
 
 pub type Annotations = BTreeMap<String, String>;
+
+/// One change as the store's event stream reports it: the new value, or None when deleted.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    Pool { name: String, spec: Option<PoolSpec> },
+    /// A block key: `node` is its holder, None when the block was given back.
+    Block { pool: String, cidr: IpNet, node: Option<String> },
+    Node { name: String, record: Option<NodeRecord> },
+    Namespace { name: String, annotations: Option<Annotations> },
+    /// A node's liveness key appeared or went away (lease ended).
+    Alive { node: String, live: bool },
+    /// A block reserved to the node it was taken from (release grace), or no longer reserved.
+    Released { pool: String, cidr: IpNet, node: Option<String> },
+}
+
+/// What a subscriber to `Store::events` receives.
+#[derive(Clone, Debug)]
+pub enum StoreEvent {
+    /// Changes in revision order, each with the revision that made it.
+    Changes(Arc<Vec<(u64, Change)>>),
+    /// Changes may have been missed (the watch was re-created past a compaction): read a
+    /// fresh `snapshot`. A receiver that lagged (`RecvError::Lagged`) must do the same.
+    Resync,
+}
+
+/// How many event batches a slow subscriber may fall behind before it must resync.
+pub const EVENT_BUFFER: usize = 4096;
+
+/// Everything the store holds, read at one revision.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub revision: u64,
+    pub pools: Vec<Pool>,
+    pub grants: Vec<BlockGrant>,
+    pub nodes: Vec<NodeRecord>,
+    pub namespaces: BTreeMap<String, Annotations>,
+    /// None when the backend does not track liveness.
+    pub live: Option<BTreeSet<String>>,
+    pub released: Vec<BlockGrant>,
+}
 
 /// The cluster store. Reads see one consistent revision; each write is one transaction.
 pub trait Store: Send + Sync + 'static {
@@ -107,8 +151,34 @@ pub trait Store: Send + Sync + 'static {
         async { Ok(Vec::new()) }
     }
 
+    /// Grants several blocks, as `grant_block` would each (created only if absent, still a
+    /// block of its pool), in as few transactions as the backend allows; one outcome per grant.
+    fn grant_blocks(&self, grants: &[BlockGrant]) -> impl Future<Output = Result<Vec<bool>, StoreError>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(grants.len());
+            for g in grants {
+                out.push(self.grant_block(g).await?);
+            }
+            Ok(out)
+        }
+    }
+
+    /// Pools, grants, nodes, namespaces, liveness and released blocks, all at one revision.
+    fn snapshot(&self) -> impl Future<Output = Result<Snapshot, StoreError>> + Send;
+
     /// The revision of the last change, and a receiver that sees every later one.
     fn watch(&self) -> watch::Receiver<u64>;
+
+    /// Every later change, typed. Subscribe first, then read a `snapshot`, and apply only
+    /// changes newer than its revision (`ClusterView` does).
+    fn events(&self) -> broadcast::Receiver<StoreEvent>;
+
+    /// Unix seconds when this process last heard from the cluster store's watch (an event or a
+    /// progress answer): what it knows is current as of then. None for a store in this process
+    /// (embedded), which is always current.
+    fn heard_unix(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Builds the `CiliumNode`-shaped view of a node from its record and the grants.

@@ -44,6 +44,12 @@ async fn release_only_by_the_holder() {
 }
 
 #[tokio::test]
+async fn events_carry_each_change_and_a_view_follows_them() {
+    let (_d, s) = open();
+    contract::events_carry_each_change_and_a_view_follows_them(&s).await;
+}
+
+#[tokio::test]
 async fn records_and_watch() {
     let (_d, s) = open();
     contract::records_and_watch(&s).await;

@@ -45,6 +45,12 @@ async fn release_only_by_the_holder() {
 }
 
 #[tokio::test]
+async fn events_carry_each_change_and_a_view_follows_them() {
+    let etcd = Etcd::start();
+    contract::events_carry_each_change_and_a_view_follows_them(&connect(&etcd).await).await;
+}
+
+#[tokio::test]
 async fn records_and_watch() {
     let etcd = Etcd::start();
     contract::records_and_watch(&connect(&etcd).await).await;
@@ -191,6 +197,8 @@ async fn a_fenced_store_whose_lease_is_gone_cannot_grant() {
     let err = fenced.grant_block(&contract::grant("p", "10.0.0.16/28", "n1")).await.unwrap_err();
     assert!(err.to_string().contains("fenced"), "{err}");
     assert!(*lead.lost.borrow(), "a failed fence must end the leadership");
+    let err = fenced.grant_blocks(&[contract::grant("p", "10.0.0.32/28", "n1")]).await.unwrap_err();
+    assert!(err.to_string().contains("fenced"), "a batch is fenced too: {err}");
     let err = fenced.set_operator_error("n1", Some("x".into())).await.unwrap_err();
     assert!(err.to_string().contains("fenced"), "{err}");
     assert_eq!(store.grants().await.unwrap(), vec![contract::grant("p", "10.0.0.0/28", "n1")]);
@@ -267,6 +275,7 @@ async fn watch_recovers_from_a_silent_partition_and_compaction() {
     let watched = EtcdStore::connect(&EtcdConfig::new(vec![format!("http://{}", proxy.addr)])).await.unwrap();
     let direct = connect(&etcd).await;
     let mut changes = watched.watch();
+    let mut events = watched.events();
     direct.register_node("n0", None).await.unwrap();
     let rev = current(&etcd).await;
     tokio::time::timeout(Duration::from_secs(5), changes.wait_for(|r| *r >= rev)).await.expect("watch before the partition").unwrap();
@@ -289,6 +298,13 @@ async fn watch_recovers_from_a_silent_partition_and_compaction() {
         .expect("watch did not recover within 10 s of the heal")
         .unwrap();
     println!("watch caught up {:?} after the partition healed", healed.elapsed());
+    // Subscribers are told to read afresh: the changes made during the partition are gone
+    // from etcd's history.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !matches!(events.recv().await, Ok(allot_store::StoreEvent::Resync)) {}
+    })
+    .await
+    .expect("no Resync event after the watch was re-created past a compaction");
     // And it follows later changes.
     direct.annotate_namespace("ns", [("k".to_string(), "v".to_string())].into(), vec![]).await.unwrap();
     let rev = current(&etcd).await;
@@ -334,4 +350,94 @@ async fn live_nodes_and_released_blocks() {
     assert!(!store.grant_block(&contract::grant("p", "10.0.0.0/28", "n2")).await.unwrap());
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(store.grant_block(&contract::grant("p", "10.0.0.0/28", "n2")).await.unwrap(), "still reserved after the grace");
+}
+
+/// etcd's count of answered Txn requests, from its /metrics.
+fn txn_count(etcd: &Etcd) -> f64 {
+    handled(etcd, "grpc_method=\"Txn\"")
+}
+
+/// etcd's count of answered requests whose metric line contains `filter`.
+fn handled(etcd: &Etcd, filter: &str) -> f64 {
+    use std::io::{Read, Write};
+    let addr = etcd.endpoint.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body.lines()
+        .filter(|l| l.starts_with("grpc_server_handled_total{") && l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Many grants go in one transaction; a batch with one block someone else holds falls back to
+/// one grant at a time, so only that block is lost; a block reserved to a deleted node stays
+/// its own.
+#[tokio::test]
+async fn grant_blocks_batches_and_a_lost_race_loses_only_its_block() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    store.apply_pools(vec![contract::pool("p", &["10.0.0.0/24"], 28), contract::pool("big", &["10.1.0.0/16"], 28)]).await.unwrap();
+    let batch: Vec<_> = (0..8).map(|i| contract::grant("p", &format!("10.0.0.{}/28", i * 16), "n1")).collect();
+    let before = txn_count(&etcd);
+    assert_eq!(store.grant_blocks(&batch).await.unwrap(), vec![true; 8]);
+    assert_eq!(txn_count(&etcd) - before, 1.0, "eight grants, one transaction");
+    // 250 grants: three transactions (at most 120 blocks each, under etcd's 128 compares),
+    // also through a fenced store (the batch nested under the leader compare).
+    let lead = store.lead("operator", "t", Duration::from_secs(5)).await.unwrap();
+    let batch: Vec<_> = (0..250).map(|i| contract::grant("big", &format!("10.1.{}.{}/28", i / 16, (i % 16) * 16), "n9")).collect();
+    let before = txn_count(&etcd);
+    assert_eq!(store.fenced(&lead).grant_blocks(&batch).await.unwrap(), vec![true; 250]);
+    assert_eq!(txn_count(&etcd) - before, 3.0, "250 grants, three transactions");
+
+    // 10.0.0.160/28 is taken by another writer first; the others still go through.
+    assert!(store.grant_block(&contract::grant("p", "10.0.0.160/28", "other")).await.unwrap());
+    let batch: Vec<_> = (8..12).map(|i| contract::grant("p", &format!("10.0.0.{}/28", i * 16), "n2")).collect();
+    assert_eq!(store.grant_blocks(&batch).await.unwrap(), vec![true, true, false, true]);
+    // Outside the pool: refused without a write.
+    assert_eq!(store.grant_blocks(&[contract::grant("p", "10.9.0.0/28", "n2")]).await.unwrap(), vec![false]);
+    let grants: Vec<_> = store.grants().await.unwrap().into_iter().filter(|g| g.pool == "p").collect();
+    assert_eq!(grants.len(), 12);
+    assert_eq!(grants.iter().filter(|g| g.node == "other").count(), 1);
+
+    // A deleted node's blocks stay reserved to it: a batch cannot hand them to another node.
+    store.register_node("n1", None).await.unwrap();
+    store.force_delete_node("n1").await.unwrap();
+    let out = store.grant_blocks(&[contract::grant("p", "10.0.0.0/28", "n3"), contract::grant("p", "10.0.0.192/28", "n3")]).await.unwrap();
+    assert_eq!(out, vec![false, true]);
+    assert!(store.grant_blocks(&[contract::grant("p", "10.0.0.0/28", "n1")]).await.unwrap()[0], "its own node takes it back");
+}
+
+/// A node's own updates cost one request each (the record as last written is compared, not
+/// read again); a record another writer changed meanwhile is read in the same transaction,
+/// and its change is kept.
+#[tokio::test]
+async fn a_node_update_is_one_request_and_loses_no_concurrent_change() {
+    let etcd = Etcd::start();
+    let (agent, operator) = (connect(&etcd).await, connect(&etcd).await);
+    let req = |n: u64| vec![allot_wire::PoolRequest { pool: "p".into(), needed: allot_wire::Needed { ipv4_addrs: n, ipv6_addrs: 0 } }];
+    let all = |etcd: &Etcd| handled(etcd, "grpc_type=\"unary\"");
+    let before = all(&etcd);
+    agent.register_node("n1", None).await.unwrap();
+    agent.set_requested("n1", req(8)).await.unwrap();
+    agent.set_requested("n1", req(9)).await.unwrap();
+    assert_eq!(all(&etcd) - before, 3.0, "register and two updates: one request each");
+
+    operator.set_operator_error("n1", Some("no room".into())).await.unwrap();
+    let before = all(&etcd);
+    agent.set_requested("n1", req(10)).await.unwrap();
+    assert_eq!(all(&etcd) - before, 2.0, "a lost compare reads in the same request, then writes");
+    let n = &agent.nodes().await.unwrap()[0];
+    assert_eq!((n.requested.clone(), n.operator_error.as_deref()), (req(10), Some("no room")));
+
+    // Deleted meanwhile: an update says so instead of writing a record back.
+    operator.delete_node("n1").await.unwrap();
+    assert!(matches!(agent.set_requested("n1", req(11)).await, Err(StoreError::NotFound(_))));
+    assert!(agent.nodes().await.unwrap().is_empty());
+    // Registering again writes the record, though it equals what this process wrote last.
+    agent.register_node("n1", None).await.unwrap();
+    operator.delete_node("n1").await.unwrap();
+    agent.register_node("n1", None).await.unwrap();
+    assert_eq!(agent.nodes().await.unwrap().len(), 1, "a registration trusted a stale copy");
 }

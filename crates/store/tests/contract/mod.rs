@@ -108,3 +108,58 @@ pub async fn records_and_watch<S: Store>(s: &S) {
     assert!(matches!(s.delete_node("n1").await, Err(StoreError::NotFound(_))));
     s.delete_pool("a").await.unwrap();
 }
+
+/// Every write shows up on `events` as the typed change it made, in revision order, and a
+/// view read before the writes and fed only those events ends equal to a fresh read.
+pub async fn events_carry_each_change_and_a_view_follows_them<S: Store>(s: &S) {
+    use allot_store::{Change, ClusterView, StoreEvent};
+    let mut events = s.events();
+    let mut view = ClusterView::new(s.snapshot().await.unwrap(), None);
+    let req = vec![allot_wire::PoolRequest { pool: "a".into(), needed: allot_wire::Needed { ipv4_addrs: 20, ipv6_addrs: 0 } }];
+    s.apply_pools(vec![pool("a", &["10.0.0.0/24"], 28)]).await.unwrap();
+    s.register_node("n1", Some("192.0.2.1".parse().unwrap())).await.unwrap();
+    s.register_node("n2", None).await.unwrap();
+    s.set_requested("n1", req.clone()).await.unwrap();
+    assert_eq!(s.grant_blocks(&[grant("a", "10.0.0.0/28", "n1"), grant("a", "10.0.0.16/28", "n2")]).await.unwrap(), vec![true, true]);
+    s.annotate_namespace("ns", [("k".to_string(), "v".to_string())].into(), vec![]).await.unwrap();
+    assert!(s.release_block(&grant("a", "10.0.0.16/28", "n2")).await.unwrap());
+    s.delete_node("n2").await.unwrap();
+    s.annotate_namespace("ns", Default::default(), vec!["k".into()]).await.unwrap();
+    let end = s.snapshot().await.unwrap();
+
+    let mut seen: Vec<(u64, Change)> = Vec::new();
+    while view.revision < end.revision {
+        match tokio::time::timeout(std::time::Duration::from_secs(5), events.recv()).await.expect("events up to the last write") {
+            Ok(StoreEvent::Changes(c)) => {
+                view.apply_all(&c);
+                seen.extend(c.iter().cloned());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(seen.windows(2).all(|w| w[0].0 <= w[1].0), "changes out of revision order: {seen:?}");
+    let changes: Vec<Change> = seen.into_iter().map(|(_, c)| c).collect();
+    let pos = |want: &Change| changes.iter().position(|c| c == want).unwrap_or_else(|| panic!("no {want:?} in {changes:?}"));
+    let spec = pool("a", &["10.0.0.0/24"], 28).spec;
+    let block = |cidr: &str, node: Option<&str>| Change::Block { pool: "a".into(), cidr: cidr.parse().unwrap(), node: node.map(String::from) };
+    let n1 = allot_store::NodeRecord { name: "n1".into(), ip: Some("192.0.2.1".parse().unwrap()), requested: req, operator_error: None };
+    let order = [
+        pos(&Change::Pool { name: "a".into(), spec: Some(spec) }),
+        pos(&Change::Node { name: "n1".into(), record: Some(n1) }),
+        pos(&block("10.0.0.0/28", Some("n1"))),
+        pos(&Change::Namespace { name: "ns".into(), annotations: Some([("k".to_string(), "v".to_string())].into()) }),
+        pos(&block("10.0.0.16/28", None)),
+        pos(&Change::Node { name: "n2".into(), record: None }),
+        pos(&Change::Namespace { name: "ns".into(), annotations: None }),
+    ];
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "changes in the wrong order: {changes:?}");
+
+    let fresh = ClusterView::new(end, None);
+    assert_eq!(view.pools, fresh.pools);
+    assert_eq!(view.blocks, fresh.blocks);
+    assert_eq!(view.nodes, fresh.nodes);
+    assert_eq!(view.namespaces, fresh.namespaces);
+    assert_eq!(view.released, fresh.released);
+    assert_eq!(view.counts(), fresh.counts());
+    assert_eq!(view.blocks_of("n1").collect::<Vec<_>>(), vec![("a", "10.0.0.0/28".parse().unwrap())]);
+}

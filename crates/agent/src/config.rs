@@ -28,7 +28,8 @@ pub struct AgentConfig {
     pub node_ip: Option<std::net::IpAddr>,
     /// Route every other node's blocks via that node's IP.
     pub direct_routes: bool,
-    /// Keep each block's first usable address for the node's gateway.
+    /// Keep each block's first usable address for the node's gateway (default on: `bridge`
+    /// with isGateway and `ptp` give it to the host side).
     pub reserve_gateway: bool,
 }
 
@@ -45,7 +46,7 @@ impl AgentConfig {
             pending_ttl: allot_core::demand::PENDING_TTL,
             node_ip: None,
             direct_routes: false,
-            reserve_gateway: false,
+            reserve_gateway: true,
         }
     }
 

@@ -21,6 +21,7 @@ fn bridge_conf(agent: &Agent, bridge: &Bridge, annotations: Value) -> Value {
     json!({
         "cniVersion": "1.0.0", "name": "podnet", "type": "bridge", "bridge": bridge.name, "isGateway": false,
         "ipam": {"type": "allot-ipam", "socket": agent.socket},
+        "capabilities": {"io.kubernetes.cri.pod-annotations": true},
         "runtimeConfig": {"io.kubernetes.cri.pod-annotations": annotations}
     })
 }

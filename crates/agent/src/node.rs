@@ -436,9 +436,9 @@ impl<S: Store> Node<S> {
     /// ADD: the owner's addresses, allocating them if it has none. Answers only once the
     /// allocation is durable; waits up to `add_wait` for a block when the node's blocks are full.
     pub async fn add(&self, req: AddRequest) -> Result<Allocation, AgentError> {
-        // The kubelet always sets some annotations: none at all means the runtime passed none,
-        // and pod annotations cannot pick the pool.
-        if let (Some(name), true) = (&req.pod.name, req.annotations.is_empty()) {
+        // Pod annotations not passed (or, from older plugins, none at all: the kubelet always
+        // sets some): the conflist lacks the capability and annotations cannot pick the pool.
+        if let (Some(name), false) = (&req.pod.name, req.annotations_passed || !req.annotations.is_empty()) {
             tracing::warn!(
                 owner = %req.owner,
                 pod = %format_args!("{}/{name}", req.pod.namespace.as_deref().unwrap_or("")),

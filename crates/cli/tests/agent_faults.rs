@@ -37,6 +37,7 @@ fn request(id: &str, netns: &str) -> AddRequest {
         pod: PodRef::default(),
         pool: None,
         annotations: BTreeMap::new(),
+        annotations_passed: false,
     }
 }
 

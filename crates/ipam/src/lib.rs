@@ -17,6 +17,9 @@ use serde_json::{Value, json};
 pub const SUPPORTED_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 pub const LATEST: &str = "1.1.0";
 pub const POD_ANNOTATIONS_KEY: &str = "io.kubernetes.cri.pod-annotations";
+/// The pod annotations the agent reads; the rest (often large) stay out of the request.
+const POOL_KEYS: [&str; 3] =
+    [allot_core::select::POOL_ANNOTATION, allot_core::select::IPV4_POOL_ANNOTATION, allot_core::select::IPV6_POOL_ANNOTATION];
 const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// CNI error codes (spec 1.1, "Error").
@@ -85,7 +88,10 @@ pub struct NetConf {
     pub name: String,
     pub pool: Option<String>,
     pub socket: Option<String>,
+    /// The pod annotations that choose a pool (the rest are not sent to the agent).
     pub annotations: BTreeMap<String, String>,
+    /// Whether runtimeConfig carried the pod's annotations at all.
+    pub annotations_passed: bool,
     /// The raw prevResult; CHECK reads it, and answers code 7 when it cannot.
     pub prev_result: Option<Value>,
     pub valid_attachments: Option<Vec<Attachment>>,
@@ -319,12 +325,18 @@ pub fn parse_config(stdin: &[u8]) -> Result<NetConf, CniError> {
                 .collect(),
         ),
     };
+    let pod_annotations = raw.runtime_config.and_then(|r| r.pod_annotations);
     Ok(NetConf {
         cni_version,
         name,
         pool: ipam.pool.filter(|p| !p.is_empty()),
         socket: ipam.socket.filter(|s| !s.is_empty()),
-        annotations: raw.runtime_config.and_then(|r| r.pod_annotations).unwrap_or_default(),
+        annotations_passed: pod_annotations.is_some(),
+        annotations: pod_annotations
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(k, _)| POOL_KEYS.contains(&k.as_str()))
+            .collect(),
         prev_result: raw.prev_result,
         valid_attachments,
         routes,
@@ -488,6 +500,7 @@ pub fn execute(inv: &Invocation) -> Result<Option<String>, CniError> {
                 pod: PodRef { namespace: inv.env.pod_namespace.clone(), name: inv.env.pod_name.clone() },
                 pool: inv.conf.pool.clone(),
                 annotations: inv.conf.annotations.clone(),
+                annotations_passed: inv.conf.annotations_passed,
             };
             let a: Allocation = client.post("/v1/cni/add", &req).map_err(|e| agent_error(e, "ADD"))?;
             Ok(Some(render_result(&inv.conf.cni_version, &a, &inv.conf)))

@@ -435,3 +435,22 @@ fn check_with_an_unreadable_prev_result_is_code_7() {
         assert!(v["msg"].as_str().unwrap().contains("prevResult"), "{v}");
     }
 }
+
+/// Issue 9, point 4: the request carries only the annotations that choose a pool, and whether
+/// the runtime passed annotations at all.
+#[test]
+fn only_pool_annotations_are_sent() {
+    let big = "x".repeat(100_000);
+    let c = conf_with_ipam(json!({}));
+    assert!(!c.annotations_passed && c.annotations.is_empty());
+    let mut v: Value = serde_json::from_str(CONF).unwrap();
+    v["runtimeConfig"] = json!({"io.kubernetes.cri.pod-annotations": {
+        "kubectl.kubernetes.io/last-applied-configuration": big, "ipam.cilium.io/ipv6-pool": "v6", "ipam.cilium.io/ip-pool": "blue"
+    }});
+    let c = parse_config(v.to_string().as_bytes()).unwrap();
+    assert!(c.annotations_passed);
+    assert_eq!(c.annotations, [("ipam.cilium.io/ip-pool".to_string(), "blue".to_string()), ("ipam.cilium.io/ipv6-pool".into(), "v6".into())].into());
+    v["runtimeConfig"] = json!({"io.kubernetes.cri.pod-annotations": {"kubernetes.io/config.source": "api"}});
+    let c = parse_config(v.to_string().as_bytes()).unwrap();
+    assert!(c.annotations_passed && c.annotations.is_empty());
+}

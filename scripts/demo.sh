@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 require_root "the demo"
 ensure_packages
 cargo build --workspace --bins --locked --quiet
+build_plugin debug   # static, as scripts/install.sh installs it
 
 bin=$PWD/target/debug
 work=$(mktemp -d /tmp/allot-demo.XXXXXX)

@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 require_root "the lab"
 ensure_packages
 cargo build --workspace --bins --locked --quiet
+build_plugin debug   # static, as scripts/install.sh installs it
 
 NODES=${NODES:-3}
 bin=$PWD/target/debug

@@ -166,7 +166,7 @@ fn ptp_pods_land_by_annotation_ping_and_survive_an_agent_restart() {
     agent.spawn();
     for (id, ip, _) in &pods {
         assert_eq!(ctrd.pod_ip(id), *ip, "CRI's address of {id} changed");
-        assert_eq!(held_by(&agent, id).iter().map(|(a, _)| a.clone()).collect::<Vec<_>>(), [ip.clone()], "after the restart");
+        assert_eq!(held_by(&agent, id).into_iter().map(|(a, _)| a).collect::<Vec<_>>(), vec![ip.clone()], "after the restart");
     }
     let late = ctrd.run_pod("default", "late", &[seen]).unwrap_or_else(|e| panic!("RunPodSandbox after restart: {e}\n{}", agent.log()));
     let late_ip = ctrd.pod_ip(&late);

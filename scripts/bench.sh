@@ -6,7 +6,6 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 require_root "the benchmark"
 ensure_packages
-cargo build --release --workspace --bins --locked --quiet
-# The plugin as it would be installed: statically linked, so each exec skips the dynamic loader.
-cargo rustc --release -p allot-ipam --bin allot-ipam --locked --quiet -- -C target-feature=+crt-static
+# The binaries as scripts/install.sh builds them (allot-ipam statically linked).
+scripts/install.sh --build-only
 exec target/release/allot-bench "$@"

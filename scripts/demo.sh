@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # Quick start: runs `allot agent` standalone (embedded store, operator in-process) with two
-# pools, wires four pods (network namespaces) through Debian's real bridge plugin with
-# "ipam": {"type": "allot-ipam"}, shows their addresses, a ping between two of them and
-# `allot status`, then removes everything it created.
+# pools, wires four pods (network namespaces) through Debian's real ptp plugin with the
+# README's conflist ("ipam": {"type": "allot-ipam"}, the pod-annotations capability), inside a
+# node namespace, shows their addresses, pings across pools and `allot status`, then removes
+# everything it created.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 require_root "the demo"
 ensure_packages
 cargo build --workspace --bins --locked --quiet
+build_plugin debug   # static, as scripts/install.sh installs it
 
 bin=$PWD/target/debug
 work=$(mktemp -d /tmp/allot-demo.XXXXXX)
 export ALLOT_SOCKET=$work/allot.sock
-bridge=allotdemo0
+node=allot-demo-node
 pods=(web cache db api)
 agent_pid=
 
@@ -25,22 +27,25 @@ cleanup() {
             ip netns del "allot-demo-$pod"
         fi
     done
-    ip link del "$bridge" 2>/dev/null
+    ip netns del "$node" 2>/dev/null
     [ -n "$agent_pid" ] && kill -TERM "$agent_pid" 2>/dev/null && wait "$agent_pid" 2>/dev/null
     rm -rf "$work"
 }
 trap cleanup EXIT
 
-# cni COMMAND POD [ANNOTATIONS-JSON] [NAMESPACE]: one call the way a container runtime makes it.
+# cni COMMAND POD [ANNOTATIONS-JSON] [NAMESPACE]: one call the way a container runtime makes
+# it with the README's conflist: the plugin declares the pod-annotations capability, so the
+# runtime adds the pod's annotations as runtimeConfig (the kubelet always sets some).
 cni() {
-    local annotations=${3:-"{}"} namespace=${4:-default}
-    printf '{"cniVersion":"1.0.0","name":"demo","type":"bridge","bridge":"%s","isGateway":false,
+    local annotations=${3:-'{"kubernetes.io/config.source":"api"}'} namespace=${4:-default}
+    printf '{"cniVersion":"1.0.0","name":"demo","type":"ptp",
       "ipam":{"type":"allot-ipam","socket":"%s"},
-      "runtimeConfig":{"io.kubernetes.cri.pod-annotations":%s}}' "$bridge" "$ALLOT_SOCKET" "$annotations" |
+      "capabilities":{"io.kubernetes.cri.pod-annotations":true},
+      "runtimeConfig":{"io.kubernetes.cri.pod-annotations":%s}}' "$ALLOT_SOCKET" "$annotations" |
     CNI_COMMAND=$1 CNI_CONTAINERID="demo-$2" CNI_NETNS="/var/run/netns/allot-demo-$2" CNI_IFNAME=eth0 \
     CNI_PATH="$bin:/usr/lib/cni" \
     CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAMESPACE=$namespace;K8S_POD_NAME=$2" \
-    /usr/lib/cni/bridge
+    ip netns exec "$node" /usr/lib/cni/ptp
 }
 
 echo "== allot agent (standalone) with pools default and blue"
@@ -50,21 +55,26 @@ echo "== allot agent (standalone) with pools default and blue"
 agent_pid=$!
 for _ in $(seq 100); do "$bin/allot" status >/dev/null 2>&1 && break; sleep 0.1; done
 "$bin/allot" namespace annotate team-blue ipam.cilium.io/ip-pool=blue
+# The node: ptp puts each pod's host side here and routes between them.
+ip netns add "$node"
+ip netns exec "$node" sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
 
 add() { # POD ANNOTATIONS NAMESPACE
     ip netns add "allot-demo-$1"
     cni ADD "$1" "$2" "$3" >/dev/null
     printf '  %-6s %-34s %s\n' "$1" "($4)" "$(ip netns exec "allot-demo-$1" ip -br addr show eth0 | awk '{$1=$2=""; print}' | sed 's/ fe80::[^ ]*//')"
 }
-echo "== pods through the bridge plugin with allot-ipam"
-add web   '{}'                                     default   "plain pod: default pool"
-add cache '{}'                                     default   "plain pod: default pool"
+echo "== pods through the ptp plugin with allot-ipam"
+add web   ''                                       default   "plain pod: default pool"
+add cache ''                                       default   "plain pod: default pool"
 add db    '{"ipam.cilium.io/ip-pool":"blue"}'      default   "pod annotation: blue"
-add api   '{}'                                     team-blue "namespace annotation: blue"
+add api   ''                                       team-blue "namespace annotation: blue"
 
-cache_ip=$(ip netns exec allot-demo-cache ip -4 -br addr show eth0 | awk '{print $3}' | cut -d/ -f1)
-echo "== web -> cache over the bridge"
-ip netns exec allot-demo-web ping -c 1 -W 2 "$cache_ip" | sed -n '2p'
+ipv4() { ip netns exec "allot-demo-$1" ip -4 -br addr show eth0 | awk '{print $3}' | cut -d/ -f1; }
+echo "== web's routes (default via its block's gateway, held by the node)"
+ip netns exec allot-demo-web ip route | sed 's/^/  /'
+echo "== web -> cache (default pool), web -> db (blue), through the node"
+for to in cache db; do ip netns exec allot-demo-web ping -c 1 -W 2 "$(ipv4 "$to")" | sed -n '2p'; done
 
 echo "== allot status"
 "$bin/allot" status

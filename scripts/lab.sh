@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 require_root "the lab"
 ensure_packages
 cargo build --workspace --bins --locked --quiet
+build_plugin debug   # static, as scripts/install.sh installs it
 
 NODES=${NODES:-3}
 bin=$PWD/target/debug
@@ -89,13 +90,15 @@ for i in $(seq 0 $((NODES - 1))); do
     for _ in $(seq 100); do "$bin/allot" --socket "$work/agent$i.sock" status >/dev/null 2>&1 && break; sleep 0.1; done
 done
 
-# pod NODE POOL: a pod namespace wired by the bridge plugin inside its node (one bridge per pool).
+# pod NODE POOL: a pod namespace wired by the bridge plugin inside its node (one bridge per pool:
+# bridge holds one gateway per family, and each node holds one block per pool here).
 declare -A pod_ip
 pod() {
     local i=$1 pool=$2 name="pod-$1-$2"
     netns "allot-lab-$name"
     printf '{"cniVersion":"1.0.0","name":"lab","type":"bridge","bridge":"br-%s","isGateway":true,
       "isDefaultGateway":true,"ipam":{"type":"allot-ipam","socket":"%s"},
+      "capabilities":{"io.kubernetes.cri.pod-annotations":true},
       "runtimeConfig":{"io.kubernetes.cri.pod-annotations":{"ipam.cilium.io/ip-pool":"%s"}}}' \
         "$pool" "$work/agent$i.sock" "$pool" |
     CNI_COMMAND=ADD CNI_CONTAINERID="$name" CNI_NETNS="/var/run/netns/allot-lab-$name" CNI_IFNAME=eth0 \

@@ -27,3 +27,11 @@ require_root() {
         exit 1
     fi
 }
+
+# build_plugin [release|debug]: allot-ipam as it is installed, statically linked, so that each
+# exec by the runtime skips the dynamic loader. Replaces target/<profile>/allot-ipam.
+build_plugin() {
+    local profile=()
+    [ "${1:-release}" = release ] && profile=(--release)
+    cargo rustc "${profile[@]}" -p allot-ipam --bin allot-ipam --locked --quiet -- -C target-feature=+crt-static
+}

@@ -34,7 +34,8 @@ pub struct AgentConfig {
     pub node_ip: Option<std::net::IpAddr>,
     /// Route every other node's blocks via that node's IP.
     pub direct_routes: bool,
-    /// Keep each block's first usable address for the node's gateway.
+    /// Keep each block's first usable address for the node's gateway (default on: `bridge`
+    /// with isGateway and `ptp` give it to the host side).
     pub reserve_gateway: bool,
 }
 
@@ -52,7 +53,7 @@ impl AgentConfig {
             max_view_age: DEFAULT_MAX_VIEW_AGE,
             node_ip: None,
             direct_routes: false,
-            reserve_gateway: false,
+            reserve_gateway: true,
         }
     }
 

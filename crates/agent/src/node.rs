@@ -529,6 +529,16 @@ impl<S: Store> Node<S> {
     /// ADD: the owner's addresses, allocating them if it has none. Answers only once the
     /// allocation is durable; waits up to `add_wait` for a block when the node's blocks are full.
     pub async fn add(&self, req: AddRequest) -> Result<Allocation, AgentError> {
+        // Pod annotations not passed (or, from older plugins, none at all: the kubelet always
+        // sets some): the conflist lacks the capability and annotations cannot pick the pool.
+        if let (Some(name), false) = (&req.pod.name, req.annotations_passed || !req.annotations.is_empty()) {
+            tracing::warn!(
+                owner = %req.owner,
+                pod = %format_args!("{}/{name}", req.pod.namespace.as_deref().unwrap_or("")),
+                "ADD for a pod without annotations: declare \"capabilities\": {{\"io.kubernetes.cri.pod-annotations\": true}} \
+                 on the plugin in the CNI conflist, or the runtime does not pass them and pod annotations cannot choose a pool"
+            );
+        }
         let deadline = tokio::time::Instant::now() + self.cfg.add_wait;
         let mut looked_up = false;
         loop {

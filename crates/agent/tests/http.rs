@@ -219,6 +219,7 @@ impl InProcess {
             let mut cfg = AgentConfig::new("n1");
             cfg.data_dir = dir.path().join("data");
             cfg.add_wait = add_wait;
+            cfg.reserve_gateway = false;
             let node = Node::start(cfg, store.clone()).await.unwrap();
             tokio::spawn(allot_operator::run(store.clone(), stop.clone()));
             let listener = allot_agent::bind_socket(&socket).unwrap();

@@ -15,6 +15,7 @@ fn req(id: &str) -> AddRequest {
         pod: PodRef::default(),
         pool: None,
         annotations: Default::default(),
+        annotations_passed: false,
     }
 }
 

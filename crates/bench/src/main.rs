@@ -159,6 +159,7 @@ pub fn add_request(container_id: String) -> AddRequest {
         pod: PodRef::default(),
         pool: None,
         annotations: Default::default(),
+        annotations_passed: false,
     }
 }
 

@@ -37,6 +37,7 @@ fn request(id: &str, netns: &str) -> AddRequest {
         pod: PodRef::default(),
         pool: None,
         annotations: BTreeMap::new(),
+        annotations_passed: false,
     }
 }
 
@@ -239,16 +240,18 @@ fn toggling_the_gateway_reservation_never_hands_out_a_gateway() {
     let gateway = a.ips[0].gateway.expect("a gateway while reserved");
     agent.terminate();
     agent.args.retain(|s| s != "--reserve-gateway");
+    agent.args.push("--reserve-gateway=false".into());
     agent.spawn();
     for i in 0..5 {
         let p = api_add(&agent, &format!("off{i}"));
         assert_ne!(p.ips[0].address.addr(), gateway, "a pod got the gateway pods already use");
     }
     // Off, then on: a block whose first address a pod holds reserves no gateway.
-    let mut agent = Agent::start("node-gw2", &["--pool", "default=10.85.0.0/24@24"]);
+    let mut agent = Agent::start("node-gw2", &["--pool", "default=10.85.0.0/24@24", "--reserve-gateway=false"]);
     let first = api_add(&agent, "first");
     assert_eq!(first.ips[0].address.addr().to_string(), "10.85.0.1");
     agent.terminate();
+    agent.args.retain(|s| s != "--reserve-gateway=false");
     agent.args.push("--reserve-gateway".into());
     agent.spawn();
     let p = api_add(&agent, "later");

@@ -212,7 +212,7 @@ fn with_etcd_away_nodes_with_room_keep_serving_and_then_converge() {
     let mut etcd = Etcd::start();
     let _op = Operator::start(None, &etcd.endpoint, "op-1");
     apply(&etcd, &pool_yaml("default", "10.243.0.0/20", 26));
-    let agents: Vec<Agent> = (0..2).map(|i| cluster_agent(&etcd, &format!("node-{i}"), &["--add-wait", "30s"])).collect();
+    let agents: Vec<Agent> = (0..2).map(|i| cluster_agent(&etcd, &format!("node-{i}"), &["--add-wait", "30s", "--reserve-gateway=false"])).collect();
     for a in &agents {
         assert_eq!(add(a, &format!("{}-warm", a.node)).0, 0);
     }

@@ -107,3 +107,79 @@ fn annotated_pods_land_in_their_pools_through_cri() {
     assert_eq!(allocations(&agent), Vec::new(), "stopped pods still hold addresses");
     eprintln!("pools test took {:?}", t0.elapsed());
 }
+
+fn pings(from: &std::path::Path, to: &str) -> bool {
+    std::process::Command::new("nsenter")
+        .arg(format!("--net={}", from.display()))
+        .args(["ping", "-c", "1", "-W", "2", to])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// Issue 9, points 2 and 7: containerd with the README's conflist (ptp, the capability, no
+/// hand-written runtimeConfig): pods land by pod annotation and by namespace annotation, reach
+/// each other across pools, an agent SIGKILLed and started again keeps every live pod's
+/// address (CRI and `allot allocations list` agree), and Stop and Remove release.
+#[test]
+fn ptp_pods_land_by_annotation_ping_and_survive_an_agent_restart() {
+    require_root();
+    let t0 = Instant::now();
+    let mut agent = Agent::start(
+        "cri-ptp",
+        &["--pool", "default=10.235.0.0/16@24", "--pool", "blue=10.236.0.0/16@24", "--pool", "green=10.237.0.0/16@24"],
+    );
+    let (ok, _, err) = agent.cli(&["namespace", "annotate", "team-green", "ipam.cilium.io/ip-pool=green"]);
+    assert!(ok, "{err}");
+    let node = Netns::new();
+    netns_exec(&node.name, &["ip", "link", "set", "lo", "up"]);
+    netns_exec(&node.name, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    let ctrd = Containerd::start_ptp(&agent.socket, &node.name);
+    eprintln!("{} up in {:?}", ctrd.version(), t0.elapsed());
+
+    // As the kubelet does, every pod carries some annotations.
+    let seen = ("kubernetes.io/config.source", "api");
+    let cases = [
+        ("default", "plain", vec![seen], "default", "10.235.0.0/16"),
+        ("default", "blue", vec![seen, ("ipam.cilium.io/ip-pool", "blue")], "blue", "10.236.0.0/16"),
+        ("team-green", "green", vec![seen], "green", "10.237.0.0/16"),
+    ];
+    let mut pods = Vec::new();
+    for (namespace, name, annotations, pool, net) in &cases {
+        let id = ctrd
+            .run_pod(namespace, name, annotations)
+            .unwrap_or_else(|e| panic!("RunPodSandbox {namespace}/{name}: {e}\n{}\n{}", ctrd.log(), agent.log()));
+        let ip = ctrd.pod_ip(&id);
+        assert!(within(&ip, net), "{namespace}/{name} got {ip:?}, not an address of pool {pool}");
+        assert_eq!(held_by(&agent, &id), vec![(ip.clone(), pool.to_string())], "{namespace}/{name}: agent and CRI disagree");
+        pods.push((id.clone(), ip, ctrd.pod_netns(&id)));
+    }
+    assert!(!agent.log().contains("without annotations"), "the capability did not bring the annotations:\n{}", agent.log());
+    for (from, to) in [(0, 1), (1, 2), (2, 0)] {
+        assert!(pings(&pods[from].2, &pods[to].1), "{} ({}) cannot ping {} ({})", cases[from].1, pods[from].1, cases[to].1, pods[to].1);
+    }
+
+    // SIGKILL the agent and start it again: every live pod keeps its address, and the next
+    // pod gets a new one.
+    agent.kill();
+    agent.spawn();
+    for (id, ip, _) in &pods {
+        assert_eq!(ctrd.pod_ip(id), *ip, "CRI's address of {id} changed");
+        assert_eq!(held_by(&agent, id).into_iter().map(|(a, _)| a).collect::<Vec<_>>(), vec![ip.clone()], "after the restart");
+    }
+    let late = ctrd.run_pod("default", "late", &[seen]).unwrap_or_else(|e| panic!("RunPodSandbox after restart: {e}\n{}", agent.log()));
+    let late_ip = ctrd.pod_ip(&late);
+    assert!(pods.iter().all(|(_, ip, _)| *ip != late_ip), "{late_ip} handed out twice");
+    assert!(pings(&ctrd.pod_netns(&late), &pods[1].1), "the pod started after the restart cannot reach blue");
+    pods.push((late, late_ip, std::path::PathBuf::new()));
+
+    for (id, _, _) in &pods {
+        ctrd.stop_pod(id).unwrap_or_else(|e| panic!("StopPodSandbox {id}: {e}\n{}", agent.log()));
+        assert_eq!(held_by(&agent, id), Vec::new(), "StopPodSandbox of {id} did not release");
+        ctrd.remove_pod(id).unwrap_or_else(|e| panic!("RemovePodSandbox {id}: {e}"));
+    }
+    assert_eq!(allocations(&agent), Vec::new(), "removed pods still hold addresses");
+    assert!(ctrd.netns_paths().is_empty(), "network namespaces left: {:?}", ctrd.netns_paths());
+    eprintln!("ptp test took {:?}", t0.elapsed());
+}

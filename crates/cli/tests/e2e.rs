@@ -21,6 +21,7 @@ fn bridge_conf(agent: &Agent, bridge: &Bridge, annotations: Value) -> Value {
     json!({
         "cniVersion": "1.0.0", "name": "podnet", "type": "bridge", "bridge": bridge.name, "isGateway": false,
         "ipam": {"type": "allot-ipam", "socket": agent.socket},
+        "capabilities": {"io.kubernetes.cri.pod-annotations": true},
         "runtimeConfig": {"io.kubernetes.cri.pod-annotations": annotations}
     })
 }
@@ -310,7 +311,7 @@ fn pool_cli_accepts_cilium_yaml_and_refuses_bad_changes_without_effect() {
 #[test]
 fn a_full_pool_waits_for_a_block_then_answers_try_again_and_recovers_when_cidrs_grow() {
     require_root();
-    let agent = Agent::start("node-e", &["--pool", "tiny=10.70.0.0/30@30", "--add-wait", "1s"]);
+    let agent = Agent::start("node-e", &["--pool", "tiny=10.70.0.0/30@30", "--add-wait", "1s", "--reserve-gateway=false"]);
     let plugin = ipam_plugin();
     let conf = ipam_conf(&agent, "tinynet", "1.0.0", json!({"pool": "tiny"}));
     let call = |id: &str| cni(&CniCall { plugin: &plugin, command: "ADD", container_id: id, netns: "/x", ifname: "eth0", args: "" }, &conf);
@@ -350,7 +351,7 @@ fn allocated(node: &Value, pool: &str) -> Vec<String> {
 #[test]
 fn requested_follows_the_formula_and_unused_blocks_are_released() {
     require_root();
-    let agent = Agent::start("node-f", &["--pool", "default=10.80.0.0/16@24", "--pool", "blue=10.81.0.0/16@28,fd00:81::/112@124"]);
+    let agent = Agent::start("node-f", &["--pool", "default=10.80.0.0/16@24", "--pool", "blue=10.81.0.0/16@28,fd00:81::/112@124", "--reserve-gateway=false"]);
     let node = || agent.cli_json(&["node", "get", "node-f"]);
     // default has preAlloc 8: an idle node asks for 8; blue (preAlloc 0) asks for nothing.
     poll("default requested 8", Duration::from_secs(2), || (requested(&node(), "default") == Some((8, 0))).then_some(()));
@@ -420,7 +421,7 @@ fn sigterm_shuts_down_cleanly_and_sweep_releases_dead_namespaces() {
 #[test]
 fn a_del_wakes_an_add_waiting_on_a_full_pool() {
     require_root();
-    let agent = Agent::start("node-h", &["--pool", "tiny=10.71.0.0/30@30", "--add-wait", "20s"]);
+    let agent = Agent::start("node-h", &["--pool", "tiny=10.71.0.0/30@30", "--add-wait", "20s", "--reserve-gateway=false"]);
     let plugin = ipam_plugin();
     let conf = ipam_conf(&agent, "tinynet", "1.0.0", json!({"pool": "tiny"}));
     let call = |cmd: &str, id: &str| cni(&CniCall { plugin: &plugin, command: cmd, container_id: id, netns: "/x", ifname: "eth0", args: "" }, &conf);

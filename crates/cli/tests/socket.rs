@@ -249,7 +249,7 @@ fn request_body_over_the_limit_is_answered_413() {
 #[test]
 fn an_add_waiting_longer_than_the_header_timeout_is_answered() {
     require_root();
-    let agent = Agent::start("sock-c", &["--pool", "tiny=10.76.0.0/30@30", "--add-wait", "20s"]);
+    let agent = Agent::start("sock-c", &["--pool", "tiny=10.76.0.0/30@30", "--add-wait", "20s", "--reserve-gateway=false"]);
     let pin = json!({"pool": "tiny"});
     let (_, first) = call(&agent.socket, "ADD", "l1", pin.clone());
     assert_eq!(call(&agent.socket, "ADD", "l2", pin.clone()).0, 0);

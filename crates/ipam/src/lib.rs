@@ -17,6 +17,9 @@ use serde_json::{Value, json};
 pub const SUPPORTED_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 pub const LATEST: &str = "1.1.0";
 pub const POD_ANNOTATIONS_KEY: &str = "io.kubernetes.cri.pod-annotations";
+/// The pod annotations the agent reads; the rest (often large) stay out of the request.
+const POOL_KEYS: [&str; 3] =
+    [allot_core::select::POOL_ANNOTATION, allot_core::select::IPV4_POOL_ANNOTATION, allot_core::select::IPV6_POOL_ANNOTATION];
 const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// CNI error codes (spec 1.1, "Error").
@@ -85,9 +88,19 @@ pub struct NetConf {
     pub name: String,
     pub pool: Option<String>,
     pub socket: Option<String>,
+    /// The pod annotations that choose a pool (the rest are not sent to the agent).
     pub annotations: BTreeMap<String, String>,
-    pub prev_ips: Option<Vec<String>>,
+    /// Whether runtimeConfig carried the pod's annotations at all.
+    pub annotations_passed: bool,
+    /// The raw prevResult; CHECK reads it, and answers code 7 when it cannot.
+    pub prev_result: Option<Value>,
     pub valid_attachments: Option<Vec<Attachment>>,
+    /// `ipam.routes` (host-local's `[{"dst": ..., "gw": ...}]`), passed through as given.
+    pub routes: Vec<Value>,
+    /// `ipam.defaultRoute` (default true): a default route per family via the block's gateway.
+    pub default_route: bool,
+    /// `ipam.dns` (host-local's shape), passed through.
+    pub dns: Option<Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -226,7 +239,7 @@ struct RawConf {
     #[serde(rename = "runtimeConfig")]
     runtime_config: Option<RawRuntimeConfig>,
     #[serde(rename = "prevResult")]
-    prev_result: Option<RawPrevResult>,
+    prev_result: Option<Value>,
     #[serde(rename = "cni.dev/valid-attachments")]
     valid_attachments: Option<Vec<RawAttachment>>,
     #[serde(rename = "cni.dev/attachments")]
@@ -237,23 +250,16 @@ struct RawConf {
 struct RawIpam {
     pool: Option<String>,
     socket: Option<String>,
+    routes: Option<Vec<Value>>,
+    #[serde(rename = "defaultRoute")]
+    default_route: Option<bool>,
+    dns: Option<Value>,
 }
 
 #[derive(Deserialize)]
 struct RawRuntimeConfig {
     #[serde(rename = "io.kubernetes.cri.pod-annotations")]
     pod_annotations: Option<BTreeMap<String, String>>,
-}
-
-#[derive(Deserialize)]
-struct RawPrevResult {
-    #[serde(default)]
-    ips: Vec<RawIp>,
-}
-
-#[derive(Deserialize)]
-struct RawIp {
-    address: String,
 }
 
 #[derive(Deserialize)]
@@ -299,6 +305,16 @@ pub fn parse_config(stdin: &[u8]) -> Result<NetConf, CniError> {
     {
         return Err(CniError::new(code::INVALID_CONFIG, format!("ipam.pool {pool:?} is not a valid pool name")));
     }
+    let routes = ipam.routes.unwrap_or_default();
+    for r in &routes {
+        check_route(r)?;
+    }
+    if let Some(dns) = &ipam.dns
+        && !dns.is_object()
+    {
+        return Err(CniError::new(code::INVALID_CONFIG, "ipam.dns is not an object")
+            .details("host-local's shape: {\"nameservers\": [...], \"domain\": ..., \"search\": [...], \"options\": [...]}"));
+    }
     let valid_attachments = match (raw.valid_attachments, raw.attachments) {
         (None, None) => None,
         (a, b) => Some(
@@ -309,15 +325,65 @@ pub fn parse_config(stdin: &[u8]) -> Result<NetConf, CniError> {
                 .collect(),
         ),
     };
+    let pod_annotations = raw.runtime_config.and_then(|r| r.pod_annotations);
     Ok(NetConf {
         cni_version,
         name,
         pool: ipam.pool.filter(|p| !p.is_empty()),
         socket: ipam.socket.filter(|s| !s.is_empty()),
-        annotations: raw.runtime_config.and_then(|r| r.pod_annotations).unwrap_or_default(),
-        prev_ips: raw.prev_result.map(|p| p.ips.into_iter().map(|i| i.address).collect()),
+        annotations_passed: pod_annotations.is_some(),
+        annotations: pod_annotations
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(k, _)| POOL_KEYS.contains(&k.as_str()))
+            .collect(),
+        prev_result: raw.prev_result,
         valid_attachments,
+        routes,
+        default_route: ipam.default_route.unwrap_or(true),
+        dns: ipam.dns,
     })
+}
+
+/// One `ipam.routes` entry: `dst` a CIDR, `gw` (optional) an address of the same family.
+fn check_route(r: &Value) -> Result<(), CniError> {
+    let bad = |why: &str| {
+        CniError::new(code::INVALID_CONFIG, format!("ipam.routes entry {r}: {why}"))
+            .details("each route is {\"dst\": \"<cidr>\"} or {\"dst\": \"<cidr>\", \"gw\": \"<address>\"}, as for host-local")
+    };
+    let dst: ipnet::IpNet = r
+        .get("dst")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("no \"dst\""))?
+        .parse()
+        .map_err(|_| bad("\"dst\" is not a CIDR"))?;
+    if let Some(gw) = r.get("gw").filter(|g| !g.is_null()) {
+        let gw: std::net::IpAddr = gw.as_str().and_then(|g| g.parse().ok()).ok_or_else(|| bad("\"gw\" is not an address"))?;
+        if gw.is_ipv4() != dst.addr().is_ipv4() {
+            return Err(bad("\"gw\" and \"dst\" are of different families"));
+        }
+    }
+    Ok(())
+}
+
+/// The addresses of a prevResult's `ips`; code 7 when it is not a result allot can read.
+pub fn prev_addresses(prev: &Value) -> Result<Vec<ipnet::IpNet>, CniError> {
+    let bad = |why: String| {
+        CniError::new(code::INVALID_CONFIG, format!("CHECK: cannot read prevResult: {why}"))
+            .details("prevResult must be a CNI result: {\"ips\": [{\"address\": \"<cidr>\"}, ...]}")
+    };
+    let Some(obj) = prev.as_object() else { return Err(bad("not a JSON object".into())) };
+    let ips = match obj.get("ips") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(bad("\"ips\" is not a list".into())),
+    };
+    ips.iter()
+        .map(|ip| {
+            let a = ip.get("address").and_then(Value::as_str).ok_or_else(|| bad(format!("entry {ip} has no \"address\"")))?;
+            a.parse::<ipnet::IpNet>().map_err(|_| bad(format!("address {a:?} is not a CIDR")))
+        })
+        .collect()
 }
 
 fn version_at_least(v: &str, min: &str) -> bool {
@@ -366,8 +432,10 @@ pub fn agent_error(e: ClientError, what: &str) -> CniError {
     }
 }
 
-/// The result document for `version`, in that version's shape.
-pub fn render_result(version: &str, a: &Allocation) -> String {
+/// The result document for `version`, in that version's shape: the addresses with their
+/// gateways, `conf`'s routes, a default route per family via its gateway unless
+/// `defaultRoute` is false or `conf` has one, and `conf`'s dns.
+pub fn render_result(version: &str, a: &Allocation, conf: &NetConf) -> String {
     let old = !version_at_least(version, "1.0.0");
     let ips: Vec<Value> = a
         .ips
@@ -383,7 +451,42 @@ pub fn render_result(version: &str, a: &Allocation) -> String {
             v
         })
         .collect();
-    json!({ "cniVersion": version, "ips": ips, "dns": {} }).to_string()
+    let mut routes = conf.routes.clone();
+    if conf.default_route {
+        for ip in &a.ips {
+            let Some(gw) = ip.gateway else { continue };
+            let dst = if gw.is_ipv4() { "0.0.0.0/0" } else { "::/0" };
+            let has_default = routes.iter().any(|r| {
+                r.get("dst").and_then(Value::as_str).and_then(|d| d.parse::<ipnet::IpNet>().ok()).is_some_and(|d| {
+                    d.prefix_len() == 0 && d.addr().is_ipv4() == gw.is_ipv4()
+                })
+            });
+            if !has_default {
+                routes.push(json!({ "dst": dst, "gw": gw.to_string() }));
+            }
+        }
+    }
+    let mut out = json!({ "cniVersion": version, "ips": ips });
+    if !routes.is_empty() {
+        out["routes"] = Value::Array(routes);
+    }
+    out["dns"] = conf.dns.clone().unwrap_or_else(|| json!({}));
+    out.to_string()
+}
+
+/// CHECK: every address allot holds for the owner is in prevResult (which holds the whole
+/// chain's result, so other plugins may have added more).
+pub fn check_against(a: &Allocation, got: &[ipnet::IpNet]) -> Result<(), CniError> {
+    let missing: Vec<String> = a.ips.iter().filter(|ip| !got.contains(&ip.address)).map(|ip| ip.address.to_string()).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let listed: Vec<String> = got.iter().map(ToString::to_string).collect();
+    Err(CniError::new(
+        code::CHECK_MISMATCH,
+        format!("CHECK: {} holds {} but prevResult lists only [{}]", a.owner, missing.join(", "), listed.join(", ")),
+    )
+    .details("the interface lost an address allot assigned: delete and re-add the container's network"))
 }
 
 /// Runs an invocation against the agent. Ok(Some) is printed on stdout; Ok(None) prints nothing.
@@ -397,9 +500,10 @@ pub fn execute(inv: &Invocation) -> Result<Option<String>, CniError> {
                 pod: PodRef { namespace: inv.env.pod_namespace.clone(), name: inv.env.pod_name.clone() },
                 pool: inv.conf.pool.clone(),
                 annotations: inv.conf.annotations.clone(),
+                annotations_passed: inv.conf.annotations_passed,
             };
             let a: Allocation = client.post("/v1/cni/add", &req).map_err(|e| agent_error(e, "ADD"))?;
-            Ok(Some(render_result(&inv.conf.cni_version, &a)))
+            Ok(Some(render_result(&inv.conf.cni_version, &a, &inv.conf)))
         }
         Command::Del => {
             let _: Option<Allocation> =
@@ -407,19 +511,12 @@ pub fn execute(inv: &Invocation) -> Result<Option<String>, CniError> {
             Ok(None)
         }
         Command::Check => {
+            // Read prevResult first: a malformed one is a config error whatever the agent says.
+            let got = inv.conf.prev_result.as_ref().map(prev_addresses).transpose()?;
             let a: Allocation =
                 client.post("/v1/cni/check", &OwnerRequest { owner: owner(inv) }).map_err(|e| agent_error(e, "CHECK"))?;
-            if let Some(prev) = &inv.conf.prev_ips {
-                let mut want: Vec<String> = a.ips.iter().map(|i| i.address.to_string()).collect();
-                let mut got: Vec<String> = prev.iter().filter_map(|s| s.parse::<ipnet::IpNet>().ok()).map(|n| n.to_string()).collect();
-                want.sort();
-                got.sort();
-                if want != got {
-                    return Err(CniError::new(
-                        code::CHECK_MISMATCH,
-                        format!("CHECK: {} holds {} but prevResult lists {}", a.owner, want.join(", "), got.join(", ")),
-                    ));
-                }
+            if let Some(got) = &got {
+                check_against(&a, got)?;
             }
             Ok(None)
         }

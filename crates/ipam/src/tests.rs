@@ -117,8 +117,9 @@ fn results_in_each_versions_shape() {
         ],
         created: 0,
     };
+    let conf = parse_config(CONF.as_bytes()).unwrap();
     for v in SUPPORTED_VERSIONS {
-        let r: Value = serde_json::from_str(&render_result(v, &a)).unwrap();
+        let r: Value = serde_json::from_str(&render_result(v, &a, &conf)).unwrap();
         assert_eq!(r["cniVersion"], v);
         assert_eq!(r["ips"][0]["address"], "10.0.0.5/24");
         assert_eq!(r["ips"][1]["gateway"], "fd00::1");
@@ -327,4 +328,129 @@ proptest! {
             }
         }
     }
+}
+
+fn alloc(ips: &[(&str, Option<&str>)]) -> Allocation {
+    Allocation {
+        owner: Owner { network: "n".into(), container_id: "c".into(), ifname: "eth0".into() },
+        netns: String::new(),
+        pod: PodRef::default(),
+        ips: ips
+            .iter()
+            .map(|(a, gw)| allot_wire::AllocatedIp { address: a.parse().unwrap(), pool: "p".into(), gateway: gw.map(|g| g.parse().unwrap()) })
+            .collect(),
+        created: 0,
+    }
+}
+
+fn conf_with_ipam(ipam: Value) -> NetConf {
+    let mut c: Value = serde_json::from_str(CONF).unwrap();
+    for (k, v) in ipam.as_object().unwrap() {
+        c["ipam"][k] = v.clone();
+    }
+    parse_config(c.to_string().as_bytes()).unwrap()
+}
+
+/// Issue 9, point 1: the gateway, a default route per family via it, the config's routes as
+/// host-local takes them, and its dns, in every version's result.
+#[test]
+fn results_carry_gateways_default_routes_config_routes_and_dns() {
+    let a = alloc(&[("10.0.0.5/24", Some("10.0.0.1")), ("fd00::5/120", Some("fd00::1"))]);
+    let conf = conf_with_ipam(json!({
+        "routes": [{"dst": "192.168.0.0/16"}, {"dst": "172.16.0.0/12", "gw": "10.0.0.254"}],
+        "dns": {"nameservers": ["10.96.0.10"], "search": ["svc.cluster.local"], "options": ["ndots:5"]}
+    }));
+    for v in SUPPORTED_VERSIONS {
+        let r: Value = serde_json::from_str(&render_result(v, &a, &conf)).unwrap();
+        assert_eq!(r["ips"][0]["gateway"], "10.0.0.1", "{v}");
+        assert_eq!(
+            r["routes"],
+            json!([
+                {"dst": "192.168.0.0/16"},
+                {"dst": "172.16.0.0/12", "gw": "10.0.0.254"},
+                {"dst": "0.0.0.0/0", "gw": "10.0.0.1"},
+                {"dst": "::/0", "gw": "fd00::1"}
+            ]),
+            "{v}"
+        );
+        assert_eq!(r["dns"]["nameservers"], json!(["10.96.0.10"]), "{v}");
+        assert_eq!(r["dns"]["options"], json!(["ndots:5"]), "{v}");
+    }
+    // No second default route when the config has one for that family; none at all when off.
+    let own_default = conf_with_ipam(json!({"routes": [{"dst": "0.0.0.0/0", "gw": "10.0.0.254"}]}));
+    let r: Value = serde_json::from_str(&render_result("1.1.0", &a, &own_default)).unwrap();
+    assert_eq!(r["routes"], json!([{"dst": "0.0.0.0/0", "gw": "10.0.0.254"}, {"dst": "::/0", "gw": "fd00::1"}]));
+    let off = conf_with_ipam(json!({"defaultRoute": false}));
+    let r: Value = serde_json::from_str(&render_result("1.1.0", &a, &off)).unwrap();
+    assert!(r.get("routes").is_none(), "defaultRoute false still routed: {r}");
+    assert_eq!(r["dns"], json!({}));
+    // A block without a gateway (reservation off, /31, /32) has no default route.
+    let r: Value = serde_json::from_str(&render_result("0.4.0", &alloc(&[("10.0.0.5/24", None)]), &conf_with_ipam(json!({})))).unwrap();
+    assert!(r.get("routes").is_none() && r["ips"][0].get("gateway").is_none(), "{r}");
+}
+
+#[test]
+fn malformed_routes_and_dns_are_config_errors() {
+    for ipam in [
+        json!({"routes": [{"gw": "10.0.0.1"}]}),
+        json!({"routes": [{"dst": "10.0.0.0"}]}),
+        json!({"routes": [{"dst": "10.0.0.0/8", "gw": "fd00::1"}]}),
+        json!({"routes": [{"dst": "10.0.0.0/8", "gw": "nope"}]}),
+        json!({"routes": {"dst": "10.0.0.0/8"}}),
+        json!({"dns": ["10.0.0.10"]}),
+        json!({"defaultRoute": "no"}),
+    ] {
+        let mut c: Value = serde_json::from_str(CONF).unwrap();
+        for (k, v) in ipam.as_object().unwrap() {
+            c["ipam"][k] = v.clone();
+        }
+        let (v, code) = run_with(&add_env(), &c.to_string());
+        assert_eq!((code, v["code"].as_u64()), (1, Some(u64::from(code::INVALID_CONFIG))), "{ipam}: {v}");
+    }
+}
+
+/// Issue 9, point 3: prevResult holds the whole chain's result; allot's addresses must be in it.
+#[test]
+fn check_wants_a_subset_of_prev_result() {
+    let a = alloc(&[("10.0.0.5/24", Some("10.0.0.1")), ("fd00::5/120", None)]);
+    let prev = |ips: &[&str]| -> Vec<ipnet::IpNet> {
+        prev_addresses(&json!({"cniVersion": "1.0.0", "interfaces": [{"name": "eth0"}], "ips": ips.iter().map(|i| json!({"address": i, "interface": 0})).collect::<Vec<_>>()})).unwrap()
+    };
+    assert_eq!(check_against(&a, &prev(&["10.0.0.5/24", "fd00::5/120"])), Ok(()));
+    assert_eq!(check_against(&a, &prev(&["192.168.9.9/32", "fd00::5/120", "10.0.0.5/24"])), Ok(()), "another plugin's address");
+    let e = check_against(&a, &prev(&["10.0.0.5/24"])).unwrap_err();
+    assert_eq!(e.code, code::CHECK_MISMATCH);
+    assert!(e.msg.contains("fd00::5/120"), "{}", e.msg);
+    assert_eq!(check_against(&a, &prev(&[])).unwrap_err().code, code::CHECK_MISMATCH);
+}
+
+#[test]
+fn check_with_an_unreadable_prev_result_is_code_7() {
+    let vars = env(&[("CNI_COMMAND", "CHECK"), ("CNI_CONTAINERID", "abc"), ("CNI_NETNS", "/x"), ("CNI_IFNAME", "eth0")]);
+    for prev in [json!({"ips": [{"address": "garbage"}]}), json!({"ips": [{"gateway": "10.0.0.1"}]}), json!({"ips": "10.0.0.5/24"}), json!("x")] {
+        let mut c: Value = serde_json::from_str(CONF).unwrap();
+        c["prevResult"] = prev.clone();
+        let (v, code) = run_with(&vars, &c.to_string());
+        assert_eq!((code, v["code"].as_u64()), (1, Some(u64::from(code::INVALID_CONFIG))), "{prev}: {v}");
+        assert!(v["msg"].as_str().unwrap().contains("prevResult"), "{v}");
+    }
+}
+
+/// Issue 9, point 4: the request carries only the annotations that choose a pool, and whether
+/// the runtime passed annotations at all.
+#[test]
+fn only_pool_annotations_are_sent() {
+    let big = "x".repeat(100_000);
+    let c = conf_with_ipam(json!({}));
+    assert!(!c.annotations_passed && c.annotations.is_empty());
+    let mut v: Value = serde_json::from_str(CONF).unwrap();
+    v["runtimeConfig"] = json!({"io.kubernetes.cri.pod-annotations": {
+        "kubectl.kubernetes.io/last-applied-configuration": big, "ipam.cilium.io/ipv6-pool": "v6", "ipam.cilium.io/ip-pool": "blue"
+    }});
+    let c = parse_config(v.to_string().as_bytes()).unwrap();
+    assert!(c.annotations_passed);
+    assert_eq!(c.annotations, [("ipam.cilium.io/ip-pool".to_string(), "blue".to_string()), ("ipam.cilium.io/ipv6-pool".into(), "v6".into())].into());
+    v["runtimeConfig"] = json!({"io.kubernetes.cri.pod-annotations": {"kubernetes.io/config.source": "api"}});
+    let c = parse_config(v.to_string().as_bytes()).unwrap();
+    assert!(c.annotations_passed && c.annotations.is_empty());
 }

@@ -172,9 +172,18 @@ pub struct AddRequest {
     /// `"pool"` from the CNI config's ipam section.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
-    /// The pod's annotations, from runtimeConfig `io.kubernetes.cri.pod-annotations`.
+    /// The pod's annotations, from runtimeConfig `io.kubernetes.cri.pod-annotations`
+    /// (allot-ipam sends only the ones that choose a pool).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// The runtime passed the pod's annotations (the conflist declares the capability), even
+    /// if none of them is sent. Absent from older plugins.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub annotations_passed: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// One address handed to a container, with the prefix of the block it came from.

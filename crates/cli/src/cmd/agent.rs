@@ -42,10 +42,11 @@ pub struct Args {
     /// (cluster mode, nodes on one L2 network).
     #[arg(long)]
     auto_direct_node_routes: bool,
-    /// Keep the first usable address of every block for the node (a bridge gateway), and
-    /// return it as the gateway in CNI results.
-    #[arg(long)]
-    reserve_gateway: bool,
+    /// Keep the first usable address of every block for the node (the gateway that `bridge`
+    /// with isGateway and `ptp` give the host side), and return it as the gateway in CNI
+    /// results. On by default; `--reserve-gateway=false` hands it to pods.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    reserve_gateway: Option<bool>,
 }
 
 /// `10s`, `500ms`, `2m`, or plain seconds.
@@ -149,7 +150,7 @@ pub fn build_config(args: &Args, socket: Option<&str>) -> anyhow::Result<AgentCo
     }
     cfg.node_ip = args.node_ip.or(file.node_ip);
     cfg.direct_routes = args.auto_direct_node_routes || file.auto_direct_node_routes.unwrap_or(false);
-    cfg.reserve_gateway = args.reserve_gateway || file.reserve_gateway.unwrap_or(false);
+    cfg.reserve_gateway = args.reserve_gateway.or(file.reserve_gateway).unwrap_or(true);
     Ok(cfg)
 }
 
@@ -245,7 +246,7 @@ mod tests {
             max_view_age: None,
             node_ip: None,
             auto_direct_node_routes: false,
-            reserve_gateway: false,
+            reserve_gateway: None,
         };
         let cfg = build_config(&args, Some("/tmp/x.sock")).unwrap();
         assert_eq!(cfg.node, "n1");
@@ -255,5 +256,30 @@ mod tests {
         assert_eq!(cfg.auto_create_pools.len(), 2);
         assert_eq!(cfg.add_wait, Duration::from_millis(1500));
         assert_eq!(cfg.socket, PathBuf::from("/tmp/x.sock"));
+    }
+
+    /// Issue 9, point 1: the gateway is reserved unless a flag or the file turns it off.
+    #[test]
+    fn gateway_reserved_by_default_flag_and_file_opt_out() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let off = dir.path().join("off.yaml");
+        std::fs::write(&off, "reserveGateway: false\n").unwrap();
+        let off = off.display().to_string();
+        for (argv, want) in [
+            (vec![], true),
+            (vec!["--reserve-gateway"], true),
+            (vec!["--reserve-gateway=false"], false),
+            (vec!["--config", &off], false),
+            (vec!["--config", &off, "--reserve-gateway"], true),
+            (vec!["--config", &off, "--reserve-gateway=true"], true),
+        ] {
+            let cli = <Cli as clap::Parser>::try_parse_from(std::iter::once("agent").chain(argv.iter().copied())).unwrap();
+            assert_eq!(build_config(&cli.args, None).unwrap().reserve_gateway, want, "{argv:?}");
+        }
     }
 }

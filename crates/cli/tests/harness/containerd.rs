@@ -27,8 +27,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Containerd {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
-    /// The bridge the conflist names; the bridge plugin creates it on the first pod.
-    _bridge: Bridge,
+    /// The bridge the conflist names, if any; the bridge plugin creates it on the first pod.
+    _bridge: Option<Bridge>,
     /// The pods' cgroup parent (cgroupfs), ours alone, removed in Drop.
     cgroup_parent: String,
     child: Option<Child>,
@@ -42,6 +42,28 @@ impl Containerd {
     /// `is_gateway` is the bridge plugin's: it gives the bridge the gateway address of one IPv4
     /// subnet only, so pods of two pools on one bridge need it off.
     pub fn start(agent_socket: &Path, is_gateway: bool) -> Containerd {
+        let bridge = Bridge::new();
+        let plugin = json!({
+            "type": "bridge", "bridge": bridge.name, "isGateway": is_gateway, "ipMasq": false,
+            "ipam": {"type": "allot-ipam", "socket": agent_socket},
+            "capabilities": {"io.kubernetes.cri.pod-annotations": true}
+        });
+        Self::start_with(plugin, Some(bridge), None)
+    }
+
+    /// Like `start`, with the README's conflist (`ptp`, the pod-annotations capability), and
+    /// containerd in the network namespace `node` (entered with `nsenter --net` only, so that
+    /// mounts and cgroups stay shared): ptp puts the pods' host sides and routes there.
+    pub fn start_ptp(agent_socket: &Path, node: &str) -> Containerd {
+        let plugin = json!({
+            "type": "ptp",
+            "ipam": {"type": "allot-ipam", "socket": agent_socket},
+            "capabilities": {"io.kubernetes.cri.pod-annotations": true}
+        });
+        Self::start_with(plugin, None, Some(node))
+    }
+
+    fn start_with(plugin: serde_json::Value, bridge: Option<Bridge>, node: Option<&str>) -> Containerd {
         let dir = tempfile::Builder::new().prefix("allot-ctrd").tempdir().unwrap();
         let d = dir.path();
         for sub in ["root", "state", "cni-bin", "net.d", "runc"] {
@@ -53,15 +75,7 @@ impl Containerd {
         }
         std::os::unix::fs::symlink(bin_dir().join("allot-ipam"), d.join("cni-bin/allot-ipam")).unwrap();
 
-        let bridge = Bridge::new();
-        let conflist = json!({
-            "cniVersion": "1.0.0", "name": "allot-cri",
-            "plugins": [{
-                "type": "bridge", "bridge": bridge.name, "isGateway": is_gateway, "ipMasq": false,
-                "ipam": {"type": "allot-ipam", "socket": agent_socket},
-                "capabilities": {"io.kubernetes.cri.pod-annotations": true}
-            }]
-        });
+        let conflist = json!({ "cniVersion": "1.0.0", "name": "allot-cri", "plugins": [plugin] });
         std::fs::write(d.join("net.d/10-allot.conflist"), conflist.to_string()).unwrap();
 
         let socket = d.join("containerd.sock");
@@ -106,7 +120,15 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         std::fs::write(d.join("config.toml"), config).unwrap();
 
         let log = std::fs::File::create(d.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
+        let mut cmd = match node {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/var/run/netns/{ns}")).arg("containerd");
+                c
+            }
+            None => Command::new("containerd"),
+        };
+        let child = cmd
             .arg("--config")
             .arg(d.join("config.toml"))
             .stdout(Stdio::null())
@@ -228,6 +250,16 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         };
         let req = RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() };
         self.rt.block_on(self.cri().run_pod_sandbox(req)).map(|r| r.into_inner().pod_sandbox_id)
+    }
+
+    /// The pod's network namespace, from PodSandboxStatus's verbose info (the runtime spec).
+    pub fn pod_netns(&self, id: &str) -> PathBuf {
+        let req = PodSandboxStatusRequest { pod_sandbox_id: id.into(), verbose: true };
+        let status = self.rt.block_on(self.cri().pod_sandbox_status(req)).unwrap().into_inner();
+        let info: serde_json::Value = serde_json::from_str(status.info.get("info").map(String::as_str).unwrap_or("null")).unwrap();
+        let namespaces = info["runtimeSpec"]["linux"]["namespaces"].as_array().cloned().unwrap_or_default();
+        let path = namespaces.iter().find(|n| n["type"] == "network").and_then(|n| n["path"].as_str());
+        PathBuf::from(path.unwrap_or_else(|| panic!("no network namespace in the status of {id}: {info}")))
     }
 
     /// The pod's address as PodSandboxStatus reports it (`network.ip`).

@@ -30,6 +30,8 @@ pub struct AgentConfig {
     pub direct_routes: bool,
     /// Keep each block's first usable address for the node's gateway.
     pub reserve_gateway: bool,
+    /// Where to serve /metrics, /healthz, /readyz and the status page (off when None).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl AgentConfig {
@@ -46,6 +48,7 @@ impl AgentConfig {
             node_ip: None,
             direct_routes: false,
             reserve_gateway: false,
+            metrics_addr: None,
         }
     }
 

@@ -11,6 +11,8 @@ use allot_core::{BlockGrant, Family, cidr};
 use allot_store::{Store, StoreError};
 use tokio::sync::watch;
 
+pub mod metrics;
+
 /// How often the operator reconciles even when nothing changed.
 const RESYNC: Duration = Duration::from_secs(30);
 /// Give up on a pool for this round after this many blocks in a row were taken by others.
@@ -70,6 +72,7 @@ pub async fn reconcile<S: Store>(store: &S) -> Result<Report, StoreError> {
                     let grant = BlockGrant { pool: req.pool.clone(), cidr: block, node: node.name.clone() };
                     if store.grant_block(&grant).await? {
                         tracing::info!(node = %node.name, pool = %req.pool, block = %block, "granted block");
+                        metrics::granted(&req.pool);
                         have += cidr::usable_count(&block);
                         report.granted.push(grant);
                         lost = 0;
@@ -162,15 +165,23 @@ pub async fn run<S: Store>(store: std::sync::Arc<S>, shutdown: watch::Receiver<b
 pub async fn run_with<S: Store>(store: std::sync::Arc<S>, opts: Options, mut shutdown: watch::Receiver<bool>) {
     let mut changes = store.watch();
     let mut departures = Departures::default();
+    metrics::running();
     loop {
         changes.borrow_and_update();
         let mut wake = tokio::time::Instant::now() + RESYNC;
         match departures.collect(&*store, opts.node_gc_after, Instant::now()).await {
-            Ok((_, Some(next))) => wake = wake.min(tokio::time::Instant::from_std(next)),
-            Ok(_) => {}
+            Ok((gone, next)) => {
+                metrics::removed_nodes(gone.len());
+                if let Some(next) = next {
+                    wake = wake.min(tokio::time::Instant::from_std(next));
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "removing departed nodes failed; retrying"),
         }
-        match reconcile(&*store).await {
+        let started = Instant::now();
+        let result = reconcile(&*store).await;
+        metrics::reconciled(started.elapsed(), result.is_ok(), result.as_ref().map_or(0, |r| r.errors.len()));
+        match result {
             Ok(r) => {
                 for (node, e) in &r.errors {
                     tracing::warn!(node = %node, error = %e, "cannot meet node's request");

@@ -42,6 +42,10 @@ pub struct Args {
     /// return it as the gateway in CNI results.
     #[arg(long)]
     reserve_gateway: bool,
+    /// Serve /metrics (Prometheus), /healthz, /readyz and a status page on this TCP address,
+    /// e.g. 127.0.0.1:9962 (off by default).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// `10s`, `500ms`, `2m`, or plain seconds.
@@ -140,6 +144,7 @@ pub fn build_config(args: &Args, socket: Option<&str>) -> anyhow::Result<AgentCo
     cfg.node_ip = args.node_ip.or(file.node_ip);
     cfg.direct_routes = args.auto_direct_node_routes || file.auto_direct_node_routes.unwrap_or(false);
     cfg.reserve_gateway = args.reserve_gateway || file.reserve_gateway.unwrap_or(false);
+    cfg.metrics_addr = args.metrics_addr;
     Ok(cfg)
 }
 
@@ -235,6 +240,7 @@ mod tests {
             node_ip: None,
             auto_direct_node_routes: false,
             reserve_gateway: false,
+            metrics_addr: None,
         };
         let cfg = build_config(&args, Some("/tmp/x.sock")).unwrap();
         assert_eq!(cfg.node, "n1");

@@ -46,6 +46,10 @@ static M: LazyLock<Metrics> = LazyLock::new(|| {
         "CNI calls served, by command (ADD, DEL, CHECK, GC), result (success, error) and the CNI error code the plugin returns (0 on success)",
         cni.clone(),
     );
+    // Present from the start, so rate() and alerts see a zero rather than no series.
+    for command in ["ADD", "DEL", "CHECK", "GC"] {
+        let _ = cni.get_or_create(&vec![("command", command.to_string()), ("result", "success".to_string()), ("code", "0".to_string())]);
+    }
     // 0.5 ms to about 16 s: an ADD may wait --add-wait (10 s) for a block.
     let add_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
     registry.register("cni_add_duration_seconds", "Time the agent took to answer an ADD, successful or not", add_seconds.clone());

@@ -18,6 +18,7 @@ use serde_json::json;
 mod chart;
 mod cluster;
 mod inproc;
+mod scrape;
 
 const HOST_LOCAL: &str = "/usr/lib/cni/host-local";
 const TRUE: &str = "/bin/true";
@@ -70,13 +71,14 @@ struct Report {
     concurrency: Option<Concurrency>,
     core: Option<inproc::CoreFigures>,
     cluster: Option<cluster::ClusterFigures>,
+    scrape: Option<scrape::ScrapeFigures>,
 }
 
 struct Args {
     ops: usize,
     levels: Vec<usize>,
     out: PathBuf,
-    /// Parts to run: exec, core, cluster (all by default).
+    /// Parts to run: exec, core, cluster, scrape (all by default).
     only: Vec<String>,
 }
 
@@ -111,7 +113,7 @@ fn parse_args() -> Args {
                 std::process::exit(0);
             }
             "-h" | "--help" => {
-                println!("allot-bench [--ops N] [--levels 10,1000,10000] [--out DIR] [--only exec,core,cluster]");
+                println!("allot-bench [--ops N] [--levels 10,1000,10000] [--out DIR] [--only exec,core,cluster,scrape]");
                 std::process::exit(0);
             }
             other => panic!("unknown flag {other}"),
@@ -190,6 +192,10 @@ struct AgentProc {
 
 impl AgentProc {
     fn start(pool: &str) -> AgentProc {
+        Self::start_with(pool, &[])
+    }
+
+    fn start_with(pool: &str, extra: &[&str]) -> AgentProc {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("allot.sock");
         let child = Command::new(bin_dir().join("allot"))
@@ -197,6 +203,7 @@ impl AgentProc {
             .arg(dir.path().join("data"))
             .arg("--socket")
             .arg(&socket)
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stderr(Stdio::null())
             .spawn()
@@ -380,6 +387,9 @@ fn print_tables(r: &Report) {
     if let Some(c) = &r.cluster {
         cluster::print(c);
     }
+    if let Some(s) = &r.scrape {
+        scrape::print(s);
+    }
 }
 
 fn main() {
@@ -416,7 +426,17 @@ fn main() {
         cluster::run(&bin_dir(), 30, 3_000)
     });
 
-    let report = Report { exec: exec_points, concurrency: conc, core, cluster };
+    let scrape = args.runs("scrape").then(|| {
+        eprintln!("ADD with and without /metrics scrapes every 100 ms ...");
+        let port = allot_testkit::free_port();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let agent = AgentProc::start_with("default=10.202.0.0/16@24", &["--metrics-addr", &addr.to_string()]);
+        let live = 1_000;
+        populate_allot(&agent, 0, live);
+        scrape::run(&bin_dir().join("allot-ipam"), &agent.socket, addr, live, args.ops)
+    });
+
+    let report = Report { exec: exec_points, concurrency: conc, core, cluster, scrape };
     print_tables(&report);
     let json_path = args.out.join("results.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&report).unwrap()).unwrap();

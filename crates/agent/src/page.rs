@@ -42,8 +42,13 @@ pub fn bar(used: f64, total: f64, width: u32) -> String {
 fn latency_chart(recent: &[(SystemTime, f64)]) -> String {
     let (w, h) = (480.0_f64, 80.0_f64);
     let mut svg = format!("<svg width=\"{w}\" height=\"{h}\" role=\"img\" aria-label=\"recent ADD latency\"><rect width=\"{w}\" height=\"{h}\" fill=\"#fff\" stroke=\"#e4e7ec\"/>");
-    let step = w / crate::metrics::RECENT_ADDS as f64;
     let scale = |s: f64| ((s.max(1e-4).log10() + 4.0) / 5.0).clamp(0.02, 1.0) * (h - 4.0);
+    // Grid lines per decade, labelled at the right.
+    for (secs, label) in [(1e-3, "1 ms"), (1e-2, "10 ms"), (1e-1, "100 ms"), (1.0, "1 s")] {
+        let y = h - scale(secs);
+        let _ = write!(svg, "<line x1=\"0\" x2=\"{}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#e4e7ec\"/><text x=\"{}\" y=\"{:.1}\" font-size=\"10\" fill=\"#667\">{label}</text>", w - 44.0, w - 40.0, y + 3.0);
+    }
+    let step = (w - 48.0) / crate::metrics::RECENT_ADDS as f64;
     for (i, (_, secs)) in recent.iter().enumerate() {
         let bh = scale(*secs);
         let color = if *secs >= 1.0 { "#d92d20" } else if *secs >= 0.1 { "#f79009" } else { "#2e90fa" };

@@ -166,6 +166,8 @@ fn metrics_follow_a_scripted_workload() {
         assert_eq!(value(&s, &l("allot_cluster_pool_blocks_granted")), p.blocks_cluster as f64);
     }
     assert!(value(&s, r#"allot_blocks_received_total{pool="default"}"#) >= 4.0);
+    // With no pre-allocation the 15th ADD found the first blocks full and waited for more.
+    assert!(value(&s, "allot_block_grant_wait_seconds_count") >= 1.0);
     assert!(value(&s, r#"allot_operator_blocks_granted_total{pool="default"}"#) >= 4.0);
     assert_eq!(value(&s, "allot_allocations"), (N - 5) as f64);
     assert_eq!(value(&s, "allot_stale_allocations"), 3.0);
@@ -219,7 +221,8 @@ fn operator_and_store_metrics_in_cluster_mode() {
     let mut etcd = Etcd::start();
     let op_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let operator = Operator::start_with(None, &etcd.endpoint, "op-obs", &["--metrics-addr", &op_addr.to_string()]);
-    let (agent, addr) = metrics_agent(&["--etcd-endpoints", &etcd.endpoint, "--pool", "default=10.61.0.0/24@28"]);
+    let (agent, addr) =
+        metrics_agent(&["--etcd-endpoints", &etcd.endpoint, "--pool", "default=10.61.0.0/24@28", "--pre-allocation", "default=0"]);
     let (code, r) = plugin_call(&agent, "ADD", "c0", "/x", None);
     assert_eq!(code, 0, "{r}");
     let s = poll("the operator leading and granting", Duration::from_secs(20), || {
@@ -245,15 +248,18 @@ fn operator_and_store_metrics_in_cluster_mode() {
     assert!(!s.keys().any(|k| k.starts_with("allot_operator_")), "{s:?}");
 
     etcd.stop();
-    // More ADDs change the node's demand: writing it to etcd fails.
-    for i in 1..4 {
-        plugin_call(&agent, "ADD", &format!("c{i}"), "/x", None);
+    // Fill the node's block (14 usable): the next ADD finds it full, the node's demand grows,
+    // and writing it to etcd fails.
+    for i in 1..14 {
+        assert_eq!(plugin_call(&agent, "ADD", &format!("c{i}"), "/x", None).0, 0);
     }
+    assert_eq!(plugin_call(&agent, "ADD", "full", "/x", None).0, 11, "full and no store");
     let s = poll("the agent to see the store unreachable", Duration::from_secs(30), || {
         let s = samples(&metrics_text(addr));
         (s.get("allot_store_reachable") == Some(&0.0)).then_some(s)
     });
     assert!(value(&s, "allot_store_errors_total") > errors_before);
+    assert_eq!(value(&s, r#"allot_pending_attempts{pool="default",family="ipv4"}"#), 1.0, "the full ADD waits for a block");
     let (_, _, body) = http(op_addr, "GET", "/metrics", &[]);
     assert_eq!(value(&samples(&body), "allot_cluster_store_reachable"), 0.0);
     let (st, _, body) = http(op_addr, "GET", "/readyz", &[]);

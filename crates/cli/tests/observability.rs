@@ -241,6 +241,12 @@ fn operator_and_store_metrics_in_cluster_mode() {
     assert_eq!(value(&s, r#"allot_cluster_node_blocks{node="obs-node",pool="default",family="ipv4"}"#), blocks);
     assert_eq!(value(&s, "allot_cluster_store_reachable"), 1.0);
     assert_eq!(http(op_addr, "GET", "/readyz", &[]).0, 200);
+    // The operator's page: its role, the pool's cluster-wide usage, blocks per node.
+    let (st, _, page) = http(op_addr, "GET", "/", &[]);
+    assert_eq!(st, 200);
+    assert!(page.contains(r#"<span class="badge ok">leader</span>"#), "{page}");
+    assert!(page.contains(r#"data-pool="default" data-family="ipv4""#) && page.contains("% used"), "{page}");
+    assert!(page.contains("<td>obs-node</td><td>default</td>"), "{page}");
     let s = samples(&metrics_text(addr));
     assert_eq!(value(&s, "allot_store_reachable"), 1.0);
     let errors_before = value(&s, "allot_store_errors_total");

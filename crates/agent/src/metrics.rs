@@ -149,8 +149,7 @@ pub fn store_error() {
 /// Allocations whose network namespace file is gone (what `allot gc` would release), or None
 /// when no allocation's namespace is visible at all (the agent cannot see the host's
 /// namespaces: counting them all as leaked would be wrong).
-pub fn stale_allocations<S: Store>(node: &Node<S>) -> Option<u64> {
-    let all = node.allocations();
+pub fn stale_allocations(all: &[allot_wire::Allocation]) -> Option<u64> {
     let with: Vec<_> = all.iter().filter(|a| !a.netns.is_empty()).collect();
     let stale = with.iter().filter(|a| !std::path::Path::new(&a.netns).exists()).count();
     (with.is_empty() || stale < with.len()).then_some(stale as u64)
@@ -193,8 +192,9 @@ pub fn encode<S: Store>(node: &Node<S>, out: &mut String) {
         g.set(v);
         reg.register(name, help, g);
     };
-    single(&mut reg, "allocations", "Pod allocations this node holds (one per container and interface)", node.allocations().len() as i64);
-    if let Some(stale) = stale_allocations(node) {
+    let all = node.allocations();
+    single(&mut reg, "allocations", "Pod allocations this node holds (one per container and interface)", all.len() as i64);
+    if let Some(stale) = stale_allocations(&all) {
         single(&mut reg, "stale_allocations", "Allocations whose network namespace no longer exists: leaked unless a DEL or `allot gc` comes", stale as i64);
     }
     single(&mut reg, "store_reachable", "1 when the last request to the cluster store succeeded, else 0", i64::from(status.store.reachable));

@@ -433,7 +433,8 @@ fn main() {
         let agent = AgentProc::start_with("default=10.202.0.0/16@24", &["--metrics-addr", &addr.to_string()]);
         let live = 1_000;
         populate_allot(&agent, 0, live);
-        scrape::run(&bin_dir().join("allot-ipam"), &agent.socket, addr, live, args.ops)
+        // Ten times --ops: enough seconds of ADDs for dozens of scrapes on each side.
+        scrape::run(&bin_dir().join("allot-ipam"), &agent.socket, addr, live, args.ops * 10)
     });
 
     let report = Report { exec: exec_points, concurrency: conc, core, cluster, scrape };

@@ -54,7 +54,7 @@ pub fn run(ipam: &Path, socket: &Path, metrics: SocketAddr, live: usize, ops: us
             .collect()
     };
     let (mut without, mut with, mut scrape) = (Vec::new(), Vec::new(), Vec::new());
-    let rounds = 4;
+    let rounds = 8;
     let mut bytes = 0;
     for _ in 0..rounds {
         without.extend(adds(ops / rounds));

@@ -274,12 +274,17 @@ fn operator_and_store_metrics_in_cluster_mode() {
     drop(agent);
 }
 
-/// The alert rules load, and fire on the series they are written for.
+/// The alert rules load and fire on the series they are written for; the example Prometheus
+/// config (which loads them) is valid.
 #[test]
 fn promtool_checks_and_tests_the_alert_rules() {
     require_tool("/usr/bin/promtool", "prometheus");
     let dir = repo().join("deploy/monitoring");
-    for args in [vec!["check", "rules", "alerts.yaml"], vec!["test", "rules", "alerts_test.yaml"]] {
+    for args in [
+        vec!["check", "rules", "alerts.yaml"],
+        vec!["test", "rules", "alerts_test.yaml"],
+        vec!["check", "config", "prometheus.yml"],
+    ] {
         let out = Command::new("promtool").args(&args).current_dir(&dir).output().unwrap();
         assert!(
             out.status.success(),

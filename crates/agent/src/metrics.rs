@@ -149,9 +149,9 @@ pub fn store_error() {
 /// Allocations whose network namespace file is gone (what `allot gc` would release), or None
 /// when no allocation's namespace is visible at all (the agent cannot see the host's
 /// namespaces: counting them all as leaked would be wrong).
-pub fn stale_allocations(all: &[allot_wire::Allocation]) -> Option<u64> {
-    let with: Vec<_> = all.iter().filter(|a| !a.netns.is_empty()).collect();
-    let stale = with.iter().filter(|a| !std::path::Path::new(&a.netns).exists()).count();
+pub fn stale_allocations(netns: &[String]) -> Option<u64> {
+    let with: Vec<_> = netns.iter().filter(|n| !n.is_empty()).collect();
+    let stale = with.iter().filter(|n| !std::path::Path::new(n).exists()).count();
     (with.is_empty() || stale < with.len()).then_some(stale as u64)
 }
 
@@ -192,7 +192,7 @@ pub fn encode<S: Store>(node: &Node<S>, out: &mut String) {
         g.set(v);
         reg.register(name, help, g);
     };
-    let all = node.allocations();
+    let all = node.netns_paths();
     single(&mut reg, "allocations", "Pod allocations this node holds (one per container and interface)", all.len() as i64);
     if let Some(stale) = stale_allocations(&all) {
         single(&mut reg, "stale_allocations", "Allocations whose network namespace no longer exists: leaked unless a DEL or `allot gc` comes", stale as i64);

@@ -669,6 +669,11 @@ impl<S: Store> Node<S> {
         out
     }
 
+    /// The network namespace path of every allocation (empty when the runtime gave none).
+    pub fn netns_paths(&self) -> Vec<String> {
+        self.lock().owners.values().map(|a| a.netns.clone()).collect()
+    }
+
     /// ADDs that found their pool full and still count as demand, per pool and family.
     pub fn pending_attempts(&self) -> Vec<(String, Family, u64)> {
         let st = self.lock();

@@ -138,6 +138,10 @@ fn metrics_follow_a_scripted_workload() {
     }
     let (code, r) = plugin_call(&agent, "CHECK", "never-added", "/x", None);
     assert_ne!(code, 0, "{r}");
+    // A GC of another network (the runtime's CNI GC, through the agent API) releases nothing here.
+    let gc: allot_wire::GcResponse =
+        agent.client().post("/v1/cni/gc", &allot_wire::GcRequest { network: "othernet".into(), valid: vec![] }).unwrap();
+    assert!(gc.released.is_empty());
 
     let text = metrics_text(addr);
     promtool_check_metrics(&text);
@@ -146,6 +150,7 @@ fn metrics_follow_a_scripted_workload() {
     assert_eq!(value(&s, r#"allot_cni_requests_total{command="ADD",result="error",code="11"}"#), 1.0);
     assert_eq!(value(&s, r#"allot_cni_requests_total{command="DEL",result="success",code="0"}"#), 5.0);
     assert_eq!(value(&s, r#"allot_cni_requests_total{command="CHECK",result="error",code="3"}"#), 1.0);
+    assert_eq!(value(&s, r#"allot_cni_requests_total{command="GC",result="success",code="0"}"#), 1.0);
     assert_eq!(value(&s, "allot_cni_add_duration_seconds_count"), (N + 1) as f64);
     assert!(value(&s, "allot_cni_add_duration_seconds_sum") >= 0.3, "the failed ADD waited --add-wait (300ms)");
     assert_eq!(value(&s, r#"allot_cni_add_duration_seconds_bucket{le="+Inf"}"#), (N + 1) as f64);

@@ -19,6 +19,21 @@ ensure_packages() {
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
     fi
+    # The observability tests: promtool checks metrics and alert rules, headless Chromium renders
+    # the status page. Without recommends: no Prometheus server setup, no desktop extras.
+    local lean=()
+    command -v promtool >/dev/null 2>&1 || lean+=(prometheus)
+    command -v chromium >/dev/null 2>&1 || lean+=(chromium)
+    command -v script >/dev/null 2>&1 || lean+=(bsdutils)
+    if [ ${#lean[@]} -gt 0 ]; then
+        if [ "$(id -u)" != 0 ]; then
+            echo "missing ${lean[*]}: run as root (sudo) so they can be installed" >&2
+            exit 1
+        fi
+        echo "installing ${lean[*]}" >&2
+        [ ${#need[@]} -gt 0 ] || apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${lean[@]}" >/dev/null
+    fi
 }
 
 require_root() {

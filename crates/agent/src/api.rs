@@ -54,7 +54,10 @@ pub fn router<S: Store>(node: Arc<Node<S>>) -> Router {
 
 async fn cni_add<S: Store>(State(n): Shared<S>, Json(req): Json<AddRequest>) -> ApiResult<Allocation> {
     let owner = req.owner.clone();
-    match n.add(req).await {
+    let started = std::time::Instant::now();
+    let result = n.add(req).await;
+    crate::metrics::add(started, &result);
+    match result {
         Ok(a) => {
             tracing::info!(%owner, ips = ?a.ips.iter().map(|i| i.address).collect::<Vec<_>>(), "add");
             Ok(Json(a))
@@ -68,7 +71,9 @@ async fn cni_add<S: Store>(State(n): Shared<S>, Json(req): Json<AddRequest>) -> 
 
 /// Logged as ADD is: info for a release, warn for a failure (debug when nothing was held).
 async fn cni_del<S: Store>(State(n): Shared<S>, Json(req): Json<OwnerRequest>) -> ApiResult<Option<Allocation>> {
-    match n.del(&req.owner).await {
+    let result = n.del(&req.owner).await;
+    crate::metrics::cni("DEL", &result);
+    match result {
         Ok(Some(a)) => {
             tracing::info!(owner = %req.owner, released = ?a.ips.iter().map(|i| i.address).collect::<Vec<_>>(), "del");
             Ok(Json(Some(a)))
@@ -85,13 +90,15 @@ async fn cni_del<S: Store>(State(n): Shared<S>, Json(req): Json<OwnerRequest>) -
 }
 
 async fn cni_check<S: Store>(State(n): Shared<S>, Json(req): Json<OwnerRequest>) -> ApiResult<Allocation> {
-    n.check(&req.owner)
-        .map(Json)
-        .ok_or_else(|| AgentError::NotFound(format!("no allocation for {}", req.owner)))
+    let result = n.check(&req.owner).map(Json).ok_or_else(|| AgentError::NotFound(format!("no allocation for {}", req.owner)));
+    crate::metrics::cni("CHECK", &result);
+    result
 }
 
 async fn cni_gc<S: Store>(State(n): Shared<S>, Json(req): Json<GcRequest>) -> ApiResult<GcResponse> {
-    n.gc(&req.network, &req.valid).await.map(Json)
+    let result = n.gc(&req.network, &req.valid).await.map(Json);
+    crate::metrics::cni("GC", &result);
+    result
 }
 
 async fn status<S: Store>(State(n): Shared<S>) -> ApiResult<Status> {

@@ -37,6 +37,8 @@ pub struct AgentConfig {
     /// Keep each block's first usable address for the node's gateway (default on: `bridge`
     /// with isGateway and `ptp` give it to the host side).
     pub reserve_gateway: bool,
+    /// Where to serve /metrics, /healthz, /readyz and the status page (off when None).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl AgentConfig {
@@ -54,6 +56,7 @@ impl AgentConfig {
             node_ip: None,
             direct_routes: false,
             reserve_gateway: true,
+            metrics_addr: None,
         }
     }
 

@@ -14,14 +14,18 @@ use tokio::net::UnixListener;
 use tokio::sync::watch;
 
 mod api;
+pub mod cluster_web;
 pub mod config;
 pub mod datadir;
 pub mod lazy_store;
+pub mod metrics;
 #[cfg(feature = "etcd")]
 pub mod liveness;
 mod node;
+pub mod page;
 pub mod records;
 pub mod server;
+pub mod web;
 #[cfg(feature = "etcd")]
 pub mod routes;
 
@@ -133,6 +137,14 @@ pub async fn serve<S: Store>(
     shutdown: impl Future<Output = ()> + Send + 'static,
     stop: watch::Receiver<bool>,
 ) -> Result<(), AgentError> {
+    let web = match node.cfg.metrics_addr {
+        Some(addr) => {
+            let site = Arc::new(metrics::AgentSite { node: node.clone() });
+            tracing::info!(%addr, "serving /metrics, /healthz, /readyz and the status page");
+            Some(tokio::spawn(web::serve(web::bind(addr).await?, site, stop.clone())))
+        }
+        None => None,
+    };
     let loops = [
         tokio::spawn(node.clone().demand_loop(stop.clone())),
         tokio::spawn(node.clone().watch_loop(stop.clone())),
@@ -141,7 +153,7 @@ pub async fn serve<S: Store>(
     let result = server::run(listener, app, server::Limits::default(), shutdown)
         .await
         .map_err(|e| AgentError::Internal(format!("serving: {e}")));
-    for l in loops {
+    for l in loops.into_iter().chain(web) {
         l.abort();
     }
     result
@@ -161,6 +173,7 @@ pub async fn run_standalone(
     let node = Node::start(cfg, store.clone()).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let operator = tokio::spawn(allot_operator::run(store.clone(), stop_rx.clone()));
+    allot_operator::metrics::set_leader(true);
     let listener = bind_socket(&socket)?;
     tracing::info!(socket = %socket.display(), node = %node.cfg.node, "agent serving (standalone)");
     let result = serve(node, listener, shutdown, stop_rx).await;

@@ -274,6 +274,7 @@ impl<S: Store> Node<S> {
     }
 
     fn note_store_error(&self, error: &str) {
+        crate::metrics::store_error();
         let mut st = self.lock();
         if st.store.reachable {
             st.store.reachable = false;
@@ -449,6 +450,7 @@ impl<S: Store> Node<S> {
             st.alloc.set_draining(pool, block, false);
             if !st.alloc.holds(pool, block) {
                 self.add_block(&mut st, pool, *block);
+                crate::metrics::block_received(pool);
                 tracing::info!(%pool, %block, "block added");
                 changed = true;
             }
@@ -575,6 +577,7 @@ impl<S: Store> Node<S> {
                     }
                 }
                 Taken::Full(pool) => {
+                    crate::metrics::pool_full(&pool);
                     self.demand_changed.notify_one();
                     if tokio::time::timeout_at(deadline, room_changed).await.is_err() {
                         let op_err = self.lock().operator_error.clone();
@@ -781,6 +784,18 @@ impl<S: Store> Node<S> {
         out
     }
 
+    /// The network namespace path of every allocation (empty when the runtime gave none).
+    pub fn netns_paths(&self) -> Vec<String> {
+        self.lock().owners.values().map(|a| a.netns.clone()).collect()
+    }
+
+    /// ADDs that found their pool full and still count as demand, per pool and family.
+    pub fn pending_attempts(&self) -> Vec<(String, Family, u64)> {
+        let st = self.lock();
+        let keys = st.pools.iter().flat_map(|(n, spec)| spec.families().map(move |(f, _)| (n, f)));
+        keys.map(|(n, f)| (n.clone(), f, st.pending.count(n, f))).collect()
+    }
+
     /// The node's state, from memory alone: it answers while the store is away.
     pub fn status(&self) -> Status {
         let st = self.lock();
@@ -948,6 +963,7 @@ impl<S: Store> Node<S> {
                     if let Some(v) = view.as_mut() {
                         v.forget_block(&pool, &block);
                     }
+                    crate::metrics::block_released(&pool);
                     tracing::info!(%pool, %block, "released unused block");
                 }
                 Err(e) => {

@@ -183,7 +183,9 @@ impl Journal {
             buf.extend_from_slice(&job.bytes);
         }
         self.file.write_all_at(&buf, self.end).map_err(|e| self.fail(format!("write: {e}")))?;
+        let synced = std::time::Instant::now();
         self.file.sync_data().map_err(|e| self.fail(format!("fdatasync: {e}")))?;
+        crate::metrics::fdatasync(synced.elapsed());
         self.end += len;
         for job in batch {
             for u in &job.updates {

@@ -19,6 +19,7 @@ mod chart;
 mod cluster;
 mod scale;
 mod inproc;
+mod scrape;
 
 const HOST_LOCAL: &str = "/usr/lib/cni/host-local";
 const TRUE: &str = "/bin/true";
@@ -74,6 +75,7 @@ struct Report {
     etcd_scale: Option<scale::ScaleFigures>,
     /// etcd requests per change with `--per-change-agents` idle agents following the store.
     etcd_requests_per_change: Option<PerChange>,
+    scrape: Option<scrape::ScrapeFigures>,
 }
 
 #[derive(Debug, Serialize)]
@@ -87,7 +89,7 @@ struct Args {
     ops: usize,
     levels: Vec<usize>,
     out: PathBuf,
-    /// Parts to run: exec, core, cluster, etcd-scale, per-change (all by default).
+    /// Parts to run: exec, core, cluster, etcd-scale, per-change, scrape (all by default).
     only: Vec<String>,
     etcd_nodes: usize,
     churn_seconds: u64,
@@ -141,7 +143,7 @@ fn parse_args() -> Args {
             }
             "-h" | "--help" => {
                 println!(
-                    "allot-bench [--ops N] [--levels 10,1000,10000] [--out DIR] [--only exec,core,cluster,etcd-scale,per-change]\n            [--etcd-nodes 5000] [--churn-seconds 5] [--per-change-agents 20] [--allot-bin DIR]"
+                    "allot-bench [--ops N] [--levels 10,1000,10000] [--out DIR] [--only exec,core,cluster,etcd-scale,per-change,scrape]\n            [--etcd-nodes 5000] [--churn-seconds 5] [--per-change-agents 20] [--allot-bin DIR]"
                 );
                 std::process::exit(0);
             }
@@ -222,6 +224,10 @@ struct AgentProc {
 
 impl AgentProc {
     fn start(pool: &str) -> AgentProc {
+        Self::start_with(pool, &[])
+    }
+
+    fn start_with(pool: &str, extra: &[&str]) -> AgentProc {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("allot.sock");
         let child = Command::new(bin_dir().join("allot"))
@@ -229,6 +235,7 @@ impl AgentProc {
             .arg(dir.path().join("data"))
             .arg("--socket")
             .arg(&socket)
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stderr(Stdio::null())
             .spawn()
@@ -418,6 +425,9 @@ fn print_tables(r: &Report) {
     if let Some(p) = &r.etcd_requests_per_change {
         println!("\n## etcd requests per change ({} idle agents, `{}`): {:.2}", p.agents, p.allot.display(), p.requests_per_change);
     }
+    if let Some(s) = &r.scrape {
+        scrape::print(s);
+    }
 }
 
 fn main() {
@@ -469,7 +479,18 @@ fn main() {
         }
     });
 
-    let report = Report { exec: exec_points, concurrency: conc, core, cluster, etcd_scale, etcd_requests_per_change: per_change };
+    let scrape = args.runs("scrape").then(|| {
+        eprintln!("ADD with and without /metrics scrapes every 100 ms ...");
+        let port = allot_testkit::free_port();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let agent = AgentProc::start_with("default=10.202.0.0/16@24", &["--metrics-addr", &addr.to_string()]);
+        let live = 1_000;
+        populate_allot(&agent, 0, live);
+        // Ten times --ops: enough seconds of ADDs for dozens of scrapes on each side.
+        scrape::run(&bin_dir().join("allot-ipam"), &agent.socket, addr, live, args.ops * 10)
+    });
+
+    let report = Report { exec: exec_points, concurrency: conc, core, cluster, etcd_scale, etcd_requests_per_change: per_change, scrape };
     print_tables(&report);
     let json_path = args.out.join("results.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&report).unwrap()).unwrap();

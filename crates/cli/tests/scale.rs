@@ -79,6 +79,7 @@ fn followers_cost_etcd_no_reads_per_change() {
         pod: PodRef { namespace: Some(format!("team-{}", changes - 1)), name: Some("p".into()) },
         pool: None,
         annotations: Default::default(),
+        annotations_passed: false,
     };
     let a: Allocation = client.post("/v1/cni/add", &add).unwrap();
     assert_eq!(a.ips[0].pool, "blue", "{a:?}");

@@ -15,6 +15,8 @@ use allot_core::{BlockGrant, Family, cidr};
 use allot_store::{Change, ClusterView, Snapshot, Store, StoreError, StoreEvent};
 use tokio::sync::{broadcast, watch};
 
+pub mod metrics;
+
 /// How often the operator reconciles every node from its view even when nothing changed.
 const RESYNC: Duration = Duration::from_secs(30);
 /// How often it reads the whole store again, in case its view drifted.
@@ -197,6 +199,7 @@ impl Operator {
                     need.have += cidr::usable_count(&grant.cidr);
                     need.lost = 0;
                     self.view.note_granted(&grant);
+                    metrics::granted(&grant.pool);
                     report.granted.push(grant);
                 } else {
                     // Another writer took it, or the pool changed under us: try the next one.
@@ -300,6 +303,7 @@ pub async fn run_with<S: Store>(store: std::sync::Arc<S>, opts: Options, mut shu
     // Subscribed before the first read: nothing between the read and the events is missed.
     let mut events = store.events();
     let mut departures = Departures::default();
+    metrics::running();
     let mut op: Option<(Operator, Instant)> = None;
     loop {
         if op.as_ref().is_none_or(|(_, read)| read.elapsed() >= FULL_READ) {
@@ -317,11 +321,18 @@ pub async fn run_with<S: Store>(store: std::sync::Arc<S>, opts: Options, mut shu
         let (o, _) = op.as_mut().expect("read above");
         let mut wake = tokio::time::Instant::now() + RESYNC;
         match departures.collect(&*store, &o.view, opts.node_gc_after, Instant::now()).await {
-            Ok((_, Some(next))) => wake = wake.min(tokio::time::Instant::from_std(next)),
-            Ok(_) => {}
+            Ok((gone, next)) => {
+                metrics::removed_nodes(gone.len());
+                if let Some(next) = next {
+                    wake = wake.min(tokio::time::Instant::from_std(next));
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "removing departed nodes failed; retrying"),
         }
-        match o.reconcile(&*store).await {
+        let started = Instant::now();
+        let result = o.reconcile(&*store).await;
+        metrics::reconciled(started.elapsed(), result.is_ok(), result.as_ref().map_or(0, |r| r.errors.len()));
+        match result {
             Ok(r) => {
                 for (node, e) in &r.errors {
                     tracing::warn!(node = %node, error = %e, "cannot meet node's request");

@@ -47,6 +47,10 @@ pub struct Args {
     /// results. On by default; `--reserve-gateway=false` hands it to pods.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     reserve_gateway: Option<bool>,
+    /// Serve /metrics (Prometheus), /healthz, /readyz and a status page on this TCP address,
+    /// e.g. 127.0.0.1:9962 (off by default).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// `10s`, `500ms`, `2m`, or plain seconds.
@@ -151,6 +155,7 @@ pub fn build_config(args: &Args, socket: Option<&str>) -> anyhow::Result<AgentCo
     cfg.node_ip = args.node_ip.or(file.node_ip);
     cfg.direct_routes = args.auto_direct_node_routes || file.auto_direct_node_routes.unwrap_or(false);
     cfg.reserve_gateway = args.reserve_gateway.or(file.reserve_gateway).unwrap_or(true);
+    cfg.metrics_addr = args.metrics_addr;
     Ok(cfg)
 }
 
@@ -247,6 +252,7 @@ mod tests {
             node_ip: None,
             auto_direct_node_routes: false,
             reserve_gateway: None,
+            metrics_addr: None,
         };
         let cfg = build_config(&args, Some("/tmp/x.sock")).unwrap();
         assert_eq!(cfg.node, "n1");

@@ -19,6 +19,10 @@ pub struct Args {
     /// Blocks released from a removed node are granted to no other node for this long.
     #[arg(long, default_value = "5m", value_name = "DURATION")]
     release_grace: String,
+    /// Serve /metrics (Prometheus), /healthz, /readyz and a status page on this TCP address,
+    /// e.g. 127.0.0.1:9963 (off by default).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 pub fn exec(args: Args, cluster: &ClusterFlags) -> anyhow::Result<()> {
@@ -33,6 +37,13 @@ pub fn exec(args: Args, cluster: &ClusterFlags) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let store = std::sync::Arc::new(EtcdStore::connect(&cfg).await?);
+        let (_web_stop, web_stop_rx) = tokio::sync::watch::channel(false);
+        if let Some(addr) = args.metrics_addr {
+            let listener = allot_agent::web::bind(addr).await?;
+            let site = std::sync::Arc::new(allot_agent::cluster_web::OperatorSite { store: store.clone() });
+            tracing::info!(%addr, "serving /metrics, /healthz, /readyz and the status page");
+            tokio::spawn(allot_agent::web::serve(listener, site, web_stop_rx));
+        }
         let shutdown = shutdown_signal();
         tokio::pin!(shutdown);
         loop {
@@ -50,6 +61,7 @@ pub fn exec(args: Args, cluster: &ClusterFlags) -> anyhow::Result<()> {
                 }
             };
             tracing::info!(%id, "leading");
+            allot_operator::metrics::set_leader(true);
             // Every write of this term carries the leader compare: a term that ended unnoticed
             // (this process frozen or partitioned) cannot write.
             let fenced = std::sync::Arc::new(store.fenced(&leadership));
@@ -62,6 +74,7 @@ pub fn exec(args: Args, cluster: &ClusterFlags) -> anyhow::Result<()> {
             };
             let _ = stop_tx.send(true);
             let _ = worker.await;
+            allot_operator::metrics::set_leader(false);
             leadership.resign().await;
             if quit {
                 tracing::info!("operator stopped");

@@ -1,3 +1,7 @@
+use std::fmt::Write as _;
+use std::io::{IsTerminal, Write as _};
+use std::time::Duration;
+
 use allot_wire::Status;
 
 use crate::backend::Backend;
@@ -7,9 +11,21 @@ use crate::output::{Format, Table, print, usage_bar};
 pub struct Args {
     #[arg(short = 'o', long, value_enum, default_value_t)]
     output: Format,
+    /// Redraw the table in place every --interval until interrupted (Ctrl-C).
+    #[arg(short = 'w', long)]
+    watch: bool,
+    /// How often --watch redraws (e.g. 2s, 500ms).
+    #[arg(long, default_value = "2s", value_name = "DURATION")]
+    interval: String,
 }
 
 pub fn exec(args: Args, backend: &Backend) -> anyhow::Result<()> {
+    if args.watch {
+        anyhow::ensure!(args.output == Format::Table, "--watch redraws the table: drop -o {:?}", args.output);
+        let every = crate::cmd::agent::parse_duration(&args.interval)?;
+        anyhow::ensure!(every >= Duration::from_millis(100), "--interval must be at least 100ms");
+        return watch(backend, every);
+    }
     match backend {
         Backend::Agent(client) => node_status(args.output, &client.get::<Status>("/v1/status")?),
         #[cfg(feature = "etcd")]
@@ -17,48 +33,99 @@ pub fn exec(args: Args, backend: &Backend) -> anyhow::Result<()> {
     }
 }
 
-fn node_status(output: Format, status: &Status) -> anyhow::Result<()> {
-    print(output, status, || {
-        let mut t = Table::new(&["pool", "family", "capacity", "blocks node/cluster", "in use", "free", "requested", "node usage"]);
-        for p in &status.pools {
-            let cap: u128 = p.node_capacity.parse().unwrap_or(0);
-            t.row(vec![
-                p.pool.clone(),
-                p.family.to_string(),
-                p.capacity.clone(),
-                format!("{}/{}", p.blocks_node, p.blocks_cluster),
-                p.in_use.to_string(),
-                p.free.clone(),
-                p.requested.to_string(),
-                usage_bar(u128::from(p.in_use), cap, 20),
-            ]);
-        }
-        t
-    })?;
-    if output == Format::Table {
-        let state = match &status.cni {
-            Some(r) if !r.ready => format!("not ready: {}", r.reason.as_deref().unwrap_or("unknown")),
-            _ if !status.ready => "restoring".into(),
-            _ => "ready".into(),
-        };
-        println!("node {}: {state}", status.node);
-        let store = &status.store;
-        if !store.reachable {
-            let since = store
-                .unreachable_since
-                .map(|t| format!(" since {} ({}s ago)", utc(t), now_unix().saturating_sub(t)))
-                .unwrap_or_default();
-            let why = store.last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
-            println!("cluster store: unreachable{since}{why}");
-        }
-        if store.from_saved_view {
-            println!("cluster store: pools and blocks are from the node's saved view until the store answers");
-        }
-        for f in &status.route_failures {
-            println!("route to {} (node {}) via {} not installed: {}", f.cidr, f.node, f.via, f.error);
-        }
+/// The table text of one look at the node or the cluster.
+fn frame(backend: &Backend) -> anyhow::Result<String> {
+    Ok(match backend {
+        Backend::Agent(client) => render_node(&client.get::<Status>("/v1/status")?),
+        #[cfg(feature = "etcd")]
+        Backend::Etcd { store, rt } => cluster::render(&rt.block_on(cluster::status(store))?),
+    })
+}
+
+/// `--watch`: on a terminal each frame replaces the last one in place; piped, frames follow
+/// one another. A failed look is shown in the frame, and the next one tries again.
+fn watch(backend: &Backend, every: Duration) -> anyhow::Result<()> {
+    let tty = std::io::stdout().is_terminal();
+    let mut first = true;
+    loop {
+        let body = frame(backend).unwrap_or_else(|e| format!("error: {e:#}\n"));
+        let header = format!("every {every:?}: allot status    {}", utc(now_unix()));
+        let mut out = std::io::stdout().lock();
+        out.write_all(redraw(&header, &body, first, tty).as_bytes())?;
+        out.flush()?;
+        drop(out);
+        first = false;
+        std::thread::sleep(every);
     }
-    Ok(())
+}
+
+/// One frame of `--watch`. On a terminal: cursor home (the screen cleared before the first
+/// frame), every line cleared to its end, and whatever the last frame left below erased, so
+/// the table redraws without flicker or leftovers.
+pub fn redraw(header: &str, body: &str, first: bool, tty: bool) -> String {
+    if !tty {
+        return format!("{}{header}\n\n{body}", if first { "" } else { "\n" });
+    }
+    let mut s = String::from(if first { "\x1b[2J\x1b[H" } else { "\x1b[H" });
+    for line in std::iter::once(header).chain(std::iter::once("")).chain(body.lines()) {
+        s.push_str(line);
+        s.push_str("\x1b[K\n");
+    }
+    s.push_str("\x1b[J");
+    s
+}
+
+fn node_status(output: Format, status: &Status) -> anyhow::Result<()> {
+    if output == Format::Table {
+        print!("{}", render_node(status));
+        return Ok(());
+    }
+    print(output, status, || Table::new(&[]))
+}
+
+fn node_table(status: &Status) -> Table {
+    let mut t = Table::new(&["pool", "family", "capacity", "blocks node/cluster", "in use", "free", "requested", "node usage"]);
+    for p in &status.pools {
+        let cap: u128 = p.node_capacity.parse().unwrap_or(0);
+        t.row(vec![
+            p.pool.clone(),
+            p.family.to_string(),
+            p.capacity.clone(),
+            format!("{}/{}", p.blocks_node, p.blocks_cluster),
+            p.in_use.to_string(),
+            p.free.clone(),
+            p.requested.to_string(),
+            usage_bar(u128::from(p.in_use), cap, 20),
+        ]);
+    }
+    t
+}
+
+/// The node's table and state lines, as `allot status` prints them.
+pub fn render_node(status: &Status) -> String {
+    let mut out = node_table(status).render();
+    let state = match &status.cni {
+        Some(r) if !r.ready => format!("not ready: {}", r.reason.as_deref().unwrap_or("unknown")),
+        _ if !status.ready => "restoring".into(),
+        _ => "ready".into(),
+    };
+    let _ = writeln!(out, "node {}: {state}", status.node);
+    let store = &status.store;
+    if !store.reachable {
+        let since = store
+            .unreachable_since
+            .map(|t| format!(" since {} ({}s ago)", utc(t), now_unix().saturating_sub(t)))
+            .unwrap_or_default();
+        let why = store.last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
+        let _ = writeln!(out, "cluster store: unreachable{since}{why}");
+    }
+    if store.from_saved_view {
+        let _ = writeln!(out, "cluster store: pools and blocks are from the node's saved view until the store answers");
+    }
+    for f in &status.route_failures {
+        let _ = writeln!(out, "route to {} (node {}) via {} not installed: {}", f.cidr, f.node, f.via, f.error);
+    }
+    out
 }
 
 fn now_unix() -> u64 {
@@ -87,6 +154,18 @@ mod tests {
         assert_eq!(super::utc(0), "1970-01-01T00:00:00Z");
         assert_eq!(super::utc(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(super::utc(1_795_478_400 + 3_723), "2026-11-24T01:02:03Z");
+    }
+
+    /// On a terminal, a frame after the first goes home and erases what the last one left;
+    /// piped, frames are plain text one after another.
+    #[test]
+    fn watch_redraws_in_place() {
+        let first = super::redraw("h", "a\nb\n", true, true);
+        assert!(first.starts_with("\x1b[2J\x1b[H"), "{first:?}");
+        let next = super::redraw("h", "a\n", false, true);
+        assert_eq!(next, "\x1b[Hh\x1b[K\n\x1b[K\na\x1b[K\n\x1b[J");
+        assert_eq!(super::redraw("h", "a\n", false, false), "\nh\n\na\n");
+        assert!(!super::redraw("h", "a\n", true, false).contains('\x1b'));
     }
 }
 
@@ -166,23 +245,28 @@ mod cluster {
     }
 
     pub fn print_status(output: Format, s: &ClusterStatus) -> anyhow::Result<()> {
-        print(output, s, || {
-            let mut t = Table::new(&["pool", "family", "capacity", "blocks", "granted", "pool usage"]);
-            for p in &s.pools {
-                let cap: u128 = p.capacity.parse().unwrap_or(0);
-                let granted: u128 = p.granted_addresses.parse().unwrap_or(0);
-                t.row(vec![p.pool.clone(), p.family.to_string(), p.capacity.clone(), p.blocks.to_string(), p.granted_addresses.clone(), usage_bar(granted, cap, 20)]);
-            }
-            t
-        })?;
         if output == Format::Table {
-            println!();
-            let mut t = Table::new(&["node", "pool", "family", "blocks", "usable", "requested", "error"]);
-            for n in &s.nodes {
-                t.row(vec![n.node.clone(), n.pool.clone(), n.family.to_string(), n.blocks.to_string(), n.usable.clone(), n.requested.to_string(), n.error.clone().unwrap_or_default()]);
-            }
-            print!("{}", t.render());
+            print!("{}", render(s));
+            return Ok(());
         }
-        Ok(())
+        print(output, s, || Table::new(&[]))
+    }
+
+    /// Both tables, as `allot status` prints them against etcd.
+    pub fn render(s: &ClusterStatus) -> String {
+        let mut t = Table::new(&["pool", "family", "capacity", "blocks", "granted", "pool usage"]);
+        for p in &s.pools {
+            let cap: u128 = p.capacity.parse().unwrap_or(0);
+            let granted: u128 = p.granted_addresses.parse().unwrap_or(0);
+            t.row(vec![p.pool.clone(), p.family.to_string(), p.capacity.clone(), p.blocks.to_string(), p.granted_addresses.clone(), usage_bar(granted, cap, 20)]);
+        }
+        let mut out = t.render();
+        out.push('\n');
+        let mut t = Table::new(&["node", "pool", "family", "blocks", "usable", "requested", "error"]);
+        for n in &s.nodes {
+            t.row(vec![n.node.clone(), n.pool.clone(), n.family.to_string(), n.blocks.to_string(), n.usable.clone(), n.requested.to_string(), n.error.clone().unwrap_or_default()]);
+        }
+        out.push_str(&t.render());
+        out
     }
 }

@@ -50,14 +50,17 @@ pub enum AgentError {
 
 impl AgentError {
     pub fn to_api(&self) -> ApiError {
-        let kind = match self {
+        ApiError { kind: self.kind(), message: self.to_string() }
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        match self {
             AgentError::Invalid(_) => ErrorKind::Invalid,
             AgentError::NotFound(_) => ErrorKind::NotFound,
             AgentError::Conflict(_) => ErrorKind::Conflict,
             AgentError::TryAgain(_) => ErrorKind::TryAgain,
             AgentError::Internal(_) => ErrorKind::Internal,
-        };
-        ApiError { kind, message: self.to_string() }
+        }
     }
 }
 

@@ -85,20 +85,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The CNI error code the plugin turns an agent error into (as `allot-ipam` maps them).
-pub fn cni_code(e: &AgentError) -> u32 {
-    match e {
-        AgentError::Invalid(_) => 7,
-        AgentError::NotFound(_) => 3,
-        AgentError::Conflict(_) | AgentError::TryAgain(_) | AgentError::Internal(_) => 11,
-    }
-}
-
-/// Counts one CNI call.
+/// Counts one CNI call, with the CNI code the plugin answers for its error.
 pub fn cni<T>(command: &'static str, result: &Result<T, AgentError>) {
     let (outcome, code) = match result {
         Ok(_) => ("success", 0),
-        Err(e) => ("error", cni_code(e)),
+        Err(e) => ("error", e.kind().cni_code()),
     };
     M.cni
         .get_or_create(&vec![("command", command.to_string()), ("result", outcome.to_string()), ("code", code.to_string())])

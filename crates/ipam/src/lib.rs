@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use allot_client::{Client, ClientError};
 use allot_wire::{
-    AddRequest, Allocation, Attachment, ErrorKind, GcRequest, GcResponse, Owner, OwnerRequest, PodRef, Status,
+    AddRequest, Allocation, Attachment, GcRequest, GcResponse, Owner, OwnerRequest, PodRef, Status,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -420,14 +420,7 @@ fn owner(inv: &Invocation) -> Owner {
 
 pub fn agent_error(e: ClientError, what: &str) -> CniError {
     match &e {
-        ClientError::Api(api) => {
-            let code = match api.kind {
-                ErrorKind::Invalid => code::INVALID_CONFIG,
-                ErrorKind::NotFound => code::UNKNOWN_CONTAINER,
-                ErrorKind::Conflict | ErrorKind::TryAgain | ErrorKind::Internal => code::TRY_AGAIN,
-            };
-            CniError::new(code, format!("{what}: {}", api.message))
-        }
+        ClientError::Api(api) => CniError::new(api.kind.cni_code(), format!("{what}: {}", api.message)),
         _ => CniError::new(code::TRY_AGAIN, format!("{what}: {e}")),
     }
 }

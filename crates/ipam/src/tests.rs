@@ -3,6 +3,7 @@ use std::collections::HashMap;
 use proptest::prelude::*;
 
 use super::*;
+use allot_wire::ErrorKind;
 
 fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
@@ -453,4 +454,13 @@ fn only_pool_annotations_are_sent() {
     v["runtimeConfig"] = json!({"io.kubernetes.cri.pod-annotations": {"kubernetes.io/config.source": "api"}});
     let c = parse_config(v.to_string().as_bytes()).unwrap();
     assert!(c.annotations_passed && c.annotations.is_empty());
+}
+
+#[test]
+fn agent_error_kinds_map_to_the_spec_codes() {
+    assert_eq!(ErrorKind::Invalid.cni_code(), code::INVALID_CONFIG);
+    assert_eq!(ErrorKind::NotFound.cni_code(), code::UNKNOWN_CONTAINER);
+    for kind in [ErrorKind::Conflict, ErrorKind::TryAgain, ErrorKind::Internal] {
+        assert_eq!(kind.cni_code(), code::TRY_AGAIN, "{kind:?}");
+    }
 }

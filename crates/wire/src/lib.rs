@@ -345,3 +345,14 @@ pub enum ErrorKind {
     TryAgain,
     Internal,
 }
+
+impl ErrorKind {
+    /// The CNI error code the plugin answers for this kind (spec codes 3, 7 and 11).
+    pub fn cni_code(self) -> u32 {
+        match self {
+            ErrorKind::Invalid => 7,
+            ErrorKind::NotFound => 3,
+            ErrorKind::Conflict | ErrorKind::TryAgain | ErrorKind::Internal => 11,
+        }
+    }
+}

@@ -39,14 +39,7 @@ impl DataDir {
                 .map_err(|e| fail("making data dir private (0700)", e))?;
         }
         let lock_path = path.join("agent.lock");
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(FILE_MODE)
-            .open(&lock_path)
-            .map_err(|e| fail("opening lock file in", e))?;
+        let mut file = open_private(&lock_path).map_err(|e| fail("opening lock file in", e))?;
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -73,6 +66,14 @@ impl DataDir {
     pub fn join(&self, name: &str) -> PathBuf {
         self.path.join(name)
     }
+}
+
+/// Opens a file of the data dir for reading and writing, creating it 0600 (and making an
+/// older, world-readable one private).
+pub fn open_private(path: &Path) -> std::io::Result<File> {
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(FILE_MODE).open(path)?;
+    make_private(path)?;
+    Ok(file)
 }
 
 /// Makes an existing file private (0600); files created by older versions were 0644.

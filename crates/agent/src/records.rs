@@ -278,15 +278,7 @@ impl Records {
 
     fn open_with_chunk(path: &Path, chunk: u64) -> Result<(Records, Replay), RecordsError> {
         let fail = |what: String| RecordsError { path: path.display().to_string(), what };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(FILE_MODE)
-            .open(path)
-            .map_err(|e| fail(format!("open: {e}")))?;
-        crate::datadir::make_private(path).map_err(|e| fail(format!("chmod 0600: {e}")))?;
+        let mut file = crate::datadir::open_private(path).map_err(|e| fail(format!("open: {e}")))?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).map_err(|e| fail(format!("read: {e}")))?;
         let (entries, valid) = replay(&bytes);

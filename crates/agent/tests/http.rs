@@ -371,8 +371,14 @@ fn fuzz_the_http_layer() {
     // Answers by status (0: closed without an answer), shown with --nocapture.
     eprintln!("{cases} cases; answers by status: {:?}; allocations held: {}", seen.into_inner().unwrap(), model.lock().unwrap().len());
 
-    // The agent still serves a normal ADD.
+    // The agent still serves a normal ADD. The fuzz may have deleted the (unused) default
+    // pool through its route: create it again first.
     let client = allot_client::Client::new(&socket, Duration::from_secs(10));
+    if client.get::<serde_json::Value>("/v1/pools/default").is_err() {
+        let pool = json!({"pools": [{"apiVersion": allot_wire::API_VERSION, "kind": allot_wire::POOL_KIND, "metadata": {"name": "default"},
+            "spec": {"ipv4": {"cidrs": ["10.0.0.0/16"], "maskSize": 24}}}]});
+        let _: serde_json::Value = client.post("/v1/pools", &pool).expect("re-creating the default pool");
+    }
     let req = json!({"owner": {"network": "after", "container_id": "x1", "ifname": "eth0"}, "netns": "/x"});
     let a: Allocation = client.post("/v1/cni/add", &req).expect("a normal ADD after the fuzz");
     assert!(a.ips[0].address.to_string().starts_with("10.0."), "{a:?}");

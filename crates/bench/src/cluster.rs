@@ -86,7 +86,7 @@ pub fn run(bin: &Path, nodes: usize, pods: usize) -> ClusterFigures {
     let etcd = Etcd::start();
     let dir = tempfile::tempdir().unwrap();
     let pool_file = dir.path().join("pool.yaml");
-    std::fs::write(&pool_file, "apiVersion: allot.dev/v1alpha1\nkind: IPPool\nmetadata:\n  name: default\nspec:\n  ipv4:\n    cidrs: [10.128.0.0/12]\n    maskSize: 26\n").unwrap();
+    std::fs::write(&pool_file, "apiVersion: allot.dev/v1\nkind: IPPool\nmetadata:\n  name: default\nspec:\n  ipv4:\n    cidrs: [10.128.0.0/12]\n    maskSize: 26\n").unwrap();
     let ok = allot(bin).args(["--etcd-endpoints", &etcd.endpoint, "pool", "apply", "-f"]).arg(&pool_file).status().unwrap().success();
     assert!(ok, "applying the bench pool");
     let _operator = Proc(allot(bin).args(["--etcd-endpoints", &etcd.endpoint, "operator", "--id", "bench"]).spawn().unwrap());

@@ -38,7 +38,7 @@ mod tests {
     #[test]
     fn seed_yaml_unchanged_and_multi_document() {
         let text = format!(
-            "{SEED_POOL}---\napiVersion: allot.dev/v1alpha1\nkind: IPPool\nmetadata:\n  name: blue\n  labels: {{team: a}}\nspec:\n  ipv6:\n    cidrs: [\"fd01::/104\"]\n    maskSize: 120\n"
+            "{SEED_POOL}---\napiVersion: allot.dev/v1\nkind: IPPool\nmetadata:\n  name: blue\n  labels: {{team: a}}\nspec:\n  ipv6:\n    cidrs: [\"fd01::/104\"]\n    maskSize: 120\n"
         );
         let pools = parse_pools(&text, "pools.yaml").unwrap();
         assert_eq!(pools.len(), 2);

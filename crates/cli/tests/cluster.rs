@@ -54,7 +54,7 @@ fn apply(etcd: &Etcd, yaml: &str) {
 }
 
 fn pool_yaml(name: &str, cidr: &str, mask: u8) -> String {
-    format!("apiVersion: allot.dev/v1alpha1\nkind: IPPool\nmetadata:\n  name: {name}\nspec:\n  ipv4:\n    cidrs: [{cidr}]\n    maskSize: {mask}\n")
+    format!("apiVersion: allot.dev/v1\nkind: IPPool\nmetadata:\n  name: {name}\nspec:\n  ipv4:\n    cidrs: [{cidr}]\n    maskSize: {mask}\n")
 }
 
 /// Every answered address is distinct, lies in a block its node holds, and no block has two

@@ -253,7 +253,7 @@ fn pool_cli_accepts_cilium_yaml_and_refuses_bad_changes_without_effect() {
         std::fs::write(&p, text).unwrap();
         p.to_str().unwrap().to_string()
     };
-    let seed = file("seed.yaml", &format!("{SEED_POOL}---\napiVersion: allot.dev/v1alpha1\nkind: IPPool\nmetadata:\n  name: blue\nspec:\n  ipv4:\n    cidrs: [10.50.0.0/16]\n    maskSize: 26\n"));
+    let seed = file("seed.yaml", &format!("{SEED_POOL}---\napiVersion: allot.dev/v1\nkind: IPPool\nmetadata:\n  name: blue\nspec:\n  ipv4:\n    cidrs: [10.50.0.0/16]\n    maskSize: 26\n"));
     let (ok, out, err) = agent.cli(&["pool", "apply", "-f", &seed]);
     assert!(ok, "{err}");
     assert_eq!(out, "POOL              RESULT\npool/green-pool   created\npool/blue         created\n");
@@ -326,7 +326,7 @@ fn a_full_pool_waits_for_a_block_then_answers_try_again_and_recovers_when_cidrs_
     let node = agent.cli_json(&["node", "get"]);
     assert!(node["status"]["ipam"]["operator-status"]["error"].as_str().unwrap_or("").contains("no free ipv4 block"), "{node}");
 
-    let more = "apiVersion: allot.dev/v1alpha1\nkind: IPPool\nmetadata:\n  name: tiny\nspec:\n  ipv4:\n    cidrs: [10.70.0.0/30, 10.70.0.4/30]\n    maskSize: 30\n";
+    let more = "apiVersion: allot.dev/v1\nkind: IPPool\nmetadata:\n  name: tiny\nspec:\n  ipv4:\n    cidrs: [10.70.0.0/30, 10.70.0.4/30]\n    maskSize: 30\n";
     let (ok, _, e) = agent.cli_stdin(&["pool", "apply", "-f", "-"], more);
     assert!(ok, "{e}");
     let (code, r) = call("t3");

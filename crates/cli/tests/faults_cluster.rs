@@ -28,7 +28,7 @@ impl Cluster {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let store = rt.block_on(EtcdStore::connect(&EtcdConfig::new(vec![etcd.endpoint.clone()]))).unwrap();
         let c = Cluster { etcd, rt, store };
-        let pool = "apiVersion: allot.dev/v1alpha1\nkind: IPPool\nmetadata:\n  name: default\nspec:\n  ipv4:\n    cidrs: [10.61.0.0/24]\n    maskSize: 28\n";
+        let pool = "apiVersion: allot.dev/v1\nkind: IPPool\nmetadata:\n  name: default\nspec:\n  ipv4:\n    cidrs: [10.61.0.0/24]\n    maskSize: 28\n";
         let (ok, out, err) = c.allot_stdin(&["pool", "apply", "-f", "-"], pool);
         assert!(ok, "pool apply: {out}{err}");
         c

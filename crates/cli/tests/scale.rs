@@ -29,7 +29,7 @@ fn etcd_requests(etcd: &Etcd) -> f64 {
 }
 
 fn pool_yaml(name: &str, cidr: &str) -> String {
-    format!("apiVersion: allot.dev/v1alpha1\nkind: IPPool\nmetadata:\n  name: {name}\nspec:\n  ipv4:\n    cidrs: [{cidr}]\n    maskSize: 26\n")
+    format!("apiVersion: allot.dev/v1\nkind: IPPool\nmetadata:\n  name: {name}\nspec:\n  ipv4:\n    cidrs: [{cidr}]\n    maskSize: 26\n")
 }
 
 /// With 8 agents and the operator following, a namespace annotation costs etcd only the

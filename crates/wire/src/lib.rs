@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 pub use allot_core::{ApplyAction, Family, FamilySpec, PoolSpec};
 
-pub const API_VERSION: &str = "allot.dev/v1alpha1";
+pub const API_VERSION: &str = "allot.dev/v1";
 pub const CILIUM_API_VERSION: &str = "cilium.io/v2alpha1";
 pub const CILIUM_POOL_KIND: &str = "CiliumPodIPPool";
 pub const POOL_KIND: &str = "IPPool";
@@ -25,7 +25,7 @@ pub struct ObjectMeta {
 }
 
 /// A pool as written in YAML: `CiliumPodIPPool` (cilium.io/v2alpha1) or `IPPool`
-/// (allot.dev/v1alpha1); the spec is the same.
+/// (allot.dev/v1); the spec is the same.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PoolResource {

@@ -45,6 +45,12 @@ enum Command {
     Status(cmd::status::Args),
     /// Release allocations whose network namespace no longer exists.
     Gc(cmd::gc::Args),
+    /// Kubermatic (KKP) Cluster rules offline: `allot kkp validate --old OLD --new NEW`.
+    #[command(subcommand)]
+    Kkp(cmd::kkp::KkpCmd),
+    /// Serve the validating admission webhook (KKP Cluster rules) over HTTPS.
+    #[cfg(feature = "webhook")]
+    Webhook(cmd::webhook::Args),
 }
 
 /// `println!` panics when stdout is a closed pipe (`allot ... | head -c1`); like other Unix
@@ -74,6 +80,9 @@ fn main() {
         Command::Agent(args) => cmd::agent::exec(args, cli.socket.as_deref(), &cli.cluster),
         #[cfg(feature = "etcd")]
         Command::Operator(args) => cmd::operator::exec(args, &cli.cluster),
+        Command::Kkp(c) => std::process::exit(cmd::kkp::exec(c)),
+        #[cfg(feature = "webhook")]
+        Command::Webhook(args) => cmd::webhook::exec(args),
         command => backend::Backend::new(client, &cli.cluster).and_then(|b| match command {
             Command::Pool(c) => cmd::pool::exec(c, &b),
             Command::Node(c) => cmd::node::exec(c, &b),

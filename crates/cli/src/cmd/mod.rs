@@ -1,9 +1,12 @@
 pub mod agent;
 pub mod allocations;
 pub mod gc;
+pub mod kkp;
 pub mod namespace;
 pub mod node;
 #[cfg(feature = "etcd")]
 pub mod operator;
 pub mod pool;
 pub mod status;
+#[cfg(feature = "webhook")]
+pub mod webhook;

@@ -291,7 +291,7 @@ fn webhook_lists_every_reason_in_one_denial() {
 fn webhook_other_operations_and_kinds() {
     let hook = Webhook::start(&[]);
     // DELETE carries only oldObject: nothing to check.
-    let resp = hook.admit(&review("del-1", "DELETE", None, Some(cluster(Some(("canal", "v3.28")), &[], json!({}))))));
+    let resp = hook.admit(&review("del-1", "DELETE", None, Some(cluster(Some(("canal", "v3.28")), &[], json!({})))));
     assert_eq!(resp["allowed"], true, "{resp}");
 
     // A Pod sent to the Cluster path is refused with a message about the configuration.
@@ -385,9 +385,11 @@ fn webhook_body_limit() {
     assert_eq!(s, 413, "chunked: {b}");
 
     // A smaller limit from the flag.
-    let small = Webhook::start(&["--max-body", "1000"]);
-    let (s, _) = small.request("POST", "/validate/kkp-cluster", Some(sized(1001).as_bytes()), &[]);
+    let small = Webhook::start(&["--max-body", "4096"]);
+    let (s, _) = small.request("POST", "/validate/kkp-cluster", Some(sized(4097).as_bytes()), &[]);
     assert_eq!(s, 413);
+    let (s, _) = small.request("POST", "/validate/kkp-cluster", Some(sized(4096).as_bytes()), &[]);
+    assert_eq!(s, 200);
 }
 
 /// An `openssl s_client` that sends `data` and keeps its side open; returns what the server

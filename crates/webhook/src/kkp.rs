@@ -2,12 +2,14 @@
 
 use allot_kkp::{Cluster, summary, validate};
 use kube::core::DynamicObject;
+use kube::core::response::StatusSummary;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
 
 pub const PATH: &str = "/validate/kkp-cluster";
 
 fn deny(req: &AdmissionRequest<DynamicObject>, code: u16, reason: &str, message: String) -> AdmissionResponse {
     let mut resp = AdmissionResponse::from(req).deny(message);
+    resp.result.status = Some(StatusSummary::Failure);
     resp.result.code = code;
     resp.result.reason = reason.to_string();
     resp

@@ -86,6 +86,7 @@ fn the_kkp_validator_on_a_typed_request() {
     assert_eq!(r["allowed"], false);
     assert_eq!(r["status"]["code"], 403);
     assert_eq!(r["status"]["reason"], "Forbidden");
+    assert_eq!(r["status"]["status"], "Failure");
     let msg = r["status"]["message"].as_str().unwrap();
     assert!(msg.contains("[cni-type-change]") && msg.contains("unsafe-cni-migration"), "{msg}");
 }

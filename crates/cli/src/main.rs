@@ -45,6 +45,9 @@ enum Command {
     Status(cmd::status::Args),
     /// Release allocations whose network namespace no longer exists.
     Gc(cmd::gc::Args),
+    /// Move the cluster from one CNI to another (plan first).
+    #[command(subcommand)]
+    Migrate(cmd::migrate::MigrateCmd),
 }
 
 /// `println!` panics when stdout is a closed pipe (`allot ... | head -c1`); like other Unix
@@ -74,6 +77,7 @@ fn main() {
         Command::Agent(args) => cmd::agent::exec(args, cli.socket.as_deref(), &cli.cluster),
         #[cfg(feature = "etcd")]
         Command::Operator(args) => cmd::operator::exec(args, &cli.cluster),
+        Command::Migrate(c) => cmd::migrate::exec(c),
         command => backend::Backend::new(client, &cli.cluster).and_then(|b| match command {
             Command::Pool(c) => cmd::pool::exec(c, &b),
             Command::Node(c) => cmd::node::exec(c, &b),

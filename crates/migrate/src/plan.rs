@@ -619,13 +619,26 @@ impl<'a> Ctx<'a> {
             [] => "no PDB".to_string(),
             [(b, allowed, how)] => {
                 let name = name_of(&b.metadata);
-                if *allowed <= 0 {
-                    risks.push(format!(
-                        "PDB {ns}/{name} allows no disruption now ({how}): eviction is retried until it allows one, \
-                         and the node's batch waits; scale up or relax the PDB if it never will"
-                    ));
+                if *allowed > 0 {
+                    format!("PDB {name} allows {allowed}")
+                } else {
+                    // One replica under minAvailable 1 can never be evicted: a Deployment does
+                    // not surge for an eviction.
+                    risks.push(if o.replicas == Some(1) {
+                        format!(
+                            "PDB {ns}/{name} allows no disruption ({how}) and, with a single replica, never will: \
+                             eviction is retried until --pod-timeout and the migration stops at this node; \
+                             scale {} to 2 or relax the PDB before applying",
+                            o.words.split(" via ").next().unwrap_or_default()
+                        )
+                    } else {
+                        format!(
+                            "PDB {ns}/{name} allows no disruption now ({how}): eviction is retried until it allows one, \
+                             and the node's batch waits"
+                        )
+                    });
+                    format!("PDB {name} allows 0 now, eviction waits for it")
                 }
-                format!("PDB {name} allows {allowed}")
             }
             many => {
                 let names: Vec<&str> = many.iter().map(|(b, _, _)| name_of(&b.metadata)).collect();

@@ -170,10 +170,9 @@ pub fn plan_with_notes(snap: &ClusterSnapshot, opts: &PlanOptions) -> Result<(Pl
     match &from {
         None => refusals.push(Refusal {
             rule: "unknown-current-cni".into(),
-            message: format!(
-                "cannot tell which CNI the cluster runs: no KKP Cluster object and no DaemonSet of a known CNI \
+            message: "cannot tell which CNI the cluster runs: no KKP Cluster object and no DaemonSet of a known CNI \
                  (canal, calico-node, cilium, kube-flannel-ds, weave-net, allot-agent); name it with --from TYPE[:VERSION]"
-            ),
+                .into(),
         }),
         Some(f) if f.kind == to_kind => {
             let message = match (&f.version, &to_version) {

@@ -79,7 +79,7 @@ pub enum SnapshotError {
     #[error("two KKP Cluster objects ({first} and {second}): a snapshot describes one user cluster; give only its own")]
     TwoKkpClusters { first: String, second: String },
     #[error("listing {kind} from the API server failed: {source}")]
-    Api { kind: &'static str, source: kube::Error },
+    Api { kind: &'static str, source: Box<kube::Error> },
 }
 
 impl ClusterSnapshot {
@@ -188,13 +188,13 @@ impl ClusterSnapshot {
             K::DynamicType: Default,
         {
             let api: Api<K> = Api::all(client.clone());
-            Ok(api.list(&ListParams::default()).await.map_err(|source| SnapshotError::Api { kind, source })?.items)
+            Ok(api.list(&ListParams::default()).await.map_err(|source| SnapshotError::Api { kind, source: Box::new(source) })?.items)
         }
         let nodes: Api<Node> = Api::all(client.clone());
         let nodes = nodes
             .list(&ListParams::default())
             .await
-            .map_err(|source| SnapshotError::Api { kind: "nodes", source })?
+            .map_err(|source| SnapshotError::Api { kind: "nodes", source: Box::new(source) })?
             .items;
         Ok(ClusterSnapshot {
             nodes,
@@ -215,7 +215,7 @@ impl ClusterSnapshot {
         use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
         let ar = ApiResource::from_gvk(&GroupVersionKind::gvk("kubermatic.k8c.io", "v1", "Cluster"));
         let api: Api<DynamicObject> = Api::all_with(seed, &ar);
-        let obj = api.get(name).await.map_err(|source| SnapshotError::Api { kind: "clusters.kubermatic.k8c.io", source })?;
+        let obj = api.get(name).await.map_err(|source| SnapshotError::Api { kind: "clusters.kubermatic.k8c.io", source: Box::new(source) })?;
         let value = serde_json::to_value(&obj).unwrap_or_default();
         serde_json::from_value(value).map_err(|e| SnapshotError::Object {
             source_name: "seed cluster".into(),

@@ -112,3 +112,17 @@ fn bad_input_is_a_clear_error() {
     assert!(err.contains("--to"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// docs/migration.md shows real output: it must still be what the command prints.
+#[test]
+fn the_plans_in_docs_migration_md_are_what_the_command_prints() {
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/migration.md")).unwrap();
+    let cluster = fixture("canal-cluster.yaml");
+    let (_, out, _) = allot(&["migrate", "plan", "--to", "allot", "--snapshot", &cluster, "--self-node", "worker-a", "--batch", "2"]);
+    assert!(docs.contains(&out), "docs/migration.md's plain-cluster plan is stale; paste:\n{out}");
+    let (_, out, _) = allot(&[
+        "migrate", "plan", "--to", "cilium:1.16", "--snapshot", &cluster, "--snapshot", &fixture("kkp-cluster.yaml"),
+        "--self-node", "worker-a",
+    ]);
+    assert!(docs.contains(&out), "docs/migration.md's KKP plan is stale; paste:\n{out}");
+}

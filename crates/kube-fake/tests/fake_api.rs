@@ -529,3 +529,155 @@ async fn insert_seeds_objects_that_clients_and_watches_see_fake_api() {
     let got = dynamic.get("default").await.unwrap();
     assert_eq!(got.data["spec"]["ipv4"]["maskSize"], 24);
 }
+
+#[tokio::test]
+async fn deletecollection_and_foreground_order_fake_api() {
+    let api = FakeApiServer::new();
+    let pods: Api<Pod> = Api::namespaced(api.client(), "default");
+    for (n, app) in [("a", "x"), ("b", "x"), ("c", "y")] {
+        pods.create(&PostParams::default(), &pod(n, "n1", &[("app", app)])).await.unwrap();
+    }
+    let gone = pods.delete_collection(&DeleteParams::default(), &ListParams::default().labels("app=x")).await.unwrap();
+    let gone: Vec<String> = gone.left().unwrap().items.iter().map(|p| p.name_any()).collect();
+    assert_eq!(gone, ["a", "b"]);
+    assert_eq!(api.objects("v1", "Pod").len(), 1);
+
+    // Foreground: the dependent's DELETED comes before the owner's.
+    let cms: Api<ConfigMap> = Api::namespaced(api.client(), "default");
+    let mut owner = ConfigMap::default();
+    owner.metadata.name = Some("owner".into());
+    let owner = cms.create(&PostParams::default(), &owner).await.unwrap();
+    let mut dep = pod("dep", "n1", &[]);
+    dep.metadata.owner_references = Some(serde_json::from_value(json!([{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner.uid().unwrap()}])).unwrap());
+    pods.create(&PostParams::default(), &dep).await.unwrap();
+    let rev = api.revision();
+    cms.delete("owner", &DeleteParams::foreground()).await.unwrap();
+    let all_pods: Api<Pod> = Api::all(api.client());
+    let mut ps = all_pods.watch(&WatchParams::default(), &rev.to_string()).await.unwrap().boxed();
+    let mut cs = cms.watch(&WatchParams::default(), &rev.to_string()).await.unwrap().boxed();
+    let (Some(WatchEvent::Deleted(p)), Some(WatchEvent::Deleted(c))) = (ps.try_next().await.unwrap(), cs.try_next().await.unwrap()) else {
+        panic!("expected two DELETED events");
+    };
+    let rv = |o: &kube::core::ObjectMeta| o.resource_version.as_ref().unwrap().parse::<u64>().unwrap();
+    assert!(rv(&p.metadata) < rv(&c.metadata), "dependent first: {} < {}", rv(&p.metadata), rv(&c.metadata));
+}
+
+#[tokio::test]
+async fn watch_timeout_ends_the_stream_fake_api() {
+    let api = FakeApiServer::new();
+    api.set_bookmark_interval(Duration::from_millis(50));
+    let leases: Api<Lease> = Api::namespaced(api.client(), "kube-system");
+    let mut s = leases.watch(&WatchParams::default().timeout(1).disable_bookmarks(), "0").await.unwrap().boxed();
+    let end = tokio::time::timeout(Duration::from_secs(5), s.try_next()).await.expect("the stream ends within 5 s");
+    assert!(end.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn streaming_list_watcher_fake_api() {
+    let api = FakeApiServer::new();
+    let blocks: Api<IPBlock> = Api::all(api.client());
+    blocks.create(&PostParams::default(), &block("p", "10.0.0.0/26", "n1")).await.unwrap();
+    let mut w = watcher(blocks.clone(), watcher::Config::default().streaming_lists()).boxed();
+    // kube 4.2's streaming list starts with InitApply (no Init) and ends at the annotated bookmark.
+    let mut initial = Vec::new();
+    loop {
+        match next_event(&mut w).await {
+            watcher::Event::Init => {}
+            watcher::Event::InitApply(b) => initial.push(b.spec.cidr),
+            watcher::Event::InitDone => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(initial, ["10.0.0.0/26"]);
+    blocks.create(&PostParams::default(), &block("p", "10.0.0.64/26", "n1")).await.unwrap();
+    assert!(matches!(next_event(&mut w).await, watcher::Event::Apply(b) if b.spec.cidr == "10.0.0.64/26"));
+    assert!(api.requests().iter().all(|r| r.verb != "list"), "a streaming list is a watch only");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_of_one_name_one_wins_fake_api() {
+    let api = FakeApiServer::new();
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let blocks: Api<IPBlock> = Api::all(api.client());
+            tokio::spawn(async move { blocks.create(&PostParams::default(), &block("p", "10.0.0.0/26", &format!("n{i}"))).await })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) => assert_eq!(api_code(e), (409, "AlreadyExists".into())),
+        }
+    }
+    assert_eq!(ok, 1);
+    assert_eq!(api.objects("allot.dev/v1", "IPBlock").len(), 1);
+}
+
+#[tokio::test]
+async fn controller_reconciles_against_the_fake_api() {
+    use kube::runtime::controller::{Action, Controller};
+    use std::sync::Arc;
+
+    #[derive(Debug)]
+    struct Never;
+    impl std::fmt::Display for Never {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("never")
+        }
+    }
+    impl std::error::Error for Never {}
+
+    let api = FakeApiServer::new();
+    let cms: Api<ConfigMap> = Api::namespaced(api.client(), "default");
+    for n in ["a", "b"] {
+        let mut c = ConfigMap::default();
+        c.metadata.name = Some(n.into());
+        cms.create(&PostParams::default(), &c).await.unwrap();
+    }
+    let ctx = Arc::new(cms.clone());
+    let run = Controller::new(cms.clone(), watcher::Config::default())
+        .run(
+            |cm: Arc<ConfigMap>, cms: Arc<Api<ConfigMap>>| async move {
+                if cm.annotations().get("seen").is_none() {
+                    cms.patch(&cm.name_any(), &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {"seen": "yes"}}}))).await.unwrap();
+                }
+                Ok::<_, Never>(Action::await_change())
+            },
+            |_, _: &Never, _| Action::await_change(),
+            ctx,
+        )
+        .for_each(|_| async {});
+    let task = tokio::spawn(run);
+    let mut c = ConfigMap::default();
+    c.metadata.name = Some("late".into());
+    cms.create(&PostParams::default(), &c).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = api.objects("v1", "ConfigMap").iter().filter(|o| o["metadata"]["annotations"]["seen"] == "yes").count();
+        if seen == 3 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{seen} of 3 reconciled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    task.abort();
+}
+
+#[tokio::test]
+async fn register_declares_an_unknown_resource_fake_api() {
+    let api = FakeApiServer::new();
+    api.register("example.com/v1", "widgets", allot_kube_fake::ResourceInfo { kind: "Widget".into(), namespaced: true, status: true });
+    let ar = kube::discovery::ApiResource::from_gvk_with_plural(&kube::api::GroupVersionKind::gvk("example.com", "v1", "Widget"), "widgets");
+    let widgets: Api<kube::api::DynamicObject> = Api::namespaced_with(api.client(), "ns1", &ar);
+    let mut w = kube::api::DynamicObject::new("w", &ar);
+    w.data = json!({"spec": {"size": 1}, "status": {"ready": true}});
+    let created = widgets.create(&PostParams::default(), &w).await.unwrap();
+    assert!(created.data.get("status").is_none(), "a custom resource with a status subresource drops status on create");
+    let s = widgets.patch_status("w", &PatchParams::default(), &Patch::Merge(json!({"status": {"ready": true}, "spec": {"size": 9}}))).await.unwrap();
+    assert_eq!((s.data["status"]["ready"].clone(), s.data["spec"]["size"].clone()), (json!(true), json!(1)));
+    let all: Api<kube::api::DynamicObject> = Api::all_with(api.client(), &ar);
+    assert_eq!(all.list(&ListParams::default()).await.unwrap().items.len(), 1);
+    // Registered as namespaced: a cluster-scoped get is refused.
+    assert_eq!(api_code(all.get("w").await.unwrap_err()).0, 404);
+}

@@ -15,6 +15,9 @@ use crate::Request;
 use crate::route::{ResourceInfo, Route, builtin, group_of, now_rfc3339, parse_path, plural_of};
 use crate::select::{FieldSelector, LabelSelector};
 
+/// Changes kept for watches that resume; older ones are compacted away.
+pub(crate) const HISTORY_LIMIT: usize = 100_000;
+
 pub(crate) type Chunk = Result<Bytes, io::Error>;
 
 /// (apiVersion, plural, namespace or "", name)
@@ -106,6 +109,7 @@ pub(crate) struct State {
     uid_seed: u64,
     uid_count: u64,
     pub bookmark_interval: Duration,
+    history_limit: usize,
 }
 
 pub(crate) struct Shared {
@@ -251,6 +255,7 @@ impl State {
             uid_seed: seed ^ 0x5eed,
             uid_count: 0,
             bookmark_interval: Duration::from_secs(1),
+            history_limit: HISTORY_LIMIT,
         }
     }
 
@@ -287,6 +292,12 @@ impl State {
             None => !w.tx.is_closed(),
         });
         self.history.push(change);
+        if self.history.len() > self.history_limit {
+            // As etcd compacts: the oldest half goes; watches from before it get 410 Expired.
+            let cut = self.history_limit.div_ceil(2);
+            self.horizon = self.history[cut - 1].rev;
+            self.history.drain(..cut);
+        }
         obj
     }
 
@@ -452,6 +463,11 @@ impl State {
                 let name = r.name.as_deref().unwrap_or_default();
                 if !self.objects.contains_key(&key(name)) {
                     return not_found(&r.plural, name);
+                }
+                // The Eviction's deleteOptions (kube 4.2 sends them as `delete_options`).
+                let opts = body.as_ref().and_then(|b| b.get("deleteOptions").or_else(|| b.get("delete_options"))).cloned();
+                if let Some(refused) = self.check_preconditions(&r.plural, &key(name), opts.as_ref()) {
+                    return refused;
                 }
                 // No PodDisruptionBudget logic: an eviction always deletes (unless fail_next).
                 self.delete_object(key(name), "Background");
@@ -695,28 +711,33 @@ impl State {
     }
 
     fn delete(&mut self, r: &Route, key: Key, body: Option<Value>) -> Reply {
-        let Some(obj) = self.objects.get(&key) else {
+        if !self.objects.contains_key(&key) {
             return not_found(&r.plural, &key.name);
-        };
+        }
+        if let Some(refused) = self.check_preconditions(&r.plural, &key, body.as_ref()) {
+            return refused;
+        }
         let opts = body.unwrap_or_default();
-        if let Some(want) = opts.pointer("/preconditions/uid").and_then(Value::as_str) {
-            let have = meta_str(obj, "uid").unwrap_or_default();
-            if want != have {
-                return conflict(&r.plural, &key.name, &format!("Precondition failed: UID in precondition: {want}, UID in object meta: {have}"));
-            }
-        }
-        if let Some(want) = opts.pointer("/preconditions/resourceVersion").and_then(Value::as_str) {
-            let have = meta_str(obj, "resourceVersion").unwrap_or_default();
-            if want != have {
-                return conflict(&r.plural, &key.name, &format!("Precondition failed: ResourceVersion in precondition: {want}, ResourceVersion in object meta: {have}"));
-            }
-        }
         let policy = opts.get("propagationPolicy").and_then(Value::as_str).unwrap_or("Background");
         if !matches!(policy, "Background" | "Foreground" | "Orphan") {
             return err(400, format!("propagationPolicy {policy:?} is not one of Background, Foreground, Orphan"));
         }
         let (code, obj) = self.delete_object(key, policy);
         Reply::Json(code, obj)
+    }
+
+    /// DeleteOptions.preconditions (uid, resourceVersion): 409 Conflict on a mismatch.
+    fn check_preconditions(&self, plural: &str, key: &Key, opts: Option<&Value>) -> Option<Reply> {
+        let obj = self.objects.get(key)?;
+        for (field, label) in [("uid", "UID"), ("resourceVersion", "ResourceVersion")] {
+            if let Some(want) = opts.and_then(|o| o.get("preconditions")).and_then(|p| p.get(field)).and_then(Value::as_str) {
+                let have = meta_str(obj, field).unwrap_or_default();
+                if want != have {
+                    return Some(conflict(plural, &key.name, &format!("Precondition failed: {label} in precondition: {want}, {label} in object meta: {have}")));
+                }
+            }
+        }
+        None
     }
 
     /// Delete one object: 200 and its last state, or 202 when finalizers keep it (then it only
@@ -741,11 +762,26 @@ impl State {
         if policy == "Foreground" {
             self.collect_garbage(vec![uid.clone()]);
         }
+        if key.av == "v1" && key.plural == "namespaces" {
+            self.empty_namespace(&key.name);
+        }
         let gone = self.commit(key, None);
         if policy == "Background" {
             self.collect_garbage(vec![uid]);
         }
         (200, gone)
+    }
+
+    /// What the namespace controller does before a namespace goes: delete everything in it (at
+    /// once here; a cluster shows the namespace Terminating meanwhile). Objects with finalizers
+    /// only get a deletionTimestamp.
+    fn empty_namespace(&mut self, ns: &str) {
+        let keys: Vec<Key> = self.objects.keys().filter(|k| k.ns == ns).cloned().collect();
+        for k in keys {
+            if self.objects.get(&k).is_some_and(|o| meta_str(o, "deletionTimestamp").is_none()) {
+                self.delete_object(k, "Background");
+            }
+        }
     }
 
     fn orphan(&mut self, uid: &str) {
@@ -894,4 +930,44 @@ fn selectors(q: &HashMap<String, String>) -> Result<(LabelSelector, FieldSelecto
     let labels = LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str)).map_err(|e| err(400, e))?;
     let fields = FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str)).map_err(|e| err(400, e))?;
     Ok((labels, fields))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cm(name: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": "d"}})
+    }
+
+    #[test]
+    fn history_is_compacted_when_over_its_limit() {
+        let mut st = State::new();
+        st.history_limit = 10;
+        for i in 0..11 {
+            st.insert(cm(&format!("c{i}")));
+        }
+        // 11 changes > 10: the oldest 5 are gone, the horizon is the last of them.
+        assert_eq!(st.history.len(), 6);
+        assert_eq!(st.horizon, st.history[0].rev - 1);
+        assert_eq!(st.rev, 12);
+        assert!(st.history.windows(2).all(|w| w[0].rev + 1 == w[1].rev));
+    }
+
+    #[test]
+    fn watch_filter_events_follow_selector_transitions() {
+        let key = Key { av: "v1".into(), plural: "configmaps".into(), ns: "d".into(), name: "c".into() };
+        let f = WatchFilter { av: "v1".into(), plural: "configmaps".into(), ns: None, name: None, labels: LabelSelector::parse("a=1").unwrap(), fields: FieldSelector::default() };
+        let with = |l: &str| json!({"metadata": {"labels": {"a": l}}});
+        let ch = |old: Option<Value>, new: Value, deleted| Change { rev: 1, key: key.clone(), old, new, deleted };
+        assert_eq!(f.event(&ch(None, with("1"), false)).map(|e| e.0), Some("ADDED"));
+        assert_eq!(f.event(&ch(None, with("2"), false)).map(|e| e.0), None);
+        assert_eq!(f.event(&ch(Some(with("1")), with("1"), false)).map(|e| e.0), Some("MODIFIED"));
+        assert_eq!(f.event(&ch(Some(with("1")), with("2"), false)).map(|e| e.0), Some("DELETED"));
+        assert_eq!(f.event(&ch(Some(with("2")), with("1"), false)).map(|e| e.0), Some("ADDED"));
+        assert_eq!(f.event(&ch(Some(with("1")), with("1"), true)).map(|e| e.0), Some("DELETED"));
+        assert_eq!(f.event(&ch(Some(with("2")), with("2"), true)).map(|e| e.0), None);
+        let other_ns = WatchFilter { ns: Some("e".into()), ..f };
+        assert_eq!(other_ns.event(&ch(None, with("1"), false)), None);
+    }
 }

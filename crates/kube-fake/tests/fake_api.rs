@@ -681,3 +681,54 @@ async fn register_declares_an_unknown_resource_fake_api() {
     // Registered as namespaced: a cluster-scoped get is refused.
     assert_eq!(api_code(all.get("w").await.unwrap_err()).0, 404);
 }
+
+#[tokio::test]
+async fn eviction_preconditions_and_namespace_deletion_fake_api() {
+    let api = FakeApiServer::new();
+    let pods: Api<Pod> = Api::namespaced(api.client(), "team");
+    let p = pods.create(&PostParams::default(), &pod("p", "n1", &[])).await.unwrap();
+    let wrong = kube::api::EvictParams { delete_options: Some(DeleteParams { preconditions: Some(Preconditions { uid: Some("other".into()), resource_version: None }), ..Default::default() }), ..Default::default() };
+    assert_eq!(api_code(pods.evict("p", &wrong).await.unwrap_err()), (409, "Conflict".into()));
+    let right = kube::api::EvictParams { delete_options: Some(DeleteParams { preconditions: Some(Preconditions { uid: p.uid(), resource_version: None }), ..Default::default() }), ..Default::default() };
+    pods.evict("p", &right).await.unwrap();
+    assert!(api.objects("v1", "Pod").is_empty());
+
+    // Deleting a namespace deletes what is in it, not what is elsewhere or cluster-scoped.
+    let nss: Api<Namespace> = Api::all(api.client());
+    let mut ns = Namespace::default();
+    ns.metadata.name = Some("team".into());
+    nss.create(&PostParams::default(), &ns).await.unwrap();
+    pods.create(&PostParams::default(), &pod("a", "n1", &[])).await.unwrap();
+    Api::<Lease>::namespaced(api.client(), "team").create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "l"}})).unwrap()).await.unwrap();
+    Api::<Pod>::namespaced(api.client(), "other").create(&PostParams::default(), &pod("b", "n1", &[])).await.unwrap();
+    let mut node = Node::default();
+    node.metadata.name = Some("n1".into());
+    Api::<Node>::all(api.client()).create(&PostParams::default(), &node).await.unwrap();
+    nss.delete("team", &DeleteParams::default()).await.unwrap();
+    let pods_left: Vec<_> = api.objects("v1", "Pod").iter().map(|p| p["metadata"]["name"].as_str().unwrap().to_string()).collect();
+    assert_eq!(pods_left, ["b"]);
+    assert!(api.objects("coordination.k8s.io/v1", "Lease").is_empty());
+    assert_eq!(api.objects("v1", "Node").len(), 1);
+    assert!(api.objects("v1", "Namespace").is_empty());
+}
+
+#[tokio::test]
+async fn watcher_with_backoff_rides_out_injected_list_and_watch_failures_fake_api() {
+    let api = FakeApiServer::new();
+    let pods: Api<Pod> = Api::namespaced(api.client(), "default");
+    pods.create(&PostParams::default(), &pod("a", "n1", &[])).await.unwrap();
+    api.fail_next("list", "pods", 503, 1);
+    api.fail_next("watch", "pods", 500, 1);
+    let (reader, writer) = reflector::store();
+    let task = tokio::spawn(reflector(writer, watcher(pods.clone(), watcher::Config::default())).default_backoff().for_each(|_| async {}));
+    tokio::time::timeout(Duration::from_secs(10), reader.wait_until_ready()).await.unwrap().unwrap();
+    pods.create(&PostParams::default(), &pod("b", "n1", &[])).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while reader.state().len() != 2 {
+        assert!(tokio::time::Instant::now() < deadline, "store has {} pods", reader.state().len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let failed: Vec<(String, u16)> = api.requests().iter().filter(|r| r.status >= 500).map(|r| (r.verb.clone(), r.status)).collect();
+    assert_eq!(failed, [("list".to_string(), 503), ("watch".to_string(), 500)]);
+    task.abort();
+}

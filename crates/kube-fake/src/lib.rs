@@ -186,6 +186,7 @@ impl tower_service::Service<http::Request<kube::client::Body>> for FakeService {
             let (parts, body) = req.into_parts();
             let body = body.collect().await.map_err(io::Error::other)?.to_bytes();
             let content_type = parts.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+            let accept = parts.headers.get(http::header::ACCEPT).and_then(|v| v.to_str().ok());
             let reply = {
                 let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
                 st.handle(
@@ -195,6 +196,7 @@ impl tower_service::Service<http::Request<kube::client::Body>> for FakeService {
                         path: parts.uri.path(),
                         query: parts.uri.query().unwrap_or(""),
                         content_type,
+                        accept,
                         body: &body,
                     },
                 )

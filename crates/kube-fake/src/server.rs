@@ -84,6 +84,8 @@ struct Watch {
     kind: String,
     bookmarks: bool,
     deadline: Option<Instant>,
+    /// Asked for `as=PartialObjectMetadata`: events carry metadata only.
+    partial: bool,
 }
 
 pub(crate) struct Failure {
@@ -235,6 +237,7 @@ pub(crate) struct Incoming<'a> {
     pub path: &'a str,
     pub query: &'a str,
     pub content_type: Option<&'a str>,
+    pub accept: Option<&'a str>,
     pub body: &'a [u8],
 }
 
@@ -288,7 +291,7 @@ impl State {
         };
         let change = Change { rev: self.rev, key, old, new: obj.clone(), deleted };
         self.watches.retain(|w| match w.filter.event(&change) {
-            Some((t, o)) => w.tx.send(Ok(event_line(t, o))).is_ok(),
+            Some((t, o)) => w.tx.send(Ok(event_line(t, &shape(o, w.partial)))).is_ok(),
             None => !w.tx.is_closed(),
         });
         self.history.push(change);
@@ -360,6 +363,8 @@ impl State {
             Some(serde_json::from_slice(req.body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(req.body).into_owned())))
         };
         let route = parse_path(req.path);
+        // kube's *_metadata calls ask for PartialObjectMetadata(List) in Accept.
+        let partial = req.accept.is_some_and(|a| a.contains("as=PartialObjectMetadata"));
         let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
         let verb = match (req.method, route.as_ref().and_then(|r| r.name.as_ref())) {
             ("GET", _) if watch => "watch",
@@ -394,7 +399,10 @@ impl State {
             match self.take_failure(verb, &resource) {
                 Some(code) => err(code, format!("injected failure: {verb} {resource} answered {code} (FakeApiServer::fail_next)")),
                 None => match route {
-                    Some(route) => self.serve(shared, verb, &route, &query, req.content_type, body),
+                    Some(route) => match self.serve(shared, verb, &route, &query, req.content_type, body, partial) {
+                        Reply::Json(code, v) if partial && code < 300 => Reply::Json(code, shape(&v, true)),
+                        other => other,
+                    },
                     None if req.path == "/version" => Reply::Json(
                         200,
                         json!({"major": "1", "minor": "32", "gitVersion": "v1.32.0-allot-fake", "platform": "linux/amd64"}),
@@ -412,7 +420,8 @@ impl State {
         reply
     }
 
-    fn serve(&mut self, shared: &Arc<Shared>, verb: &str, r: &Route, q: &HashMap<String, String>, ct: Option<&str>, body: Option<Value>) -> Reply {
+    #[allow(clippy::too_many_arguments)]
+    fn serve(&mut self, shared: &Arc<Shared>, verb: &str, r: &Route, q: &HashMap<String, String>, ct: Option<&str>, body: Option<Value>, partial: bool) -> Reply {
         let info = match self.info(&r.group, &r.api_version, &r.plural) {
             Some(info) => info,
             None => {
@@ -458,7 +467,7 @@ impl State {
                 }
             }
             "list" => self.list(r, &info, q),
-            "watch" => self.watch(shared, r, &info, q),
+            "watch" => self.watch(shared, r, &info, q, partial),
             "create" if r.subresource.as_deref() == Some("eviction") => {
                 let name = r.name.as_deref().unwrap_or_default();
                 if !self.objects.contains_key(&key(name)) {
@@ -828,7 +837,7 @@ impl State {
         }
     }
 
-    fn watch(&mut self, shared: &Arc<Shared>, r: &Route, info: &ResourceInfo, q: &HashMap<String, String>) -> Reply {
+    fn watch(&mut self, shared: &Arc<Shared>, r: &Route, info: &ResourceInfo, q: &HashMap<String, String>, partial: bool) -> Reply {
         let (labels, fields) = match selectors(q) {
             Ok(s) => s,
             Err(e) => return e,
@@ -852,11 +861,11 @@ impl State {
         if rv.is_empty() || rv == "0" || initial {
             for (k, o) in &self.objects {
                 if filter.covers(k) && filter.selects(o) {
-                    let _ = tx.send(Ok(event_line("ADDED", o)));
+                    let _ = tx.send(Ok(event_line("ADDED", &shape(o, partial))));
                 }
             }
             if initial {
-                let mut b = bookmark(&r.api_version, &kind, self.rev);
+                let mut b = shape(&bookmark(&r.api_version, &kind, self.rev), partial);
                 b["metadata"]["annotations"] = json!({"k8s.io/initial-events-end": "true"});
                 let _ = tx.send(Ok(event_line("BOOKMARK", &b)));
             }
@@ -872,7 +881,7 @@ impl State {
             }
             for c in self.history.iter().filter(|c| c.rev > n) {
                 if let Some((t, o)) = filter.event(c) {
-                    let _ = tx.send(Ok(event_line(t, o)));
+                    let _ = tx.send(Ok(event_line(t, &shape(o, partial))));
                 }
             }
         }
@@ -886,6 +895,7 @@ impl State {
             kind,
             bookmarks: matches!(q.get("allowWatchBookmarks").map(String::as_str), Some("true" | "1")),
             deadline: timeout.map(|t| Instant::now() + Duration::from_secs(t)),
+            partial,
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(tick(Arc::downgrade(shared), id, self.bookmark_interval));
@@ -909,9 +919,21 @@ async fn tick(shared: Weak<Shared>, id: u64, every: Duration) {
             return;
         }
         if w.bookmarks {
-            let b = bookmark(&w.filter.av, &w.kind, rev);
+            let b = shape(&bookmark(&w.filter.av, &w.kind, rev), w.partial);
             let _ = w.tx.send(Ok(event_line("BOOKMARK", &b)));
         }
+    }
+}
+
+/// The object as sent: whole, or as meta.k8s.io/v1 PartialObjectMetadata(List) when asked.
+fn shape(obj: &Value, partial: bool) -> Value {
+    if !partial || obj.get("kind").and_then(Value::as_str) == Some("Status") {
+        return obj.clone();
+    }
+    let one = |o: &Value| json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": o.get("metadata").cloned().unwrap_or(json!({}))});
+    match obj.get("items").and_then(Value::as_array) {
+        Some(items) => json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": obj.get("metadata").cloned().unwrap_or(json!({})), "items": items.iter().map(one).collect::<Vec<_>>()}),
+        None => one(obj),
     }
 }
 

@@ -732,3 +732,26 @@ async fn watcher_with_backoff_rides_out_injected_list_and_watch_failures_fake_ap
     assert_eq!(failed, [("list".to_string(), 503), ("watch".to_string(), 500)]);
     task.abort();
 }
+
+#[tokio::test]
+async fn metadata_calls_get_partial_object_metadata_fake_api() {
+    let api = FakeApiServer::new();
+    let pods: Api<Pod> = Api::namespaced(api.client(), "default");
+    pods.create(&PostParams::default(), &pod("a", "n1", &[("app", "x")])).await.unwrap();
+    let m = pods.get_metadata("a").await.unwrap();
+    assert_eq!(m.types.as_ref().map(|t| t.kind.as_str()), Some("PartialObjectMetadata"));
+    assert_eq!(m.metadata.labels.unwrap()["app"], "x");
+    let l = pods.list_metadata(&ListParams::default()).await.unwrap();
+    assert_eq!(l.items.len(), 1);
+    let meta_pods: Api<kube::core::PartialObjectMeta<Pod>> = Api::namespaced(api.client(), "default");
+    let mut w = watcher(meta_pods, watcher::Config::default()).boxed();
+    loop {
+        if let watcher::Event::InitDone = next_event(&mut w).await {
+            break;
+        }
+    }
+    pods.create(&PostParams::default(), &pod("b", "n1", &[])).await.unwrap();
+    assert!(matches!(next_event(&mut w).await, watcher::Event::Apply(m) if m.metadata.name.as_deref() == Some("b")));
+    let watched = api.requests().into_iter().find(|r| r.verb == "watch").unwrap();
+    assert_eq!(watched.status, 200);
+}

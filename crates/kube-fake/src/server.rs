@@ -61,17 +61,22 @@ impl WatchFilter {
     }
 
     /// The event a change means to this watch: an object that starts matching is ADDED, one
-    /// that stops matching is DELETED (as the apiserver's watch cache does).
-    fn event<'a>(&self, c: &'a Change) -> Option<(&'static str, &'a Value)> {
+    /// that stops matching is DELETED with its previous content at the change's
+    /// resourceVersion (as the apiserver's watch cache does).
+    fn event(&self, c: &Change) -> Option<(&'static str, Value)> {
         if !self.covers(&c.key) {
             return None;
         }
         let was = c.old.as_ref().is_some_and(|o| self.selects(o));
         let is = !c.deleted && self.selects(&c.new);
         match (was, is) {
-            (false, true) => Some(("ADDED", &c.new)),
-            (true, true) => Some(("MODIFIED", &c.new)),
-            (true, false) => Some(("DELETED", &c.new)),
+            (false, true) => Some(("ADDED", c.new.clone())),
+            (true, true) => Some(("MODIFIED", c.new.clone())),
+            (true, false) => {
+                let mut gone = c.old.clone().unwrap_or_default();
+                meta_mut(&mut gone).insert("resourceVersion".into(), c.rev.to_string().into());
+                Some(("DELETED", gone))
+            }
             (false, false) => None,
         }
     }
@@ -291,7 +296,7 @@ impl State {
         };
         let change = Change { rev: self.rev, key, old, new: obj.clone(), deleted };
         self.watches.retain(|w| match w.filter.event(&change) {
-            Some((t, o)) => w.tx.send(Ok(event_line(t, &shape(o, w.partial)))).is_ok(),
+            Some((t, o)) => w.tx.send(Ok(event_line(t, &shape(&o, w.partial)))).is_ok(),
             None => !w.tx.is_closed(),
         });
         self.history.push(change);
@@ -881,7 +886,7 @@ impl State {
             }
             for c in self.history.iter().filter(|c| c.rev > n) {
                 if let Some((t, o)) = filter.event(c) {
-                    let _ = tx.send(Ok(event_line(t, &shape(o, partial))));
+                    let _ = tx.send(Ok(event_line(t, &shape(&o, partial))));
                 }
             }
         }

@@ -396,7 +396,9 @@ async fn watch_with_selector_and_bookmarks_fake_api() {
             WatchEvent::Added(_) => types.push("ADDED"),
             WatchEvent::Modified(_) => types.push("MODIFIED"),
             WatchEvent::Deleted(p) => {
-                assert_eq!(p.labels()["app"], "y", "DELETED carries the object that stopped matching");
+                // As the watch cache: the previous content, at the change's resourceVersion.
+                assert_eq!(p.labels()["app"], "x", "DELETED carries the object as it last matched");
+                assert_eq!(p.resource_version(), Some((rv.parse::<u64>().unwrap() + 1).to_string()));
                 types.push("DELETED")
             }
             WatchEvent::Bookmark(b) => {

@@ -117,6 +117,9 @@ pub(crate) struct State {
     uid_count: u64,
     pub bookmark_interval: Duration,
     history_limit: usize,
+    /// The rest of limited lists, by continue token: (list revision, items still to send).
+    pages: HashMap<u64, (u64, Vec<Value>)>,
+    next_page: u64,
 }
 
 pub(crate) struct Shared {
@@ -264,6 +267,8 @@ impl State {
             uid_count: 0,
             bookmark_interval: Duration::from_secs(1),
             history_limit: HISTORY_LIMIT,
+            pages: HashMap::new(),
+            next_page: 0,
         }
     }
 
@@ -528,7 +533,7 @@ impl State {
         }
     }
 
-    fn list(&self, r: &Route, info: &ResourceInfo, q: &HashMap<String, String>) -> Reply {
+    fn list(&mut self, r: &Route, info: &ResourceInfo, q: &HashMap<String, String>) -> Reply {
         let (labels, fields) = match selectors(q) {
             Ok(s) => s,
             Err(e) => return e,
@@ -539,15 +544,44 @@ impl State {
         {
             return err(410, format!("too old resource version: {rv} ({})", self.horizon));
         }
-        // limit/continue: the whole list in one page, no continue token (allowed by the API).
-        let items: Vec<Value> = self
-            .objects
-            .iter()
-            .filter(|(k, o)| k.av == r.api_version && k.plural == r.plural && r.namespace.as_ref().is_none_or(|ns| *ns == k.ns) && labels.matches(o) && fields.matches(o))
-            .map(|(_, o)| o.clone())
-            .collect();
+        let limit = q.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0);
+        // A continued list is served from the snapshot its first page was cut from, as etcd
+        // serves it from the first page's revision.
+        let (rev, items) = match q.get("continue").filter(|c| !c.is_empty()) {
+            Some(token) => {
+                let Some((rev, rest)) = token.strip_prefix("fake-").and_then(|id| id.parse::<u64>().ok()).and_then(|id| self.pages.remove(&id)) else {
+                    return err(400, format!("continue token {token:?} is unknown or used: pass the token of the previous page once"));
+                };
+                if rev < self.horizon {
+                    return err(410, "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.");
+                }
+                (rev, rest)
+            }
+            None => (
+                self.rev,
+                self.objects
+                    .iter()
+                    .filter(|(k, o)| k.av == r.api_version && k.plural == r.plural && r.namespace.as_ref().is_none_or(|ns| *ns == k.ns) && labels.matches(o) && fields.matches(o))
+                    .map(|(_, o)| o.clone())
+                    .collect::<Vec<Value>>(),
+            ),
+        };
+        let mut metadata = json!({"resourceVersion": rev.to_string()});
+        let mut items = items;
+        if let Some(limit) = limit.filter(|l| items.len() > *l) {
+            let rest = items.split_off(limit);
+            metadata["remainingItemCount"] = rest.len().into();
+            self.next_page += 1;
+            metadata["continue"] = format!("fake-{}", self.next_page).into();
+            self.pages.insert(self.next_page, (rev, rest));
+            // Pages a client never asked for: keep the newest 1024.
+            if self.pages.len() > 1024 {
+                let oldest = *self.pages.keys().min().expect("not empty");
+                self.pages.remove(&oldest);
+            }
+        }
         let kind = if info.kind.is_empty() { "List".to_string() } else { format!("{}List", info.kind) };
-        Reply::Json(200, json!({"apiVersion": r.api_version, "kind": kind, "metadata": {"resourceVersion": self.rev.to_string()}, "items": items}))
+        Reply::Json(200, json!({"apiVersion": r.api_version, "kind": kind, "metadata": metadata, "items": items}))
     }
 
     fn create(&mut self, r: &Route, info: &ResourceInfo, body: Option<Value>) -> Reply {

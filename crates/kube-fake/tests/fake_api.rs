@@ -757,3 +757,44 @@ async fn metadata_calls_get_partial_object_metadata_fake_api() {
     let watched = api.requests().into_iter().find(|r| r.verb == "watch").unwrap();
     assert_eq!(watched.status, 200);
 }
+
+#[tokio::test]
+async fn limit_and_continue_page_through_a_snapshot_fake_api() {
+    let api = FakeApiServer::new();
+    let cms: Api<ConfigMap> = Api::namespaced(api.client(), "default");
+    for i in 0..5 {
+        let mut c = ConfigMap::default();
+        c.metadata.name = Some(format!("c{i}"));
+        cms.create(&PostParams::default(), &c).await.unwrap();
+    }
+    let first = cms.list(&ListParams::default().limit(2)).await.unwrap();
+    assert_eq!(first.items.len(), 2);
+    assert_eq!(first.metadata.remaining_item_count, Some(3));
+    let token = first.metadata.continue_.clone().unwrap();
+    // A change after the first page is not in the later pages: they come from its snapshot.
+    cms.delete("c4", &DeleteParams::default()).await.unwrap();
+    let second = cms.list(&ListParams::default().limit(2).continue_token(&token)).await.unwrap();
+    let third = cms.list(&ListParams::default().limit(2).continue_token(second.metadata.continue_.as_deref().unwrap())).await.unwrap();
+    let names: Vec<String> = [first.items, second.items, third.items.clone()].concat().iter().map(|c| c.name_any()).collect();
+    assert_eq!(names, ["c0", "c1", "c2", "c3", "c4"]);
+    assert!(third.metadata.continue_.is_none());
+    assert_eq!(second.metadata.resource_version, first.metadata.resource_version);
+    // A used token is refused; one from before a compaction is 410.
+    assert_eq!(api_code(cms.list(&ListParams::default().continue_token(&token)).await.unwrap_err()).0, 400);
+    let again = cms.list(&ListParams::default().limit(1)).await.unwrap();
+    cms.delete("c3", &DeleteParams::default()).await.unwrap();
+    api.compact();
+    let e = cms.list(&ListParams::default().limit(1).continue_token(again.metadata.continue_.as_deref().unwrap())).await.unwrap_err();
+    assert_eq!(api_code(e), (410, "Expired".into()));
+    // kube's watcher pages its lists: a page size smaller than the list still gives everything.
+    let mut w = watcher(cms.clone(), watcher::Config::default().page_size(1)).boxed();
+    let mut seen = 0;
+    loop {
+        match next_event(&mut w).await {
+            watcher::Event::InitApply(_) => seen += 1,
+            watcher::Event::InitDone => break,
+            _ => {}
+        }
+    }
+    assert_eq!(seen, 3);
+}

@@ -272,6 +272,18 @@ impl State {
         }
     }
 
+    /// The stored state without watches, history or requests: where a dry run writes.
+    fn dry_copy(&self) -> State {
+        let mut st = State::new();
+        st.rev = self.rev;
+        st.horizon = self.horizon;
+        st.objects = self.objects.clone();
+        st.resources = self.resources.clone();
+        st.uid_seed = self.uid_seed;
+        st.uid_count = self.uid_count;
+        st
+    }
+
     fn new_uid(&mut self) -> String {
         self.uid_count += 1;
         format!("{:08x}-fa4e-4000-8000-{:012x}", self.uid_seed as u32, self.uid_count)
@@ -409,6 +421,15 @@ impl State {
             match self.take_failure(verb, &resource) {
                 Some(code) => err(code, format!("injected failure: {verb} {resource} answered {code} (FakeApiServer::fail_next)")),
                 None => match route {
+                    // dryRun=All: the write runs on a copy that is then thrown away.
+                    // (A delete carries it in its DeleteOptions body.)
+                    Some(route)
+                        if !matches!(verb, "get" | "list" | "watch")
+                            && (query.get("dryRun").is_some_and(|d| d == "All")
+                                || body.as_ref().and_then(|b| b.get("dryRun")).and_then(Value::as_array).is_some_and(|d| d.iter().any(|x| x == "All"))) =>
+                    {
+                        self.dry_copy().serve(shared, verb, &route, &query, req.content_type, body, partial)
+                    }
                     Some(route) => match self.serve(shared, verb, &route, &query, req.content_type, body, partial) {
                         Reply::Json(code, v) if partial && code < 300 => Reply::Json(code, shape(&v, true)),
                         other => other,

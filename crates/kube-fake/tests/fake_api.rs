@@ -798,3 +798,21 @@ async fn limit_and_continue_page_through_a_snapshot_fake_api() {
     }
     assert_eq!(seen, 3);
 }
+
+#[tokio::test]
+async fn dry_run_writes_nothing_fake_api() {
+    let api = FakeApiServer::new();
+    let blocks: Api<IPBlock> = Api::all(api.client());
+    let dry = PostParams { dry_run: true, ..Default::default() };
+    let b = blocks.create(&dry, &block("p", "10.0.0.0/26", "n1")).await.unwrap();
+    assert_eq!(b.spec.node, "n1");
+    assert!(api.objects("allot.dev/v1", "IPBlock").is_empty());
+    let rev = api.revision();
+    blocks.create(&PostParams::default(), &block("p", "10.0.0.0/26", "n1")).await.unwrap();
+    // A dry-run create of an existing name still gets its 409.
+    assert_eq!(api_code(blocks.create(&dry, &block("p", "10.0.0.0/26", "n2")).await.unwrap_err()).0, 409);
+    let name = bname("p", "10.0.0.0/26");
+    blocks.delete(&name, &DeleteParams { dry_run: true, ..Default::default() }).await.unwrap();
+    assert_eq!(api.objects("allot.dev/v1", "IPBlock").len(), 1);
+    assert_eq!(api.revision(), rev + 1, "only the real create wrote");
+}

@@ -109,6 +109,26 @@ impl FakeApiServer {
         self.state().requests.clone()
     }
 
+    /// What the requests so far needed from RBAC: (apiGroup, resource or
+    /// "resource/subresource", verb), the three columns of a Role rule, for every request that
+    /// reached the server (a 404 or 409 needed the permission too; not those while down).
+    /// Compare it with the rules in deploy/ to show they grant no more than the code calls.
+    pub fn rbac_used(&self) -> std::collections::BTreeSet<(String, String, String)> {
+        self.state()
+            .requests
+            .iter()
+            .filter(|r| r.status != 0 && !r.api_version.is_empty())
+            .map(|r| {
+                let group = r.api_version.rsplit_once('/').map_or("", |(g, _)| g).to_string();
+                let resource = match &r.subresource {
+                    Some(s) => format!("{}/{s}", r.resource),
+                    None => r.resource.clone(),
+                };
+                (group, resource, r.verb.clone())
+            })
+            .collect()
+    }
+
     pub fn clear_requests(&self) {
         self.state().requests.clear();
     }

@@ -488,6 +488,9 @@ async fn requests_record_verbs_content_types_and_bodies_fake_api() {
     assert_eq!(reqs[3].body.as_ref().unwrap()["metadata"]["labels"]["a"], "b");
     assert_eq!(reqs[4].body.as_ref().unwrap()["metadata"]["name"], "p");
     assert!(api.objects("v1", "Pod").is_empty(), "the eviction deleted the pod");
+    let rbac: Vec<(String, String, String)> = api.rbac_used().into_iter().collect();
+    let want = [("", "pods", "create"), ("", "pods", "get"), ("", "pods", "list"), ("", "pods", "patch"), ("", "pods/eviction", "create")];
+    assert_eq!(rbac, want.map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string())));
     api.clear_requests();
     assert!(api.requests().is_empty());
 }

@@ -447,6 +447,7 @@ impl State {
             Reply::Stream(_) => 200,
             Reply::Down => 0,
         };
+        tracing::debug!(verb, path = req.path, query = req.query, status = record.status, "fake API request");
         self.requests.push(record);
         reply
     }

@@ -672,7 +672,9 @@ impl State {
         m.insert("generation".into(), 1.into());
         m.remove("deletionTimestamp");
         m.remove("managedFields");
-        Reply::Json(201, self.commit(key, Some(obj)))
+        let stored = self.commit(key.clone(), Some(obj));
+        self.collect_if_orphaned(key);
+        Reply::Json(201, stored)
     }
 
     /// The end of every update and patch: keep what clients cannot change, honour the status
@@ -724,7 +726,9 @@ impl State {
             self.collect_garbage(vec![uid]);
             return Reply::Json(200, gone);
         }
-        Reply::Json(200, self.commit(key, Some(new)))
+        let stored = self.commit(key.clone(), Some(new));
+        self.collect_if_orphaned(key);
+        Reply::Json(200, stored)
     }
 
     fn patch(&mut self, r: &Route, info: &ResourceInfo, key: Key, ct: Option<&str>, body: Option<Value>) -> Reply {
@@ -854,6 +858,21 @@ impl State {
         }
     }
 
+    /// An object written with owner references of which none is live is collected at once, as
+    /// the garbage collector does with a dependent whose owners are gone (e.g. a block granted to
+    /// a node being deleted). The write itself still succeeded.
+    fn collect_if_orphaned(&mut self, key: Key) {
+        let Some(obj) = self.objects.get(&key) else { return };
+        let owners = owner_uids(obj);
+        if owners.is_empty() || meta_str(obj, "deletionTimestamp").is_some() {
+            return;
+        }
+        let live = owners.iter().any(|u| self.objects.values().any(|o| meta_str(o, "uid") == Some(u.as_str())));
+        if !live {
+            self.delete_object(key, "Background");
+        }
+    }
+
     fn orphan(&mut self, uid: &str) {
         let deps: Vec<Key> = self.objects.iter().filter(|(_, o)| owner_uids(o).iter().any(|u| u == uid)).map(|(k, _)| k.clone()).collect();
         for k in deps {
@@ -871,16 +890,23 @@ impl State {
         let mut dying: HashSet<String> = work.iter().cloned().collect();
         while let Some(uid) = work.pop() {
             let live: HashSet<String> = self.objects.values().filter_map(|o| meta_str(o, "uid")).map(String::from).filter(|u| !dying.contains(u)).collect();
-            let deps: Vec<Key> = self
-                .objects
-                .iter()
-                .filter(|(_, o)| meta_str(o, "deletionTimestamp").is_none())
-                .filter(|(_, o)| {
-                    let owners = owner_uids(o);
-                    owners.contains(&uid) && owners.iter().all(|u| !live.contains(u))
-                })
-                .map(|(k, _)| k.clone())
-                .collect();
+            let mut deps = Vec::new();
+            let mut kept = Vec::new();
+            for (k, o) in &self.objects {
+                let owners = owner_uids(o);
+                if meta_str(o, "deletionTimestamp").is_some() || !owners.contains(&uid) {
+                    continue;
+                }
+                if owners.iter().any(|u| live.contains(u)) { kept.push(k.clone()) } else { deps.push(k.clone()) }
+            }
+            // A dependent with another live owner stays and loses its dangling references.
+            for k in kept {
+                let mut o = self.objects[&k].clone();
+                if let Some(refs) = meta_mut(&mut o).get_mut("ownerReferences").and_then(Value::as_array_mut) {
+                    refs.retain(|r| r.get("uid").and_then(Value::as_str).is_some_and(|u| live.contains(u)));
+                }
+                self.commit(k, Some(o));
+            }
             for k in deps {
                 let obj = self.objects[&k].clone();
                 let dep_uid = meta_str(&obj, "uid").unwrap_or_default().to_string();

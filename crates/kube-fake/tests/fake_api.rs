@@ -269,6 +269,8 @@ async fn owner_reference_cascade_fake_api() {
     let names = |v: Vec<serde_json::Value>| v.iter().map(|o| o["metadata"]["name"].as_str().unwrap().to_string()).collect::<Vec<_>>();
     assert_eq!(names(api.objects("v1", "ConfigMap")), ["other"]);
     assert_eq!(names(api.objects("v1", "Pod")), ["shared"], "grandchild collected, shared kept by its live owner");
+    let shared_refs = pods.get("shared").await.unwrap().owner_references().iter().map(|r| r.name.clone()).collect::<Vec<_>>();
+    assert_eq!(shared_refs, ["other"], "the dangling reference to root is removed, as the GC does");
 
     // Orphan: the dependent stays and loses the reference.
     let mut dep = mk("dep");
@@ -818,4 +820,28 @@ async fn dry_run_writes_nothing_fake_api() {
     blocks.delete(&name, &DeleteParams { dry_run: true, ..Default::default() }).await.unwrap();
     assert_eq!(api.objects("allot.dev/v1", "IPBlock").len(), 1);
     assert_eq!(api.revision(), rev + 1, "only the real create wrote");
+}
+
+#[tokio::test]
+async fn a_dependent_written_after_its_owner_went_is_collected_fake_api() {
+    let api = FakeApiServer::new();
+    let nodes: Api<Node> = Api::all(api.client());
+    let blocks: Api<IPBlock> = Api::all(api.client());
+    let mut node = Node::default();
+    node.metadata.name = Some("n1".into());
+    let node = nodes.create(&PostParams::default(), &node).await.unwrap();
+    let owned = |cidr: &str| {
+        let mut b = block("p", cidr, "n1");
+        b.metadata.owner_references = Some(serde_json::from_value(json!([{"apiVersion": "v1", "kind": "Node", "name": "n1", "uid": node.uid().unwrap()}])).unwrap());
+        b
+    };
+    blocks.create(&PostParams::default(), &owned("10.0.0.0/26")).await.unwrap();
+    nodes.delete("n1", &DeleteParams::default()).await.unwrap();
+    assert!(api.objects("allot.dev/v1", "IPBlock").is_empty(), "the node's block went with it");
+    // A grant racing the node's deletion: the create succeeds, the collector removes it.
+    let rev = api.revision();
+    let late = blocks.create(&PostParams::default(), &owned("10.0.0.64/26")).await.unwrap();
+    assert_eq!(late.spec.cidr, "10.0.0.64/26");
+    assert!(api.objects("allot.dev/v1", "IPBlock").is_empty());
+    assert_eq!(api.revision(), rev + 2, "created, then deleted");
 }

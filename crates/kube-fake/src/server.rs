@@ -120,6 +120,8 @@ pub(crate) struct State {
     /// The rest of limited lists, by continue token: (list revision, items still to send).
     pages: HashMap<u64, (u64, Vec<Value>)>,
     next_page: u64,
+    /// uid → key of every stored object: the garbage collector's owner lookups.
+    uids: HashMap<String, Key>,
 }
 
 pub(crate) struct Shared {
@@ -269,6 +271,7 @@ impl State {
             history_limit: HISTORY_LIMIT,
             pages: HashMap::new(),
             next_page: 0,
+            uids: HashMap::new(),
         }
     }
 
@@ -278,6 +281,7 @@ impl State {
         st.rev = self.rev;
         st.horizon = self.horizon;
         st.objects = self.objects.clone();
+        st.uids = self.uids.clone();
         st.resources = self.resources.clone();
         st.uid_seed = self.uid_seed;
         st.uid_count = self.uid_count;
@@ -302,11 +306,20 @@ impl State {
         let (obj, deleted) = match new {
             Some(mut v) => {
                 meta_mut(&mut v).insert("resourceVersion".into(), rev.into());
+                if let Some(u) = old.as_ref().and_then(|o| meta_str(o, "uid")) {
+                    self.uids.remove(u);
+                }
+                if let Some(u) = meta_str(&v, "uid") {
+                    self.uids.insert(u.to_string(), key.clone());
+                }
                 self.objects.insert(key.clone(), v.clone());
                 (v, false)
             }
             None => {
                 let mut v = self.objects.remove(&key).unwrap_or(Value::Null);
+                if let Some(u) = meta_str(&v, "uid") {
+                    self.uids.remove(u);
+                }
                 meta_mut(&mut v).insert("resourceVersion".into(), rev.into());
                 (v, true)
             }
@@ -867,7 +880,7 @@ impl State {
         if owners.is_empty() || meta_str(obj, "deletionTimestamp").is_some() {
             return;
         }
-        let live = owners.iter().any(|u| self.objects.values().any(|o| meta_str(o, "uid") == Some(u.as_str())));
+        let live = owners.iter().any(|u| self.uids.contains_key(u));
         if !live {
             self.delete_object(key, "Background");
         }
@@ -889,7 +902,7 @@ impl State {
     fn collect_garbage(&mut self, mut work: Vec<String>) {
         let mut dying: HashSet<String> = work.iter().cloned().collect();
         while let Some(uid) = work.pop() {
-            let live: HashSet<String> = self.objects.values().filter_map(|o| meta_str(o, "uid")).map(String::from).filter(|u| !dying.contains(u)).collect();
+            let live = |u: &str| self.uids.contains_key(u) && !dying.contains(u);
             let mut deps = Vec::new();
             let mut kept = Vec::new();
             for (k, o) in &self.objects {
@@ -897,13 +910,13 @@ impl State {
                 if meta_str(o, "deletionTimestamp").is_some() || !owners.contains(&uid) {
                     continue;
                 }
-                if owners.iter().any(|u| live.contains(u)) { kept.push(k.clone()) } else { deps.push(k.clone()) }
+                if owners.iter().any(|u| live(u)) { kept.push(k.clone()) } else { deps.push(k.clone()) }
             }
             // A dependent with another live owner stays and loses its dangling references.
             for k in kept {
                 let mut o = self.objects[&k].clone();
                 if let Some(refs) = meta_mut(&mut o).get_mut("ownerReferences").and_then(Value::as_array_mut) {
-                    refs.retain(|r| r.get("uid").and_then(Value::as_str).is_some_and(|u| live.contains(u)));
+                    refs.retain(|r| r.get("uid").and_then(Value::as_str).is_some_and(|u| self.uids.contains_key(u) && !dying.contains(u)));
                 }
                 self.commit(k, Some(o));
             }
@@ -1061,6 +1074,26 @@ mod tests {
         assert_eq!(st.horizon, st.history[0].rev - 1);
         assert_eq!(st.rev, 12);
         assert!(st.history.windows(2).all(|w| w[0].rev + 1 == w[1].rev));
+    }
+
+    #[test]
+    fn the_uid_index_follows_every_write() {
+        let mut st = State::new();
+        let index_ok = |st: &State| {
+            let from_objects: HashMap<String, Key> = st.objects.iter().map(|(k, o)| (meta_str(o, "uid").unwrap().to_string(), k.clone())).collect();
+            from_objects == st.uids
+        };
+        st.insert(cm("a"));
+        st.insert(cm("b"));
+        assert!(index_ok(&st) && st.uids.len() == 2);
+        // A seed replacing "a" with another uid: the old uid is gone from the index.
+        let mut again = cm("a");
+        again["metadata"]["uid"] = "u-new".into();
+        st.insert(again);
+        assert!(index_ok(&st) && st.uids.contains_key("u-new") && st.uids.len() == 2);
+        let key = st.uids["u-new"].clone();
+        st.commit(key, None);
+        assert!(index_ok(&st) && st.uids.len() == 1);
     }
 
     #[test]

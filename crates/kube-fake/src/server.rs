@@ -288,6 +288,15 @@ impl State {
         st
     }
 
+    /// The stored objects of a route's resource (and namespace, if any), in key order: a range
+    /// of the map, not a scan of every object.
+    fn collection<'a>(&'a self, r: &'a Route) -> impl Iterator<Item = (&'a Key, &'a Value)> + 'a {
+        let start = Key { av: r.api_version.clone(), plural: r.plural.clone(), ns: r.namespace.clone().unwrap_or_default(), name: String::new() };
+        self.objects
+            .range(start..)
+            .take_while(move |(k, _)| k.av == r.api_version && k.plural == r.plural && r.namespace.as_ref().is_none_or(|ns| *ns == k.ns))
+    }
+
     fn new_uid(&mut self) -> String {
         self.uid_count += 1;
         format!("{:08x}-fa4e-4000-8000-{:012x}", self.uid_seed as u32, self.uid_count)
@@ -556,9 +565,8 @@ impl State {
                     Err(e) => return e,
                 };
                 let keys: Vec<Key> = self
-                    .objects
-                    .iter()
-                    .filter(|(k, o)| k.av == r.api_version && k.plural == r.plural && r.namespace.as_ref().is_none_or(|ns| *ns == k.ns) && labels.matches(o) && fields.matches(o))
+                    .collection(r)
+                    .filter(|(_, o)| labels.matches(o) && fields.matches(o))
                     .map(|(k, _)| k.clone())
                     .collect();
                 let items: Vec<Value> = keys.into_iter().map(|k| self.delete_object(k, "Background").1).collect();
@@ -594,9 +602,8 @@ impl State {
             }
             None => (
                 self.rev,
-                self.objects
-                    .iter()
-                    .filter(|(k, o)| k.av == r.api_version && k.plural == r.plural && r.namespace.as_ref().is_none_or(|ns| *ns == k.ns) && labels.matches(o) && fields.matches(o))
+                self.collection(r)
+                    .filter(|(_, o)| labels.matches(o) && fields.matches(o))
                     .map(|(_, o)| o.clone())
                     .collect::<Vec<Value>>(),
             ),

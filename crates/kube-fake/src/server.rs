@@ -206,6 +206,19 @@ fn owner_uids(obj: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A body whose apiVersion or kind is not the path's: 400, as the apiserver's decoder answers.
+fn type_mismatch(r: &Route, info: &ResourceInfo, obj: &Value) -> Option<Reply> {
+    let av = obj.get("apiVersion").and_then(Value::as_str).filter(|a| !a.is_empty());
+    if let Some(av) = av.filter(|a| *a != r.api_version) {
+        return Some(err(400, format!("the API version in the data ({av}) does not match the expected API version ({}): send it to /apis/{av}/... or change apiVersion", r.api_version)));
+    }
+    let kind = obj.get("kind").and_then(Value::as_str).filter(|k| !k.is_empty());
+    if let Some(kind) = kind.filter(|k| !info.kind.is_empty() && *k != info.kind && *k != "Eviction") {
+        return Some(err(400, format!("the kind in the data ({kind}) is not the kind of {} ({})", r.plural, info.kind)));
+    }
+    None
+}
+
 /// Names the apiserver would refuse as path segments or DNS subdomains.
 fn bad_name(name: &str) -> Option<&'static str> {
     if name.is_empty() {
@@ -547,6 +560,9 @@ impl State {
                 let Some(old) = self.objects.get(&key(&name)).cloned() else {
                     return not_found(&r.plural, &name);
                 };
+                if let Some(bad) = type_mismatch(r, &info, &body) {
+                    return bad;
+                }
                 if meta_str(&body, "name").is_some_and(|n| n != name) {
                     return err(400, format!("the name of the object ({}) does not match the name on the URL ({name})", meta_str(&body, "name").unwrap_or_default()));
                 }
@@ -632,6 +648,9 @@ impl State {
         };
         if meta_str(&obj, "resourceVersion").is_some() {
             return err(400, "resourceVersion should not be set on objects to be created");
+        }
+        if let Some(bad) = type_mismatch(r, info, &obj) {
+            return bad;
         }
         if info.namespaced {
             let Some(ns) = &r.namespace else {

@@ -88,6 +88,14 @@ async fn generate_name_and_bad_inputs_fake_api() {
     other.metadata.namespace = Some("elsewhere".into());
     let e = cms.create(&PostParams::default(), &other).await.unwrap_err();
     assert_eq!(api_code(e), (400, "BadRequest".into()));
+    // A body of another type than the path's (Cilium's pool sent to allot's ippools): 400.
+    let ar = kube::discovery::ApiResource::from_gvk_with_plural(&kube::api::GroupVersionKind::gvk("allot.dev", "v1", "IPPool"), "ippools");
+    let pools: Api<kube::api::DynamicObject> = Api::all_with(api.client(), &ar);
+    let cilium: kube::api::DynamicObject = serde_json::from_value(json!({"apiVersion": "cilium.io/v2alpha1", "kind": "CiliumPodIPPool", "metadata": {"name": "p"}, "spec": {}})).unwrap();
+    assert_eq!(api_code(pools.create(&PostParams::default(), &cilium).await.unwrap_err()), (400, "BadRequest".into()));
+    let wrong_kind: kube::api::DynamicObject = serde_json::from_value(json!({"apiVersion": "allot.dev/v1", "kind": "IPBlock", "metadata": {"name": "p"}, "spec": {}})).unwrap();
+    assert_eq!(api_code(pools.create(&PostParams::default(), &wrong_kind).await.unwrap_err()).0, 400);
+    assert!(api.objects("allot.dev/v1", "IPPool").is_empty() && api.objects("cilium.io/v2alpha1", "CiliumPodIPPool").is_empty());
     // A cluster-scoped kind addressed in a namespace: 404.
     let ar = kube::discovery::ApiResource::erase::<Node>(&());
     let nodes_in_ns: Api<kube::api::DynamicObject> = Api::namespaced_with(api.client(), "default", &ar);

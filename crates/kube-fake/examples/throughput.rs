@@ -19,7 +19,12 @@ fn cm(name: &str) -> ConfigMap {
 }
 
 fn row(what: &str, n: usize, took: Duration) {
-    println!("{what:<28} {n:>7} {:>10.1} ms {:>10.0}/s {:>9.1} µs/op", took.as_secs_f64() * 1e3, n as f64 / took.as_secs_f64(), took.as_secs_f64() * 1e6 / n as f64);
+    println!(
+        "{what:<28} {n:>7} {:>10.1} ms {:>10.0}/s {:>9.1} µs/op",
+        took.as_secs_f64() * 1e3,
+        n as f64 / took.as_secs_f64(),
+        took.as_secs_f64() * 1e6 / n as f64
+    );
 }
 
 #[tokio::main]

@@ -139,7 +139,12 @@ impl FakeApiServer {
     /// "plural/subresource" (`"pods/eviction"`, `"allotnodes/status"`).
     pub fn fail_next(&self, verb: &str, resource: &str, status: u16, count: usize) {
         if count > 0 {
-            self.state().failures.push(server::Failure { verb: verb.into(), resource: resource.into(), status, remaining: count });
+            self.state().failures.push(server::Failure {
+                verb: verb.into(),
+                resource: resource.into(),
+                status,
+                remaining: count,
+            });
         }
     }
 
@@ -223,14 +228,18 @@ impl tower_service::Service<http::Request<kube::client::Body>> for FakeService {
             };
             let (code, body) = match reply {
                 Reply::Down => {
-                    return Err(io::Error::new(io::ErrorKind::ConnectionRefused, "fake API server is down (FakeApiServer::set_down)"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionRefused,
+                        "fake API server is down (FakeApiServer::set_down)",
+                    ));
                 }
                 Reply::Json(code, v) => {
                     let bytes = Bytes::from(serde_json::to_vec(&v).expect("JSON values serialize"));
                     (code, Full::new(bytes).map_err(|e: Infallible| match e {}).boxed_unsync())
                 }
                 Reply::Stream(mut rx) => {
-                    let s = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)).map(|c| c.map(http_body::Frame::data));
+                    let s = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+                        .map(|c| c.map(http_body::Frame::data));
                     (200, StreamBody::new(s).boxed_unsync())
                 }
             };

@@ -210,11 +210,20 @@ fn owner_uids(obj: &Value) -> Vec<String> {
 fn type_mismatch(r: &Route, info: &ResourceInfo, obj: &Value) -> Option<Reply> {
     let av = obj.get("apiVersion").and_then(Value::as_str).filter(|a| !a.is_empty());
     if let Some(av) = av.filter(|a| *a != r.api_version) {
-        return Some(err(400, format!("the API version in the data ({av}) does not match the expected API version ({}): send it to /apis/{av}/... or change apiVersion", r.api_version)));
+        return Some(err(
+            400,
+            format!(
+                "the API version in the data ({av}) does not match the expected API version ({}): send it to /apis/{av}/... or change apiVersion",
+                r.api_version
+            ),
+        ));
     }
     let kind = obj.get("kind").and_then(Value::as_str).filter(|k| !k.is_empty());
     if let Some(kind) = kind.filter(|k| !info.kind.is_empty() && *k != info.kind && *k != "Eviction") {
-        return Some(err(400, format!("the kind in the data ({kind}) is not the kind of {} ({})", r.plural, info.kind)));
+        return Some(err(
+            400,
+            format!("the kind in the data ({kind}) is not the kind of {} ({})", r.plural, info.kind),
+        ));
     }
     None
 }
@@ -266,7 +275,8 @@ pub(crate) struct Incoming<'a> {
 
 impl State {
     pub fn new() -> Self {
-        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos() as u64);
+        let seed =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos() as u64);
         State {
             rev: 1,
             horizon: 0,
@@ -304,10 +314,15 @@ impl State {
     /// The stored objects of a route's resource (and namespace, if any), in key order: a range
     /// of the map, not a scan of every object.
     fn collection<'a>(&'a self, r: &'a Route) -> impl Iterator<Item = (&'a Key, &'a Value)> + 'a {
-        let start = Key { av: r.api_version.clone(), plural: r.plural.clone(), ns: r.namespace.clone().unwrap_or_default(), name: String::new() };
-        self.objects
-            .range(start..)
-            .take_while(move |(k, _)| k.av == r.api_version && k.plural == r.plural && r.namespace.as_ref().is_none_or(|ns| *ns == k.ns))
+        let start = Key {
+            av: r.api_version.clone(),
+            plural: r.plural.clone(),
+            ns: r.namespace.clone().unwrap_or_default(),
+            name: String::new(),
+        };
+        self.objects.range(start..).take_while(move |(k, _)| {
+            k.av == r.api_version && k.plural == r.plural && r.namespace.as_ref().is_none_or(|ns| *ns == k.ns)
+        })
     }
 
     fn new_uid(&mut self) -> String {
@@ -365,13 +380,19 @@ impl State {
     pub fn insert(&mut self, mut obj: Value) {
         let av = obj.get("apiVersion").and_then(Value::as_str).unwrap_or_default().to_string();
         let kind = obj.get("kind").and_then(Value::as_str).unwrap_or_default().to_string();
-        assert!(!av.is_empty() && !kind.is_empty(), "FakeApiServer::insert: the object needs apiVersion and kind: {obj}");
-        let name = meta_str(&obj, "name").unwrap_or_else(|| panic!("FakeApiServer::insert: the object needs metadata.name: {obj}")).to_string();
+        assert!(
+            !av.is_empty() && !kind.is_empty(),
+            "FakeApiServer::insert: the object needs apiVersion and kind: {obj}"
+        );
+        let name = meta_str(&obj, "name")
+            .unwrap_or_else(|| panic!("FakeApiServer::insert: the object needs metadata.name: {obj}"))
+            .to_string();
         let group = group_of(&av).to_string();
         let plural = plural_of(&group, &kind);
         let ns = meta_str(&obj, "namespace").unwrap_or_default().to_string();
         if self.info(&group, &av, &plural).is_none() {
-            self.resources.insert((av.clone(), plural.clone()), ResourceInfo { kind, namespaced: !ns.is_empty(), status: false });
+            self.resources
+                .insert((av.clone(), plural.clone()), ResourceInfo { kind, namespaced: !ns.is_empty(), status: false });
         }
         let uid = self.new_uid();
         let m = meta_mut(&mut obj);
@@ -417,7 +438,10 @@ impl State {
         let body: Option<Value> = if req.body.is_empty() {
             None
         } else {
-            Some(serde_json::from_slice(req.body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(req.body).into_owned())))
+            Some(
+                serde_json::from_slice(req.body)
+                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(req.body).into_owned())),
+            )
         };
         let route = parse_path(req.path);
         // kube's *_metadata calls ask for PartialObjectMetadata(List) in Accept.
@@ -454,14 +478,20 @@ impl State {
                 None => record.resource.clone(),
             };
             match self.take_failure(verb, &resource) {
-                Some(code) => err(code, format!("injected failure: {verb} {resource} answered {code} (FakeApiServer::fail_next)")),
+                Some(code) => {
+                    err(code, format!("injected failure: {verb} {resource} answered {code} (FakeApiServer::fail_next)"))
+                }
                 None => match route {
                     // dryRun=All: the write runs on a copy that is then thrown away.
                     // (A delete carries it in its DeleteOptions body.)
                     Some(route)
                         if !matches!(verb, "get" | "list" | "watch")
                             && (query.get("dryRun").is_some_and(|d| d == "All")
-                                || body.as_ref().and_then(|b| b.get("dryRun")).and_then(Value::as_array).is_some_and(|d| d.iter().any(|x| x == "All"))) =>
+                                || body
+                                    .as_ref()
+                                    .and_then(|b| b.get("dryRun"))
+                                    .and_then(Value::as_array)
+                                    .is_some_and(|d| d.iter().any(|x| x == "All"))) =>
                     {
                         self.dry_copy().serve(shared, verb, &route, &query, req.content_type, body, partial)
                     }
@@ -473,7 +503,13 @@ impl State {
                         200,
                         json!({"major": "1", "minor": "32", "gitVersion": "v1.32.0-allot-fake", "platform": "linux/amd64"}),
                     ),
-                    None => err(404, format!("the fake API serves no {} (no discovery): use kube::Api<K> with typed resources", req.path)),
+                    None => err(
+                        404,
+                        format!(
+                            "the fake API serves no {} (no discovery): use kube::Api<K> with typed resources",
+                            req.path
+                        ),
+                    ),
                 },
             }
         };
@@ -488,7 +524,16 @@ impl State {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn serve(&mut self, shared: &Arc<Shared>, verb: &str, r: &Route, q: &HashMap<String, String>, ct: Option<&str>, body: Option<Value>, partial: bool) -> Reply {
+    fn serve(
+        &mut self,
+        shared: &Arc<Shared>,
+        verb: &str,
+        r: &Route,
+        q: &HashMap<String, String>,
+        ct: Option<&str>,
+        body: Option<Value>,
+        partial: bool,
+    ) -> Reply {
         let info = match self.info(&r.group, &r.api_version, &r.plural) {
             Some(info) => info,
             None => {
@@ -507,7 +552,10 @@ impl State {
             }
         };
         if r.namespace.is_some() && !info.namespaced {
-            return err(404, format!("{} is cluster-scoped: use a path without namespaces/ (kube::Api::all)", r.plural));
+            return err(
+                404,
+                format!("{} is cluster-scoped: use a path without namespaces/ (kube::Api::all)", r.plural),
+            );
         }
         if r.namespace.is_none() && info.namespaced && r.name.is_some() {
             return err(404, format!("{} is namespaced: use a namespaced path (kube::Api::namespaced)", r.plural));
@@ -541,15 +589,21 @@ impl State {
                     return not_found(&r.plural, name);
                 }
                 // The Eviction's deleteOptions (kube 4.2 sends them as `delete_options`).
-                let opts = body.as_ref().and_then(|b| b.get("deleteOptions").or_else(|| b.get("delete_options"))).cloned();
+                let opts =
+                    body.as_ref().and_then(|b| b.get("deleteOptions").or_else(|| b.get("delete_options"))).cloned();
                 if let Some(refused) = self.check_preconditions(&r.plural, &key(name), opts.as_ref()) {
                     return refused;
                 }
                 // No PodDisruptionBudget logic: an eviction always deletes (unless fail_next).
                 self.delete_object(key(name), "Background");
-                Reply::Json(201, json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}))
+                Reply::Json(
+                    201,
+                    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+                )
             }
-            "create" if r.name.is_some() => err(405, format!("POST to a named {} is not allowed: POST to the collection", r.plural)),
+            "create" if r.name.is_some() => {
+                err(405, format!("POST to a named {} is not allowed: POST to the collection", r.plural))
+            }
             "create" => self.create(r, &info, body),
             "update" => {
                 let name = r.name.clone().unwrap_or_default();
@@ -564,7 +618,13 @@ impl State {
                     return bad;
                 }
                 if meta_str(&body, "name").is_some_and(|n| n != name) {
-                    return err(400, format!("the name of the object ({}) does not match the name on the URL ({name})", meta_str(&body, "name").unwrap_or_default()));
+                    return err(
+                        400,
+                        format!(
+                            "the name of the object ({}) does not match the name on the URL ({name})",
+                            meta_str(&body, "name").unwrap_or_default()
+                        ),
+                    );
                 }
                 if let Some(rv) = meta_str(&body, "resourceVersion")
                     && Some(rv) != meta_str(&old, "resourceVersion")
@@ -586,7 +646,10 @@ impl State {
                     .map(|(k, _)| k.clone())
                     .collect();
                 let items: Vec<Value> = keys.into_iter().map(|k| self.delete_object(k, "Background").1).collect();
-                Reply::Json(200, json!({"apiVersion": r.api_version, "kind": format!("{}List", info.kind), "metadata": {"resourceVersion": self.rev.to_string()}, "items": items}))
+                Reply::Json(
+                    200,
+                    json!({"apiVersion": r.api_version, "kind": format!("{}List", info.kind), "metadata": {"resourceVersion": self.rev.to_string()}, "items": items}),
+                )
             }
             _ => err(405, format!("method not allowed on {}", r.plural)),
         }
@@ -608,11 +671,23 @@ impl State {
         // serves it from the first page's revision.
         let (rev, items) = match q.get("continue").filter(|c| !c.is_empty()) {
             Some(token) => {
-                let Some((rev, rest)) = token.strip_prefix("fake-").and_then(|id| id.parse::<u64>().ok()).and_then(|id| self.pages.remove(&id)) else {
-                    return err(400, format!("continue token {token:?} is unknown or used: pass the token of the previous page once"));
+                let Some((rev, rest)) = token
+                    .strip_prefix("fake-")
+                    .and_then(|id| id.parse::<u64>().ok())
+                    .and_then(|id| self.pages.remove(&id))
+                else {
+                    return err(
+                        400,
+                        format!(
+                            "continue token {token:?} is unknown or used: pass the token of the previous page once"
+                        ),
+                    );
                 };
                 if rev < self.horizon {
-                    return err(410, "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.");
+                    return err(
+                        410,
+                        "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
+                    );
                 }
                 (rev, rest)
             }
@@ -654,10 +729,19 @@ impl State {
         }
         if info.namespaced {
             let Some(ns) = &r.namespace else {
-                return err(404, format!("{} is namespaced: create it through a namespaced path (kube::Api::namespaced)", r.plural));
+                return err(
+                    404,
+                    format!("{} is namespaced: create it through a namespaced path (kube::Api::namespaced)", r.plural),
+                );
             };
             if meta_str(&obj, "namespace").is_some_and(|n| n != ns) {
-                return err(400, format!("the namespace of the provided object ({}) does not match the namespace sent on the request ({ns})", meta_str(&obj, "namespace").unwrap_or_default()));
+                return err(
+                    400,
+                    format!(
+                        "the namespace of the provided object ({}) does not match the namespace sent on the request ({ns})",
+                        meta_str(&obj, "namespace").unwrap_or_default()
+                    ),
+                );
             }
             meta_mut(&mut obj).insert("namespace".into(), ns.clone().into());
         } else {
@@ -677,18 +761,33 @@ impl State {
                         s.push(ALPHA[(n % ALPHA.len() as u64) as usize] as char);
                         n /= ALPHA.len() as u64;
                     }
-                    let k = Key { av: r.api_version.clone(), plural: r.plural.clone(), ns: r.namespace.clone().unwrap_or_default(), name: s.clone() };
+                    let k = Key {
+                        av: r.api_version.clone(),
+                        plural: r.plural.clone(),
+                        ns: r.namespace.clone().unwrap_or_default(),
+                        name: s.clone(),
+                    };
                     if !self.objects.contains_key(&k) {
                         break s;
                     }
                 }
             }
-            (None, None) => return err(422, format!("{} is invalid: metadata.name: Required value: name or generateName is required", r.plural)),
+            (None, None) => {
+                return err(
+                    422,
+                    format!("{} is invalid: metadata.name: Required value: name or generateName is required", r.plural),
+                );
+            }
         };
         if let Some(why) = bad_name(&name) {
             return err(422, format!("{} \"{name}\" is invalid: metadata.name: Invalid value: {why}", r.plural));
         }
-        let key = Key { av: r.api_version.clone(), plural: r.plural.clone(), ns: r.namespace.clone().filter(|_| info.namespaced).unwrap_or_default(), name: name.clone() };
+        let key = Key {
+            av: r.api_version.clone(),
+            plural: r.plural.clone(),
+            ns: r.namespace.clone().filter(|_| info.namespaced).unwrap_or_default(),
+            name: name.clone(),
+        };
         if self.objects.contains_key(&key) {
             let mut s = status_body(409, "AlreadyExists", format!("{} \"{name}\" already exists", r.plural));
             s["details"] = json!({"name": name, "kind": r.plural});
@@ -782,7 +881,10 @@ impl State {
                 // Server-side apply creates what is absent.
                 let mut obj = body;
                 if !obj.is_object() {
-                    return err(400, "an apply patch must be a JSON object (the fake API reads apply patches as JSON, which kube sends)");
+                    return err(
+                        400,
+                        "an apply patch must be a JSON object (the fake API reads apply patches as JSON, which kube sends)",
+                    );
                 }
                 meta_mut(&mut obj).insert("name".into(), name.into());
                 return self.create(r, info, Some(obj));
@@ -791,7 +893,9 @@ impl State {
         };
         let mut doc = old.clone();
         match ct.as_str() {
-            "application/merge-patch+json" | "application/strategic-merge-patch+json" | "application/apply-patch+yaml" => {
+            "application/merge-patch+json"
+            | "application/strategic-merge-patch+json"
+            | "application/apply-patch+yaml" => {
                 if !body.is_object() {
                     return err(400, format!("a {ct} patch must be a JSON object"));
                 }
@@ -812,9 +916,12 @@ impl State {
                 }
             }
             other => {
-                return err(415, format!(
-                    "the patch content type {other:?} is not one of application/merge-patch+json, application/json-patch+json, application/strategic-merge-patch+json, application/apply-patch+yaml"
-                ));
+                return err(
+                    415,
+                    format!(
+                        "the patch content type {other:?} is not one of application/merge-patch+json, application/json-patch+json, application/strategic-merge-patch+json, application/apply-patch+yaml"
+                    ),
+                );
             }
         }
         if !doc.is_object() {
@@ -843,10 +950,18 @@ impl State {
     fn check_preconditions(&self, plural: &str, key: &Key, opts: Option<&Value>) -> Option<Reply> {
         let obj = self.objects.get(key)?;
         for (field, label) in [("uid", "UID"), ("resourceVersion", "ResourceVersion")] {
-            if let Some(want) = opts.and_then(|o| o.get("preconditions")).and_then(|p| p.get(field)).and_then(Value::as_str) {
+            if let Some(want) =
+                opts.and_then(|o| o.get("preconditions")).and_then(|p| p.get(field)).and_then(Value::as_str)
+            {
                 let have = meta_str(obj, field).unwrap_or_default();
                 if want != have {
-                    return Some(conflict(plural, &key.name, &format!("Precondition failed: {label} in precondition: {want}, {label} in object meta: {have}")));
+                    return Some(conflict(
+                        plural,
+                        &key.name,
+                        &format!(
+                            "Precondition failed: {label} in precondition: {want}, {label} in object meta: {have}"
+                        ),
+                    ));
                 }
             }
         }
@@ -913,7 +1028,12 @@ impl State {
     }
 
     fn orphan(&mut self, uid: &str) {
-        let deps: Vec<Key> = self.objects.iter().filter(|(_, o)| owner_uids(o).iter().any(|u| u == uid)).map(|(k, _)| k.clone()).collect();
+        let deps: Vec<Key> = self
+            .objects
+            .iter()
+            .filter(|(_, o)| owner_uids(o).iter().any(|u| u == uid))
+            .map(|(k, _)| k.clone())
+            .collect();
         for k in deps {
             let mut o = self.objects[&k].clone();
             if let Some(refs) = meta_mut(&mut o).get_mut("ownerReferences").and_then(Value::as_array_mut) {
@@ -942,7 +1062,11 @@ impl State {
             for k in kept {
                 let mut o = self.objects[&k].clone();
                 if let Some(refs) = meta_mut(&mut o).get_mut("ownerReferences").and_then(Value::as_array_mut) {
-                    refs.retain(|r| r.get("uid").and_then(Value::as_str).is_some_and(|u| self.uids.contains_key(u) && !dying.contains(u)));
+                    refs.retain(|r| {
+                        r.get("uid")
+                            .and_then(Value::as_str)
+                            .is_some_and(|u| self.uids.contains_key(u) && !dying.contains(u))
+                    });
                 }
                 self.commit(k, Some(o));
             }
@@ -963,7 +1087,14 @@ impl State {
         }
     }
 
-    fn watch(&mut self, shared: &Arc<Shared>, r: &Route, info: &ResourceInfo, q: &HashMap<String, String>, partial: bool) -> Reply {
+    fn watch(
+        &mut self,
+        shared: &Arc<Shared>,
+        r: &Route,
+        info: &ResourceInfo,
+        q: &HashMap<String, String>,
+        partial: bool,
+    ) -> Reply {
         let (labels, fields) = match selectors(q) {
             Ok(s) => s,
             Err(e) => return e,
@@ -977,7 +1108,13 @@ impl State {
             fields,
         };
         let kind = if info.kind.is_empty() {
-            self.objects.iter().find(|(k, _)| filter.covers(k)).and_then(|(_, o)| o.get("kind")).and_then(Value::as_str).unwrap_or_default().to_string()
+            self.objects
+                .iter()
+                .find(|(k, _)| filter.covers(k))
+                .and_then(|(_, o)| o.get("kind"))
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
         } else {
             info.kind.clone()
         };
@@ -1058,7 +1195,9 @@ fn shape(obj: &Value, partial: bool) -> Value {
     }
     let one = |o: &Value| json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": o.get("metadata").cloned().unwrap_or(json!({}))});
     match obj.get("items").and_then(Value::as_array) {
-        Some(items) => json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": obj.get("metadata").cloned().unwrap_or(json!({})), "items": items.iter().map(one).collect::<Vec<_>>()}),
+        Some(items) => {
+            json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": obj.get("metadata").cloned().unwrap_or(json!({})), "items": items.iter().map(one).collect::<Vec<_>>()})
+        }
         None => one(obj),
     }
 }
@@ -1106,7 +1245,8 @@ mod tests {
     fn the_uid_index_follows_every_write() {
         let mut st = State::new();
         let index_ok = |st: &State| {
-            let from_objects: HashMap<String, Key> = st.objects.iter().map(|(k, o)| (meta_str(o, "uid").unwrap().to_string(), k.clone())).collect();
+            let from_objects: HashMap<String, Key> =
+                st.objects.iter().map(|(k, o)| (meta_str(o, "uid").unwrap().to_string(), k.clone())).collect();
             from_objects == st.uids
         };
         st.insert(cm("a"));
@@ -1125,7 +1265,14 @@ mod tests {
     #[test]
     fn watch_filter_events_follow_selector_transitions() {
         let key = Key { av: "v1".into(), plural: "configmaps".into(), ns: "d".into(), name: "c".into() };
-        let f = WatchFilter { av: "v1".into(), plural: "configmaps".into(), ns: None, name: None, labels: LabelSelector::parse("a=1").unwrap(), fields: FieldSelector::default() };
+        let f = WatchFilter {
+            av: "v1".into(),
+            plural: "configmaps".into(),
+            ns: None,
+            name: None,
+            labels: LabelSelector::parse("a=1").unwrap(),
+            fields: FieldSelector::default(),
+        };
         let with = |l: &str| json!({"metadata": {"labels": {"a": l}}});
         let ch = |old: Option<Value>, new: Value, deleted| Change { rev: 1, key: key.clone(), old, new, deleted };
         assert_eq!(f.event(&ch(None, with("1"), false)).map(|e| e.0), Some("ADDED"));

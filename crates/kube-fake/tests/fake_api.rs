@@ -9,7 +9,9 @@ use allot_kube_fake::FakeApiServer;
 use futures_util::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions, PropagationPolicy, WatchEvent, WatchParams};
+use kube::api::{
+    DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions, PropagationPolicy, WatchEvent, WatchParams,
+};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, ResourceExt};
 use serde_json::json;
@@ -43,7 +45,11 @@ async fn next_event<S, K>(s: &mut S) -> watcher::Event<K>
 where
     S: futures_util::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Unpin,
 {
-    tokio::time::timeout(Duration::from_secs(5), s.next()).await.expect("a watcher event within 5 s").expect("stream open").expect("no watcher error")
+    tokio::time::timeout(Duration::from_secs(5), s.next())
+        .await
+        .expect("a watcher event within 5 s")
+        .expect("stream open")
+        .expect("no watcher error")
 }
 
 #[tokio::test]
@@ -89,13 +95,25 @@ async fn generate_name_and_bad_inputs_fake_api() {
     let e = cms.create(&PostParams::default(), &other).await.unwrap_err();
     assert_eq!(api_code(e), (400, "BadRequest".into()));
     // A body of another type than the path's (Cilium's pool sent to allot's ippools): 400.
-    let ar = kube::discovery::ApiResource::from_gvk_with_plural(&kube::api::GroupVersionKind::gvk("allot.dev", "v1", "IPPool"), "ippools");
+    let ar = kube::discovery::ApiResource::from_gvk_with_plural(
+        &kube::api::GroupVersionKind::gvk("allot.dev", "v1", "IPPool"),
+        "ippools",
+    );
     let pools: Api<kube::api::DynamicObject> = Api::all_with(api.client(), &ar);
-    let cilium: kube::api::DynamicObject = serde_json::from_value(json!({"apiVersion": "cilium.io/v2alpha1", "kind": "CiliumPodIPPool", "metadata": {"name": "p"}, "spec": {}})).unwrap();
+    let cilium: kube::api::DynamicObject = serde_json::from_value(
+        json!({"apiVersion": "cilium.io/v2alpha1", "kind": "CiliumPodIPPool", "metadata": {"name": "p"}, "spec": {}}),
+    )
+    .unwrap();
     assert_eq!(api_code(pools.create(&PostParams::default(), &cilium).await.unwrap_err()), (400, "BadRequest".into()));
-    let wrong_kind: kube::api::DynamicObject = serde_json::from_value(json!({"apiVersion": "allot.dev/v1", "kind": "IPBlock", "metadata": {"name": "p"}, "spec": {}})).unwrap();
+    let wrong_kind: kube::api::DynamicObject = serde_json::from_value(
+        json!({"apiVersion": "allot.dev/v1", "kind": "IPBlock", "metadata": {"name": "p"}, "spec": {}}),
+    )
+    .unwrap();
     assert_eq!(api_code(pools.create(&PostParams::default(), &wrong_kind).await.unwrap_err()).0, 400);
-    assert!(api.objects("allot.dev/v1", "IPPool").is_empty() && api.objects("cilium.io/v2alpha1", "CiliumPodIPPool").is_empty());
+    assert!(
+        api.objects("allot.dev/v1", "IPPool").is_empty()
+            && api.objects("cilium.io/v2alpha1", "CiliumPodIPPool").is_empty()
+    );
     // A cluster-scoped kind addressed in a namespace: 404.
     let ar = kube::discovery::ApiResource::erase::<Node>(&());
     let nodes_in_ns: Api<kube::api::DynamicObject> = Api::namespaced_with(api.client(), "default", &ar);
@@ -146,11 +164,29 @@ async fn patch_types_fake_api() {
     assert_eq!(p.labels().get("b").map(String::as_str), Some("2"));
     assert!(!p.labels().contains_key("a"), "null removes in a merge patch");
 
-    let p = pods.patch("p", &pp, &Patch::<()>::Json(serde_json::from_value(json!([{"op": "add", "path": "/metadata/labels/c", "value": "3"}])).unwrap())).await.unwrap();
+    let p = pods
+        .patch(
+            "p",
+            &pp,
+            &Patch::<()>::Json(
+                serde_json::from_value(json!([{"op": "add", "path": "/metadata/labels/c", "value": "3"}])).unwrap(),
+            ),
+        )
+        .await
+        .unwrap();
     assert_eq!(p.labels().get("c").map(String::as_str), Some("3"));
     // A failing JSON-patch test op: 422, nothing changed.
     let rev = api.revision();
-    let e = pods.patch("p", &pp, &Patch::<()>::Json(serde_json::from_value(json!([{"op": "test", "path": "/metadata/labels/c", "value": "x"}])).unwrap())).await.unwrap_err();
+    let e = pods
+        .patch(
+            "p",
+            &pp,
+            &Patch::<()>::Json(
+                serde_json::from_value(json!([{"op": "test", "path": "/metadata/labels/c", "value": "x"}])).unwrap(),
+            ),
+        )
+        .await
+        .unwrap_err();
     assert_eq!(api_code(e).0, 422);
     assert_eq!(api.revision(), rev);
 
@@ -161,11 +197,21 @@ async fn patch_types_fake_api() {
     let ssa = PatchParams::apply("allot-test").force();
     let q = pods.patch("q", &ssa, &Patch::Apply(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "q"}, "spec": {"nodeName": "n2", "containers": []}}))).await.unwrap();
     assert_eq!(q.spec.unwrap().node_name.as_deref(), Some("n2"));
-    let q = pods.patch("q", &ssa, &Patch::Apply(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "q", "labels": {"x": "y"}}}))).await.unwrap();
+    let q = pods
+        .patch(
+            "q",
+            &ssa,
+            &Patch::Apply(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "q", "labels": {"x": "y"}}})),
+        )
+        .await
+        .unwrap();
     assert_eq!(q.labels().get("x").map(String::as_str), Some("y"));
 
     // A merge patch carrying a stale resourceVersion is checked like an update.
-    let e = pods.patch("p", &pp, &Patch::Merge(json!({"metadata": {"resourceVersion": "1", "labels": {"d": "4"}}}))).await.unwrap_err();
+    let e = pods
+        .patch("p", &pp, &Patch::Merge(json!({"metadata": {"resourceVersion": "1", "labels": {"d": "4"}}})))
+        .await
+        .unwrap_err();
     assert_eq!(api_code(e), (409, "Conflict".into()));
     // Patch of an absent object (not apply): 404.
     assert_eq!(api_code(pods.patch("zz", &pp, &Patch::Merge(json!({}))).await.unwrap_err()).0, 404);
@@ -202,7 +248,8 @@ async fn status_subresource_fake_api() {
     node.metadata.name = Some("n1".into());
     let node = nodes.create(&PostParams::default(), &node).await.unwrap();
     let mut with_status = node.clone();
-    with_status.status = Some(serde_json::from_value(json!({"addresses": [{"type": "InternalIP", "address": "192.0.2.1"}]})).unwrap());
+    with_status.status =
+        Some(serde_json::from_value(json!({"addresses": [{"type": "InternalIP", "address": "192.0.2.1"}]})).unwrap());
     let got = nodes.replace_status("n1", &PostParams::default(), &with_status).await.unwrap();
     assert_eq!(got.status.unwrap().addresses.unwrap()[0].address, "192.0.2.1");
     // Stale resourceVersion on /status: 409 as well.
@@ -211,7 +258,10 @@ async fn status_subresource_fake_api() {
     // A kind without a status subresource has no /status.
     let blocks: Api<IPBlock> = Api::all(api.client());
     blocks.create(&PostParams::default(), &block("p", "10.0.0.0/26", "n1")).await.unwrap();
-    let e = blocks.patch_status(&bname("p", "10.0.0.0/26"), &PatchParams::default(), &Patch::Merge(json!({"status": {}}))).await.unwrap_err();
+    let e = blocks
+        .patch_status(&bname("p", "10.0.0.0/26"), &PatchParams::default(), &Patch::Merge(json!({"status": {}})))
+        .await
+        .unwrap_err();
     assert_eq!(api_code(e).0, 404);
 }
 
@@ -220,12 +270,24 @@ async fn delete_preconditions_fake_api() {
     let api = FakeApiServer::new();
     let pods: Api<Pod> = Api::namespaced(api.client(), "default");
     let p = pods.create(&PostParams::default(), &pod("p", "n1", &[])).await.unwrap();
-    let wrong_uid = DeleteParams { preconditions: Some(Preconditions { uid: Some("not-it".into()), resource_version: None }), ..Default::default() };
+    let wrong_uid = DeleteParams {
+        preconditions: Some(Preconditions { uid: Some("not-it".into()), resource_version: None }),
+        ..Default::default()
+    };
     assert_eq!(api_code(pods.delete("p", &wrong_uid).await.unwrap_err()), (409, "Conflict".into()));
-    let wrong_rv = DeleteParams { preconditions: Some(Preconditions { uid: None, resource_version: Some("1".into()) }), ..Default::default() };
+    let wrong_rv = DeleteParams {
+        preconditions: Some(Preconditions { uid: None, resource_version: Some("1".into()) }),
+        ..Default::default()
+    };
     assert_eq!(api_code(pods.delete("p", &wrong_rv).await.unwrap_err()), (409, "Conflict".into()));
     assert_eq!(api.objects("v1", "Pod").len(), 1, "failed preconditions delete nothing");
-    let right = DeleteParams { preconditions: Some(Preconditions { uid: p.metadata.uid.clone(), resource_version: p.metadata.resource_version.clone() }), ..Default::default() };
+    let right = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: p.metadata.uid.clone(),
+            resource_version: p.metadata.resource_version.clone(),
+        }),
+        ..Default::default()
+    };
     let gone = pods.delete("p", &right).await.unwrap();
     assert_eq!(gone.left().unwrap().name_any(), "p");
     assert!(api.objects("v1", "Pod").is_empty());
@@ -274,17 +336,22 @@ async fn owner_reference_cascade_fake_api() {
     pods.create(&PostParams::default(), &shared).await.unwrap();
 
     cms.delete("root", &DeleteParams::default()).await.unwrap();
-    let names = |v: Vec<serde_json::Value>| v.iter().map(|o| o["metadata"]["name"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+    let names = |v: Vec<serde_json::Value>| {
+        v.iter().map(|o| o["metadata"]["name"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+    };
     assert_eq!(names(api.objects("v1", "ConfigMap")), ["other"]);
     assert_eq!(names(api.objects("v1", "Pod")), ["shared"], "grandchild collected, shared kept by its live owner");
-    let shared_refs = pods.get("shared").await.unwrap().owner_references().iter().map(|r| r.name.clone()).collect::<Vec<_>>();
+    let shared_refs =
+        pods.get("shared").await.unwrap().owner_references().iter().map(|r| r.name.clone()).collect::<Vec<_>>();
     assert_eq!(shared_refs, ["other"], "the dangling reference to root is removed, as the GC does");
 
     // Orphan: the dependent stays and loses the reference.
     let mut dep = mk("dep");
     dep.metadata.owner_references = Some(serde_json::from_value(owner_of(&other)).unwrap());
     cms.create(&PostParams::default(), &dep).await.unwrap();
-    cms.delete("other", &DeleteParams { propagation_policy: Some(PropagationPolicy::Orphan), ..Default::default() }).await.unwrap();
+    cms.delete("other", &DeleteParams { propagation_policy: Some(PropagationPolicy::Orphan), ..Default::default() })
+        .await
+        .unwrap();
     let dep = cms.get("dep").await.unwrap();
     assert!(dep.owner_references().is_empty());
     assert!(pods.get("shared").await.unwrap().owner_references().iter().all(|r| r.uid != other.uid().unwrap()));
@@ -297,7 +364,10 @@ async fn selectors_fake_api() {
     pods.create(&PostParams::default(), &pod("a", "n1", &[("app", "x"), ("tier", "web")])).await.unwrap();
     pods.create(&PostParams::default(), &pod("b", "n2", &[("app", "y")])).await.unwrap();
     pods.create(&PostParams::default(), &pod("c", "n1", &[])).await.unwrap();
-    Api::<Pod>::namespaced(api.client(), "other").create(&PostParams::default(), &pod("d", "n1", &[("app", "x")])).await.unwrap();
+    Api::<Pod>::namespaced(api.client(), "other")
+        .create(&PostParams::default(), &pod("d", "n1", &[("app", "x")]))
+        .await
+        .unwrap();
     let names = |l: kube::core::ObjectList<Pod>| l.items.iter().map(|p| p.name_any()).collect::<Vec<_>>();
     let list = |sel: &str| ListParams::default().labels(sel);
     assert_eq!(names(pods.list(&list("app=x")).await.unwrap()), ["a"]);
@@ -306,7 +376,10 @@ async fn selectors_fake_api() {
     assert_eq!(names(pods.list(&list("app,tier!=web")).await.unwrap()), ["b"]);
     assert_eq!(names(pods.list(&ListParams::default().fields("spec.nodeName=n1")).await.unwrap()), ["a", "c"]);
     let all: Api<Pod> = Api::all(api.client());
-    assert_eq!(names(all.list(&ListParams::default().fields("spec.nodeName=n1,metadata.namespace!=default")).await.unwrap()), ["d"]);
+    assert_eq!(
+        names(all.list(&ListParams::default().fields("spec.nodeName=n1,metadata.namespace!=default")).await.unwrap()),
+        ["d"]
+    );
     let l = pods.list(&ListParams::default()).await.unwrap();
     assert_eq!(l.metadata.resource_version, Some(api.revision().to_string()));
     let e = pods.list(&list("app in x")).await.unwrap_err();
@@ -325,7 +398,9 @@ async fn watcher_sees_added_modified_deleted_in_order_fake_api() {
     pods.create(&PostParams::default(), &pod("p", "n1", &[])).await.unwrap();
     pods.patch("p", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"k": "v"}}}))).await.unwrap();
     pods.delete("p", &DeleteParams::default()).await.unwrap();
-    assert!(matches!(next_event(&mut w).await, watcher::Event::Apply(p) if p.name_any() == "p" && p.labels().is_empty()));
+    assert!(
+        matches!(next_event(&mut w).await, watcher::Event::Apply(p) if p.name_any() == "p" && p.labels().is_empty())
+    );
     assert!(matches!(next_event(&mut w).await, watcher::Event::Apply(p) if p.labels().get("k").is_some()));
     assert!(matches!(next_event(&mut w).await, watcher::Event::Delete(p) if p.name_any() == "p"));
 }
@@ -357,7 +432,10 @@ async fn watcher_relists_after_compaction_and_misses_nothing_fake_api() {
     let mut saw_init = false;
     let mut saw_410 = false;
     loop {
-        let item = tokio::time::timeout(Duration::from_secs(5), w.next()).await.expect("an event within 5 s").expect("stream open");
+        let item = tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .expect("an event within 5 s")
+            .expect("stream open");
         match item {
             // kube's watcher passes the 410 on as an error, then re-lists.
             Err(watcher::Error::WatchError(s)) if s.code == 410 && !saw_init => saw_410 = true,
@@ -395,11 +473,20 @@ async fn watch_with_selector_and_bookmarks_fake_api() {
     let api = FakeApiServer::new();
     api.set_bookmark_interval(Duration::from_millis(50));
     let pods: Api<Pod> = Api::namespaced(api.client(), "default");
-    let rv = pods.create(&PostParams::default(), &pod("p", "n1", &[("app", "x")])).await.unwrap().resource_version().unwrap();
+    let rv = pods
+        .create(&PostParams::default(), &pod("p", "n1", &[("app", "x")]))
+        .await
+        .unwrap()
+        .resource_version()
+        .unwrap();
     let wp = WatchParams::default().labels("app=x");
     let mut s = pods.watch(&wp, &rv).await.unwrap().boxed();
-    pods.patch("p", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"app": "y"}}}))).await.unwrap();
-    pods.patch("p", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"app": "x"}}}))).await.unwrap();
+    pods.patch("p", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"app": "y"}}})))
+        .await
+        .unwrap();
+    pods.patch("p", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"app": "x"}}})))
+        .await
+        .unwrap();
     let mut types = Vec::new();
     while types.len() < 3 {
         match tokio::time::timeout(Duration::from_secs(5), s.try_next()).await.unwrap().unwrap().unwrap() {
@@ -435,7 +522,8 @@ async fn reflector_store_converges_fake_api() {
         nodes.create(&PostParams::default(), &mk(n)).await.unwrap();
     }
     let (reader, writer) = reflector::store();
-    let stream = reflector(writer, watcher(nodes.clone(), watcher::Config::default())).default_backoff().applied_objects();
+    let stream =
+        reflector(writer, watcher(nodes.clone(), watcher::Config::default())).default_backoff().applied_objects();
     let task = tokio::spawn(stream.for_each(|_| async {}));
     reader.wait_until_ready().await.unwrap();
     nodes.delete("n2", &DeleteParams::default()).await.unwrap();
@@ -443,7 +531,10 @@ async fn reflector_store_converges_fake_api() {
     // A restart in between, with a compaction: the reflector re-lists and still converges.
     api.break_watches();
     api.compact();
-    nodes.patch("n1", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"z": "1"}}}))).await.unwrap();
+    nodes
+        .patch("n1", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"z": "1"}}})))
+        .await
+        .unwrap();
     let want = ["n1", "n3", "n4"];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -489,8 +580,18 @@ async fn requests_record_verbs_content_types_and_bodies_fake_api() {
     pods.patch("p", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"a": "b"}}}))).await.unwrap();
     pods.evict("p", &Default::default()).await.unwrap();
     let reqs = api.requests();
-    let verbs: Vec<(&str, Option<&str>, u16)> = reqs.iter().map(|r| (r.verb.as_str(), r.subresource.as_deref(), r.status)).collect();
-    assert_eq!(verbs, [("create", None, 201), ("get", None, 200), ("list", None, 200), ("patch", None, 200), ("create", Some("eviction"), 201)]);
+    let verbs: Vec<(&str, Option<&str>, u16)> =
+        reqs.iter().map(|r| (r.verb.as_str(), r.subresource.as_deref(), r.status)).collect();
+    assert_eq!(
+        verbs,
+        [
+            ("create", None, 201),
+            ("get", None, 200),
+            ("list", None, 200),
+            ("patch", None, 200),
+            ("create", Some("eviction"), 201)
+        ]
+    );
     assert_eq!(reqs[0].body.as_ref().unwrap()["spec"]["nodeName"], "n1");
     assert_eq!(reqs[0].namespace.as_deref(), Some("default"));
     assert!(reqs[2].query.contains("labelSelector=a%3Db"), "{}", reqs[2].query);
@@ -499,7 +600,13 @@ async fn requests_record_verbs_content_types_and_bodies_fake_api() {
     assert_eq!(reqs[4].body.as_ref().unwrap()["metadata"]["name"], "p");
     assert!(api.objects("v1", "Pod").is_empty(), "the eviction deleted the pod");
     let rbac: Vec<(String, String, String)> = api.rbac_used().into_iter().collect();
-    let want = [("", "pods", "create"), ("", "pods", "get"), ("", "pods", "list"), ("", "pods", "patch"), ("", "pods/eviction", "create")];
+    let want = [
+        ("", "pods", "create"),
+        ("", "pods", "get"),
+        ("", "pods", "list"),
+        ("", "pods", "patch"),
+        ("", "pods/eviction", "create"),
+    ];
     assert_eq!(rbac, want.map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string())));
     api.clear_requests();
     assert!(api.requests().is_empty());
@@ -539,7 +646,10 @@ async fn insert_seeds_objects_that_clients_and_watches_see_fake_api() {
     let running = pods.list(&ListParams::default().fields("status.phase=Running")).await.unwrap();
     assert_eq!(running.items.len(), 1);
     // A dynamic API over the seeded custom resource works too.
-    let ar = kube::discovery::ApiResource::from_gvk_with_plural(&kube::api::GroupVersionKind::gvk("cilium.io", "v2alpha1", "CiliumPodIPPool"), "ciliumpodippools");
+    let ar = kube::discovery::ApiResource::from_gvk_with_plural(
+        &kube::api::GroupVersionKind::gvk("cilium.io", "v2alpha1", "CiliumPodIPPool"),
+        "ciliumpodippools",
+    );
     let dynamic: Api<kube::api::DynamicObject> = Api::all_with(api.client(), &ar);
     let got = dynamic.get("default").await.unwrap();
     assert_eq!(got.data["spec"]["ipv4"]["maskSize"], 24);
@@ -563,14 +673,21 @@ async fn deletecollection_and_foreground_order_fake_api() {
     owner.metadata.name = Some("owner".into());
     let owner = cms.create(&PostParams::default(), &owner).await.unwrap();
     let mut dep = pod("dep", "n1", &[]);
-    dep.metadata.owner_references = Some(serde_json::from_value(json!([{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner.uid().unwrap()}])).unwrap());
+    dep.metadata.owner_references = Some(
+        serde_json::from_value(
+            json!([{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner.uid().unwrap()}]),
+        )
+        .unwrap(),
+    );
     pods.create(&PostParams::default(), &dep).await.unwrap();
     let rev = api.revision();
     cms.delete("owner", &DeleteParams::foreground()).await.unwrap();
     let all_pods: Api<Pod> = Api::all(api.client());
     let mut ps = all_pods.watch(&WatchParams::default(), &rev.to_string()).await.unwrap().boxed();
     let mut cs = cms.watch(&WatchParams::default(), &rev.to_string()).await.unwrap().boxed();
-    let (Some(WatchEvent::Deleted(p)), Some(WatchEvent::Deleted(c))) = (ps.try_next().await.unwrap(), cs.try_next().await.unwrap()) else {
+    let (Some(WatchEvent::Deleted(p)), Some(WatchEvent::Deleted(c))) =
+        (ps.try_next().await.unwrap(), cs.try_next().await.unwrap())
+    else {
         panic!("expected two DELETED events");
     };
     let rv = |o: &kube::core::ObjectMeta| o.resource_version.as_ref().unwrap().parse::<u64>().unwrap();
@@ -615,7 +732,9 @@ async fn concurrent_creates_of_one_name_one_wins_fake_api() {
     let tasks: Vec<_> = (0..16)
         .map(|i| {
             let blocks: Api<IPBlock> = Api::all(api.client());
-            tokio::spawn(async move { blocks.create(&PostParams::default(), &block("p", "10.0.0.0/26", &format!("n{i}"))).await })
+            tokio::spawn(async move {
+                blocks.create(&PostParams::default(), &block("p", "10.0.0.0/26", &format!("n{i}"))).await
+            })
         })
         .collect();
     let mut ok = 0;
@@ -655,7 +774,13 @@ async fn controller_reconciles_against_the_fake_api() {
         .run(
             |cm: Arc<ConfigMap>, cms: Arc<Api<ConfigMap>>| async move {
                 if cm.annotations().get("seen").is_none() {
-                    cms.patch(&cm.name_any(), &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {"seen": "yes"}}}))).await.unwrap();
+                    cms.patch(
+                        &cm.name_any(),
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"metadata": {"annotations": {"seen": "yes"}}})),
+                    )
+                    .await
+                    .unwrap();
                 }
                 Ok::<_, Never>(Action::await_change())
             },
@@ -669,7 +794,8 @@ async fn controller_reconciles_against_the_fake_api() {
     cms.create(&PostParams::default(), &c).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let seen = api.objects("v1", "ConfigMap").iter().filter(|o| o["metadata"]["annotations"]["seen"] == "yes").count();
+        let seen =
+            api.objects("v1", "ConfigMap").iter().filter(|o| o["metadata"]["annotations"]["seen"] == "yes").count();
         if seen == 3 {
             break;
         }
@@ -682,14 +808,28 @@ async fn controller_reconciles_against_the_fake_api() {
 #[tokio::test]
 async fn register_declares_an_unknown_resource_fake_api() {
     let api = FakeApiServer::new();
-    api.register("example.com/v1", "widgets", allot_kube_fake::ResourceInfo { kind: "Widget".into(), namespaced: true, status: true });
-    let ar = kube::discovery::ApiResource::from_gvk_with_plural(&kube::api::GroupVersionKind::gvk("example.com", "v1", "Widget"), "widgets");
+    api.register(
+        "example.com/v1",
+        "widgets",
+        allot_kube_fake::ResourceInfo { kind: "Widget".into(), namespaced: true, status: true },
+    );
+    let ar = kube::discovery::ApiResource::from_gvk_with_plural(
+        &kube::api::GroupVersionKind::gvk("example.com", "v1", "Widget"),
+        "widgets",
+    );
     let widgets: Api<kube::api::DynamicObject> = Api::namespaced_with(api.client(), "ns1", &ar);
     let mut w = kube::api::DynamicObject::new("w", &ar);
     w.data = json!({"spec": {"size": 1}, "status": {"ready": true}});
     let created = widgets.create(&PostParams::default(), &w).await.unwrap();
     assert!(created.data.get("status").is_none(), "a custom resource with a status subresource drops status on create");
-    let s = widgets.patch_status("w", &PatchParams::default(), &Patch::Merge(json!({"status": {"ready": true}, "spec": {"size": 9}}))).await.unwrap();
+    let s = widgets
+        .patch_status(
+            "w",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"ready": true}, "spec": {"size": 9}})),
+        )
+        .await
+        .unwrap();
     assert_eq!((s.data["status"]["ready"].clone(), s.data["spec"]["size"].clone()), (json!(true), json!(1)));
     let all: Api<kube::api::DynamicObject> = Api::all_with(api.client(), &ar);
     assert_eq!(all.list(&ListParams::default()).await.unwrap().items.len(), 1);
@@ -702,9 +842,21 @@ async fn eviction_preconditions_and_namespace_deletion_fake_api() {
     let api = FakeApiServer::new();
     let pods: Api<Pod> = Api::namespaced(api.client(), "team");
     let p = pods.create(&PostParams::default(), &pod("p", "n1", &[])).await.unwrap();
-    let wrong = kube::api::EvictParams { delete_options: Some(DeleteParams { preconditions: Some(Preconditions { uid: Some("other".into()), resource_version: None }), ..Default::default() }), ..Default::default() };
+    let wrong = kube::api::EvictParams {
+        delete_options: Some(DeleteParams {
+            preconditions: Some(Preconditions { uid: Some("other".into()), resource_version: None }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
     assert_eq!(api_code(pods.evict("p", &wrong).await.unwrap_err()), (409, "Conflict".into()));
-    let right = kube::api::EvictParams { delete_options: Some(DeleteParams { preconditions: Some(Preconditions { uid: p.uid(), resource_version: None }), ..Default::default() }), ..Default::default() };
+    let right = kube::api::EvictParams {
+        delete_options: Some(DeleteParams {
+            preconditions: Some(Preconditions { uid: p.uid(), resource_version: None }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
     pods.evict("p", &right).await.unwrap();
     assert!(api.objects("v1", "Pod").is_empty());
 
@@ -714,13 +866,17 @@ async fn eviction_preconditions_and_namespace_deletion_fake_api() {
     ns.metadata.name = Some("team".into());
     nss.create(&PostParams::default(), &ns).await.unwrap();
     pods.create(&PostParams::default(), &pod("a", "n1", &[])).await.unwrap();
-    Api::<Lease>::namespaced(api.client(), "team").create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "l"}})).unwrap()).await.unwrap();
+    Api::<Lease>::namespaced(api.client(), "team")
+        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "l"}})).unwrap())
+        .await
+        .unwrap();
     Api::<Pod>::namespaced(api.client(), "other").create(&PostParams::default(), &pod("b", "n1", &[])).await.unwrap();
     let mut node = Node::default();
     node.metadata.name = Some("n1".into());
     Api::<Node>::all(api.client()).create(&PostParams::default(), &node).await.unwrap();
     nss.delete("team", &DeleteParams::default()).await.unwrap();
-    let pods_left: Vec<_> = api.objects("v1", "Pod").iter().map(|p| p["metadata"]["name"].as_str().unwrap().to_string()).collect();
+    let pods_left: Vec<_> =
+        api.objects("v1", "Pod").iter().map(|p| p["metadata"]["name"].as_str().unwrap().to_string()).collect();
     assert_eq!(pods_left, ["b"]);
     assert!(api.objects("coordination.k8s.io/v1", "Lease").is_empty());
     assert_eq!(api.objects("v1", "Node").len(), 1);
@@ -735,7 +891,9 @@ async fn watcher_with_backoff_rides_out_injected_list_and_watch_failures_fake_ap
     api.fail_next("list", "pods", 503, 1);
     api.fail_next("watch", "pods", 500, 1);
     let (reader, writer) = reflector::store();
-    let task = tokio::spawn(reflector(writer, watcher(pods.clone(), watcher::Config::default())).default_backoff().for_each(|_| async {}));
+    let task = tokio::spawn(
+        reflector(writer, watcher(pods.clone(), watcher::Config::default())).default_backoff().for_each(|_| async {}),
+    );
     tokio::time::timeout(Duration::from_secs(10), reader.wait_until_ready()).await.unwrap().unwrap();
     pods.create(&PostParams::default(), &pod("b", "n1", &[])).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -743,7 +901,8 @@ async fn watcher_with_backoff_rides_out_injected_list_and_watch_failures_fake_ap
         assert!(tokio::time::Instant::now() < deadline, "store has {} pods", reader.state().len());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let failed: Vec<(String, u16)> = api.requests().iter().filter(|r| r.status >= 500).map(|r| (r.verb.clone(), r.status)).collect();
+    let failed: Vec<(String, u16)> =
+        api.requests().iter().filter(|r| r.status >= 500).map(|r| (r.verb.clone(), r.status)).collect();
     assert_eq!(failed, [("list".to_string(), 503), ("watch".to_string(), 500)]);
     task.abort();
 }
@@ -787,8 +946,12 @@ async fn limit_and_continue_page_through_a_snapshot_fake_api() {
     // A change after the first page is not in the later pages: they come from its snapshot.
     cms.delete("c4", &DeleteParams::default()).await.unwrap();
     let second = cms.list(&ListParams::default().limit(2).continue_token(&token)).await.unwrap();
-    let third = cms.list(&ListParams::default().limit(2).continue_token(second.metadata.continue_.as_deref().unwrap())).await.unwrap();
-    let names: Vec<String> = [first.items, second.items, third.items.clone()].concat().iter().map(|c| c.name_any()).collect();
+    let third = cms
+        .list(&ListParams::default().limit(2).continue_token(second.metadata.continue_.as_deref().unwrap()))
+        .await
+        .unwrap();
+    let names: Vec<String> =
+        [first.items, second.items, third.items.clone()].concat().iter().map(|c| c.name_any()).collect();
     assert_eq!(names, ["c0", "c1", "c2", "c3", "c4"]);
     assert!(third.metadata.continue_.is_none());
     assert_eq!(second.metadata.resource_version, first.metadata.resource_version);
@@ -797,7 +960,10 @@ async fn limit_and_continue_page_through_a_snapshot_fake_api() {
     let again = cms.list(&ListParams::default().limit(1)).await.unwrap();
     cms.delete("c3", &DeleteParams::default()).await.unwrap();
     api.compact();
-    let e = cms.list(&ListParams::default().limit(1).continue_token(again.metadata.continue_.as_deref().unwrap())).await.unwrap_err();
+    let e = cms
+        .list(&ListParams::default().limit(1).continue_token(again.metadata.continue_.as_deref().unwrap()))
+        .await
+        .unwrap_err();
     assert_eq!(api_code(e), (410, "Expired".into()));
     // kube's watcher pages its lists: a page size smaller than the list still gives everything.
     let mut w = watcher(cms.clone(), watcher::Config::default().page_size(1)).boxed();
@@ -840,7 +1006,12 @@ async fn a_dependent_written_after_its_owner_went_is_collected_fake_api() {
     let node = nodes.create(&PostParams::default(), &node).await.unwrap();
     let owned = |cidr: &str| {
         let mut b = block("p", cidr, "n1");
-        b.metadata.owner_references = Some(serde_json::from_value(json!([{"apiVersion": "v1", "kind": "Node", "name": "n1", "uid": node.uid().unwrap()}])).unwrap());
+        b.metadata.owner_references = Some(
+            serde_json::from_value(
+                json!([{"apiVersion": "v1", "kind": "Node", "name": "n1", "uid": node.uid().unwrap()}]),
+            )
+            .unwrap(),
+        );
         b
     };
     blocks.create(&PostParams::default(), &owned("10.0.0.0/26")).await.unwrap();

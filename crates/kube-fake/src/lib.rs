@@ -55,6 +55,35 @@ pub struct Request {
     pub query: String,
 }
 
+/// One write as a validating admission check sees it (see [`FakeApiServer::add_admission`]).
+pub struct Admission<'a> {
+    /// CREATE, UPDATE or DELETE (an eviction is a CREATE of pods/eviction).
+    pub operation: &'a str,
+    pub api_version: &'a str,
+    /// The plural.
+    pub resource: &'a str,
+    pub subresource: Option<&'a str>,
+    pub namespace: Option<&'a str>,
+    pub name: &'a str,
+    /// The object as it would be stored (the Eviction for an eviction); None for DELETE.
+    pub object: Option<&'a serde_json::Value>,
+    /// The stored object, for UPDATE and DELETE.
+    pub old_object: Option<&'a serde_json::Value>,
+    store: &'a std::collections::BTreeMap<server::Key, serde_json::Value>,
+}
+
+impl Admission<'_> {
+    /// The stored objects of this apiVersion and kind, as the check runs (a webhook would read
+    /// them from the API or a cache; here it is the same state, read under the write's lock).
+    pub fn objects(&self, api_version: &str, kind: &str) -> Vec<serde_json::Value> {
+        self.store
+            .iter()
+            .filter(|(k, v)| k.av == api_version && v.get("kind").and_then(serde_json::Value::as_str) == Some(kind))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+}
+
 /// The fake API server. Cheap to clone: clones share one state.
 #[derive(Clone)]
 pub struct FakeApiServer {
@@ -167,6 +196,22 @@ impl FakeApiServer {
         if down {
             st.end_watches(true);
         }
+    }
+
+    /// Add a validating admission check, standing in for a validating webhook: it sees every
+    /// create, update (also of /status), delete and eviction served through the API (not
+    /// `insert`, not the garbage collector's deletions) before anything is stored; `Err(msg)`
+    /// answers 400 "admission webhook \"name\" denied the request: msg" and changes nothing.
+    /// The check runs under the fake's lock, atomically with the write, which a real webhook
+    /// does not: races between a webhook's read and the write need another test. It must not
+    /// call back into this `FakeApiServer` (that would deadlock); read through
+    /// [`Admission::objects`].
+    pub fn add_admission(
+        &self,
+        name: &str,
+        check: impl Fn(&Admission<'_>) -> Result<(), String> + Send + Sync + 'static,
+    ) {
+        self.state().admission.push((name.to_string(), Arc::new(check)));
     }
 
     /// The global resourceVersion counter: the revision of the last write.

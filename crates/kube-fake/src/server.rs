@@ -93,6 +93,9 @@ struct Watch {
     partial: bool,
 }
 
+/// A validating admission check: Err(message) denies the request.
+pub(crate) type AdmitFn = Arc<dyn Fn(&crate::Admission<'_>) -> Result<(), String> + Send + Sync>;
+
 pub(crate) struct Failure {
     pub verb: String,
     pub resource: String,
@@ -122,6 +125,7 @@ pub(crate) struct State {
     next_page: u64,
     /// uid → key of every stored object: the garbage collector's owner lookups.
     uids: HashMap<String, Key>,
+    pub admission: Vec<(String, AdmitFn)>,
 }
 
 pub(crate) struct Shared {
@@ -295,6 +299,7 @@ impl State {
             pages: HashMap::new(),
             next_page: 0,
             uids: HashMap::new(),
+            admission: Vec::new(),
         }
     }
 
@@ -305,6 +310,7 @@ impl State {
         st.horizon = self.horizon;
         st.objects = self.objects.clone();
         st.uids = self.uids.clone();
+        st.admission = self.admission.clone();
         st.resources = self.resources.clone();
         st.uid_seed = self.uid_seed;
         st.uid_count = self.uid_count;
@@ -594,6 +600,9 @@ impl State {
                 if let Some(refused) = self.check_preconditions(&r.plural, &key(name), opts.as_ref()) {
                     return refused;
                 }
+                if let Some(denied) = self.admit("CREATE", &key(name), Some("eviction"), body.as_ref(), None) {
+                    return denied;
+                }
                 // No PodDisruptionBudget logic: an eviction always deletes (unless fail_next).
                 self.delete_object(key(name), "Background");
                 Reply::Json(
@@ -645,6 +654,12 @@ impl State {
                     .filter(|(_, o)| labels.matches(o) && fields.matches(o))
                     .map(|(k, _)| k.clone())
                     .collect();
+                // All admitted or nothing deleted.
+                for k in &keys {
+                    if let Some(denied) = self.admit("DELETE", k, None, None, self.objects.get(k)) {
+                        return denied;
+                    }
+                }
                 let items: Vec<Value> = keys.into_iter().map(|k| self.delete_object(k, "Background").1).collect();
                 Reply::Json(
                     200,
@@ -810,6 +825,9 @@ impl State {
         m.insert("generation".into(), 1.into());
         m.remove("deletionTimestamp");
         m.remove("managedFields");
+        if let Some(denied) = self.admit("CREATE", &key, None, Some(&obj), None) {
+            return denied;
+        }
         let stored = self.commit(key.clone(), Some(obj));
         self.collect_if_orphaned(key);
         Reply::Json(201, stored)
@@ -847,6 +865,10 @@ impl State {
             if let Some(v) = old.get(field) {
                 new[field] = v.clone();
             }
+        }
+        // Webhooks see every update, also one that changes nothing.
+        if let Some(denied) = self.admit("UPDATE", &key, status_only.then_some("status"), Some(&new), Some(&old)) {
+            return denied;
         }
         if comparable(&new) == comparable(&old) {
             return Reply::Json(200, old);
@@ -942,8 +964,32 @@ impl State {
         if !matches!(policy, "Background" | "Foreground" | "Orphan") {
             return err(400, format!("propagationPolicy {policy:?} is not one of Background, Foreground, Orphan"));
         }
+        if let Some(denied) = self.admit("DELETE", &key, None, None, self.objects.get(&key)) {
+            return denied;
+        }
         let (code, obj) = self.delete_object(key, policy);
         Reply::Json(code, obj)
+    }
+
+    /// Run the admission checks on a write; the first denial answers 400 as a webhook's does.
+    fn admit(&self, operation: &str, key: &Key, sub: Option<&str>, object: Option<&Value>, old: Option<&Value>) -> Option<Reply> {
+        let req = crate::Admission {
+            operation,
+            api_version: &key.av,
+            resource: &key.plural,
+            subresource: sub,
+            namespace: Some(key.ns.as_str()).filter(|ns| !ns.is_empty()),
+            name: &key.name,
+            object,
+            old_object: old,
+            store: &self.objects,
+        };
+        for (name, check) in &self.admission {
+            if let Err(why) = check(&req) {
+                return Some(err(400, format!("admission webhook \"{name}\" denied the request: {why}")));
+            }
+        }
+        None
     }
 
     /// DeleteOptions.preconditions (uid, resourceVersion): 409 Conflict on a mismatch.

@@ -1024,3 +1024,49 @@ async fn a_dependent_written_after_its_owner_went_is_collected_fake_api() {
     assert!(api.objects("allot.dev/v1", "IPBlock").is_empty());
     assert_eq!(api.revision(), rev + 2, "created, then deleted");
 }
+
+#[tokio::test]
+async fn admission_check_denies_and_changes_nothing_fake_api() {
+    use allot_k8s::IPPool;
+    let api = FakeApiServer::new();
+    // Stand-in webhook: a pool's CIDRs cannot change while it has blocks; no deleting pods.
+    api.add_admission("ippool-in-use.allot.dev", |req| {
+        if req.resource == "ippools" && req.operation == "UPDATE" {
+            let (new, old) = (req.object.unwrap(), req.old_object.unwrap());
+            let held = req.objects("allot.dev/v1", "IPBlock").iter().filter(|b| b["spec"]["pool"] == req.name).count();
+            if held > 0 && new["spec"] != old["spec"] {
+                return Err(format!("pool {} has {held} blocks: its CIDRs cannot change", req.name));
+            }
+        }
+        if req.resource == "pods" && req.operation == "DELETE" {
+            return Err("pods are protected in this test".into());
+        }
+        Ok(())
+    });
+    let pools: Api<IPPool> = Api::all(api.client());
+    let pool: IPPool = serde_json::from_value(json!({"apiVersion": "allot.dev/v1", "kind": "IPPool", "metadata": {"name": "p"}, "spec": {"ipv4": {"cidrs": ["10.0.0.0/24"], "maskSize": 26}}})).unwrap();
+    pools.create(&PostParams::default(), &pool).await.unwrap();
+    let change = Patch::Merge(json!({"spec": {"ipv4": {"cidrs": ["10.1.0.0/24"]}}}));
+    // No blocks yet: allowed.
+    pools.patch("p", &PatchParams::default(), &change).await.unwrap();
+    let blocks: Api<IPBlock> = Api::all(api.client());
+    blocks.create(&PostParams::default(), &block("p", "10.1.0.0/26", "n1")).await.unwrap();
+    let rev = api.revision();
+    let back = Patch::Merge(json!({"spec": {"ipv4": {"cidrs": ["10.0.0.0/24"]}}}));
+    let e = pools.patch("p", &PatchParams::default(), &back).await.unwrap_err();
+    match e {
+        kube::Error::Api(s) => {
+            assert_eq!(s.code, 400);
+            assert!(s.message.starts_with("admission webhook \"ippool-in-use.allot.dev\" denied the request: pool p has 1 blocks"), "{}", s.message);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(api.revision(), rev, "a denied write stores nothing");
+    assert_eq!(pools.get("p").await.unwrap().spec.ipv4.unwrap().cidrs, ["10.1.0.0/24"]);
+
+    let pods: Api<Pod> = Api::namespaced(api.client(), "default");
+    pods.create(&PostParams::default(), &pod("x", "n1", &[])).await.unwrap();
+    assert_eq!(api_code(pods.delete("x", &DeleteParams::default()).await.unwrap_err()).0, 400);
+    assert_eq!(api_code(pods.delete_collection(&DeleteParams::default(), &ListParams::default()).await.unwrap_err()).0, 400);
+    assert_eq!(api.objects("v1", "Pod").len(), 1);
+}

@@ -210,6 +210,11 @@ fn owner_uids(obj: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A custom resource's group (not core, apps, batch, policy or *.k8s.io).
+fn is_custom(group: &str) -> bool {
+    group.contains('.') && !group.ends_with(".k8s.io")
+}
+
 /// A body whose apiVersion or kind is not the path's: 400, as the apiserver's decoder answers.
 fn type_mismatch(r: &Route, info: &ResourceInfo, obj: &Value) -> Option<Reply> {
     let av = obj.get("apiVersion").and_then(Value::as_str).filter(|a| !a.is_empty());
@@ -814,7 +819,7 @@ impl State {
             o.entry("kind").or_insert(info.kind.clone().into());
         }
         // Custom resources with a status subresource drop status on create, as the apiserver does.
-        if info.status && r.group.contains('.') && !r.group.ends_with(".k8s.io") {
+        if info.status && is_custom(&r.group) {
             o.remove("status");
         }
         let uid = self.new_uid();
@@ -913,6 +918,15 @@ impl State {
             }
             return not_found(&r.plural, &name);
         };
+        if ct == "application/strategic-merge-patch+json" && is_custom(&r.group) {
+            return err(
+                415,
+                format!(
+                    "strategic merge patch is not supported for custom resources ({}): use a merge, JSON or apply patch",
+                    r.plural
+                ),
+            );
+        }
         let mut doc = old.clone();
         match ct.as_str() {
             "application/merge-patch+json"
@@ -972,7 +986,14 @@ impl State {
     }
 
     /// Run the admission checks on a write; the first denial answers 400 as a webhook's does.
-    fn admit(&self, operation: &str, key: &Key, sub: Option<&str>, object: Option<&Value>, old: Option<&Value>) -> Option<Reply> {
+    fn admit(
+        &self,
+        operation: &str,
+        key: &Key,
+        sub: Option<&str>,
+        object: Option<&Value>,
+        old: Option<&Value>,
+    ) -> Option<Reply> {
         let req = crate::Admission {
             operation,
             api_version: &key.av,

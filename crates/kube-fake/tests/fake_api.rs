@@ -193,6 +193,15 @@ async fn patch_types_fake_api() {
     let p = pods.patch("p", &pp, &Patch::Strategic(json!({"metadata": {"annotations": {"s": "1"}}}))).await.unwrap();
     assert_eq!(p.annotations().get("s").map(String::as_str), Some("1"));
 
+    // Custom resources take no strategic merge patch (415), as on a real apiserver.
+    let blocks: Api<IPBlock> = Api::all(api.client());
+    blocks.create(&PostParams::default(), &block("p", "10.0.0.0/26", "n1")).await.unwrap();
+    let e = blocks
+        .patch(&bname("p", "10.0.0.0/26"), &pp, &Patch::Strategic(json!({"metadata": {"labels": {"a": "b"}}})))
+        .await
+        .unwrap_err();
+    assert_eq!(api_code(e), (415, "UnsupportedMediaType".into()));
+
     // Server-side apply (as a merge patch) creates what is absent.
     let ssa = PatchParams::apply("allot-test").force();
     let q = pods.patch("q", &ssa, &Patch::Apply(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "q"}, "spec": {"nodeName": "n2", "containers": []}}))).await.unwrap();
@@ -1068,7 +1077,13 @@ async fn admission_check_denies_and_changes_nothing_fake_api() {
     match e {
         kube::Error::Api(s) => {
             assert_eq!(s.code, 400);
-            assert!(s.message.starts_with("admission webhook \"ippool-in-use.allot.dev\" denied the request: pool p has 1 blocks"), "{}", s.message);
+            assert!(
+                s.message.starts_with(
+                    "admission webhook \"ippool-in-use.allot.dev\" denied the request: pool p has 1 blocks"
+                ),
+                "{}",
+                s.message
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -1078,6 +1093,9 @@ async fn admission_check_denies_and_changes_nothing_fake_api() {
     let pods: Api<Pod> = Api::namespaced(api.client(), "default");
     pods.create(&PostParams::default(), &pod("x", "n1", &[])).await.unwrap();
     assert_eq!(api_code(pods.delete("x", &DeleteParams::default()).await.unwrap_err()).0, 400);
-    assert_eq!(api_code(pods.delete_collection(&DeleteParams::default(), &ListParams::default()).await.unwrap_err()).0, 400);
+    assert_eq!(
+        api_code(pods.delete_collection(&DeleteParams::default(), &ListParams::default()).await.unwrap_err()).0,
+        400
+    );
     assert_eq!(api.objects("v1", "Pod").len(), 1);
 }

@@ -903,6 +903,13 @@ impl State {
         };
         let name = key.name.clone();
         let apply = ct == "application/apply-patch+yaml";
+        if apply && ["apiVersion", "kind"].iter().any(|f| body.get(f).and_then(Value::as_str).is_none_or(str::is_empty))
+        {
+            return err(
+                400,
+                "an apply patch needs apiVersion and kind: send the whole object's identity, not only the fields",
+            );
+        }
         let Some(old) = self.objects.get(&key).cloned() else {
             if apply && r.subresource.is_none() {
                 // Server-side apply creates what is absent.

@@ -216,6 +216,10 @@ async fn patch_types_fake_api() {
         .unwrap();
     assert_eq!(q.labels().get("x").map(String::as_str), Some("y"));
 
+    // An apply patch without apiVersion and kind: 400, as on a real apiserver.
+    let e = pods.patch("q", &ssa, &Patch::Apply(json!({"metadata": {"labels": {"x": "z"}}}))).await.unwrap_err();
+    assert_eq!(api_code(e).0, 400);
+
     // A merge patch carrying a stale resourceVersion is checked like an update.
     let e = pods
         .patch("p", &pp, &Patch::Merge(json!({"metadata": {"resourceVersion": "1", "labels": {"d": "4"}}})))

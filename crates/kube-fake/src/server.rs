@@ -645,6 +645,16 @@ impl State {
                 {
                     return conflict(&r.plural, &name, STALE);
                 }
+                // Custom resources allow no unconditional update (built-in kinds do).
+                if is_custom(&r.group) && meta_str(&body, "resourceVersion").is_none() {
+                    return err(
+                        422,
+                        format!(
+                            "{} \"{name}\" is invalid: metadata.resourceVersion: Invalid value: 0x0: must be specified for an update (get the object first, or patch)",
+                            r.plural
+                        ),
+                    );
+                }
                 self.finish_write(key(&name), &info, old, body, r.subresource.is_some())
             }
             "patch" => self.patch(r, &info, key(r.name.as_deref().unwrap_or_default()), ct, body),

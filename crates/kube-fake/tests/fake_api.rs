@@ -252,7 +252,11 @@ async fn status_subresource_fake_api() {
     main.status.as_mut().unwrap().ipam.operator_status.error = Some("overwritten".into());
     let m = anodes.replace("n1", &PostParams::default(), &main).await.unwrap();
     assert_eq!(m.spec.addresses.len(), 1);
-    assert_eq!(m.status.unwrap().ipam.operator_status.error.as_deref(), Some("e1"), "a main write leaves status");
+    assert_eq!(
+        m.status.as_ref().unwrap().ipam.operator_status.error.as_deref(),
+        Some("e1"),
+        "a main write leaves status"
+    );
     assert_eq!(m.metadata.generation, Some(2));
 
     // Built-in kinds too: Node status through replace_status.
@@ -268,6 +272,11 @@ async fn status_subresource_fake_api() {
     // Stale resourceVersion on /status: 409 as well.
     let e = nodes.replace_status("n1", &PostParams::default(), &with_status).await.unwrap_err();
     assert_eq!(api_code(e), (409, "Conflict".into()));
+    // A custom resource takes no unconditional update (no resourceVersion): 422.
+    let mut blind = m.clone();
+    blind.metadata.resource_version = None;
+    let e = anodes.replace("n1", &PostParams::default(), &blind).await.unwrap_err();
+    assert_eq!(api_code(e), (422, "Invalid".into()));
     // A kind without a status subresource has no /status.
     let blocks: Api<IPBlock> = Api::all(api.client());
     blocks.create(&PostParams::default(), &block("p", "10.0.0.0/26", "n1")).await.unwrap();

@@ -678,6 +678,13 @@ async fn insert_seeds_objects_that_clients_and_watches_see_fake_api() {
     assert_eq!(p.status.unwrap().phase.as_deref(), Some("Running"));
     let running = pods.list(&ListParams::default().fields("status.phase=Running")).await.unwrap();
     assert_eq!(running.items.len(), 1);
+    // An open watch sees a seed as ADDED.
+    let mut w = pods.watch(&WatchParams::default(), &api.revision().to_string()).await.unwrap().boxed();
+    api.insert(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "q", "namespace": "default"}, "spec": {"containers": []}}));
+    match tokio::time::timeout(Duration::from_secs(5), w.try_next()).await.unwrap().unwrap() {
+        Some(WatchEvent::Added(q)) => assert_eq!(q.name_any(), "q"),
+        other => panic!("expected ADDED q, got {other:?}"),
+    }
     // A dynamic API over the seeded custom resource works too.
     let ar = kube::discovery::ApiResource::from_gvk_with_plural(
         &kube::api::GroupVersionKind::gvk("cilium.io", "v2alpha1", "CiliumPodIPPool"),

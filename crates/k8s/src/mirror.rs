@@ -57,6 +57,9 @@ pub(crate) enum Value {
     Lease { node: String, expires_ms: Option<i64> },
 }
 
+/// `(pool, block)` -> node.
+type Holders = BTreeMap<(String, IpNet), String>;
+
 #[derive(Default)]
 pub(crate) struct State {
     pub revision: u64,
@@ -66,6 +69,8 @@ pub(crate) struct State {
     /// Kubernetes API documents as opaque, but every apiserver backed by etcd keeps).
     seen_rv: [u64; KINDS],
     synced: [bool; KINDS],
+    /// When each kind's watch last reported an error, until its next event.
+    broken: [Option<std::time::Instant>; KINDS],
     /// What the event stream has announced, for the parts that depend on the clock.
     blocks: BTreeMap<(String, IpNet), String>,
     released: BTreeMap<(String, IpNet), String>,
@@ -178,7 +183,7 @@ impl State {
     }
 
     /// The clock-dependent projection of the blocks and leases now.
-    fn timed_view(&self, now_ms: i64) -> (BTreeMap<(String, IpNet), String>, BTreeMap<(String, IpNet), String>, BTreeSet<String>) {
+    fn timed_view(&self, now_ms: i64) -> (Holders, Holders, BTreeSet<String>) {
         let now_s = (now_ms / 1000).max(0) as u64;
         let (mut blocks, mut released) = (BTreeMap::new(), BTreeMap::new());
         for e in self.objs[Kind::Block as usize].values() {
@@ -301,6 +306,19 @@ impl Mirror {
         let mut st = self.lock();
         let changes = st.timed_changes(now_ms());
         self.emit(&mut st, changes);
+    }
+
+    /// Whether every watch is open and past its first list (nothing is failing).
+    pub fn healthy(&self, kinds: &[Kind]) -> bool {
+        let st = self.lock();
+        // A failing watch is retried within `MAX_BACKOFF`; one that has reported no error
+        // for longer has been re-opened (a retry that failed again would have said so).
+        let quiet = MAX_BACKOFF + Duration::from_secs(1);
+        kinds.iter().all(|k| st.synced[*k as usize] && st.broken[*k as usize].is_none_or(|t| t.elapsed() > quiet))
+    }
+
+    fn set_broken(&self, kind: Kind, broken: bool) {
+        self.lock().broken[kind as usize] = broken.then(std::time::Instant::now);
     }
 
     /// Whether every kind finished its first list.
@@ -436,12 +454,13 @@ pub(crate) async fn follow<K>(
         let uid = o.uid().unwrap_or_default();
         (name, convert(o).map(|value| Entry { uid, rv, value }))
     };
-    let mut stream = watcher(api, config).default_backoff().boxed();
+    let mut stream = watcher(api, config).backoff(Backoff::default()).boxed();
     while let Some(item) = stream.next().await {
         let Some(mirror) = mirror.upgrade() else { return };
         match item {
             Ok(ev) => {
                 mirror.note_heard();
+                mirror.set_broken(kind, false);
                 let ev = match ev {
                     watcher::Event::Apply(o) => watcher::Event::Apply(entry(&o)),
                     watcher::Event::Delete(o) => watcher::Event::Delete(entry(&o)),
@@ -451,18 +470,62 @@ pub(crate) async fn follow<K>(
                 };
                 mirror.apply(kind, ev);
             }
-            Err(e) => tracing::warn!(?kind, error = %e, "Kubernetes watch failed; resuming"),
+            Err(e) => {
+                mirror.set_broken(kind, true);
+                tracing::warn!(?kind, error = %e, "Kubernetes watch failed; resuming");
+            }
         }
     }
 }
 
-/// Ticks `refresh` once a second until the mirror is dropped.
-pub(crate) async fn tick(mirror: std::sync::Weak<Mirror>) {
+/// The longest wait before a failed watch is retried.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Retries of a failed watch: 200 ms, doubling up to `MAX_BACKOFF` (kube-rs's default goes to
+/// 30 s; an agent's view should come back sooner after an apiserver restart).
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(Duration::from_millis(200))
+    }
+}
+
+impl Iterator for Backoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let now = self.0;
+        self.0 = (self.0 * 2).min(MAX_BACKOFF);
+        Some(now)
+    }
+}
+
+impl kube::runtime::utils::Backoff for Backoff {
+    fn reset(&mut self) {
+        *self = Backoff::default();
+    }
+}
+
+/// Ticks `refresh` once a second until the mirror is dropped. Every `probe_every` it also
+/// asks the API server for one object: kube-rs's watcher does not surface bookmarks, so in a
+/// quiet cluster this answer, while every watch is open and not failing, is what keeps
+/// `heard_unix` current (a watch that broke stops it until the watch is back).
+pub(crate) async fn tick(mirror: std::sync::Weak<Mirror>, probe: Api<crate::IPPool>, kinds: Vec<Kind>, probe_every: Duration) {
     let mut every = tokio::time::interval(Duration::from_secs(1));
+    let mut last_probe = tokio::time::Instant::now();
     loop {
         every.tick().await;
         let Some(m) = mirror.upgrade() else { return };
         m.refresh();
+        if last_probe.elapsed() >= probe_every && m.healthy(&kinds) {
+            last_probe = tokio::time::Instant::now();
+            drop(m);
+            let answered = tokio::time::timeout(probe_every, probe.list_metadata(&kube::api::ListParams::default().limit(1))).await;
+            let Some(m) = mirror.upgrade() else { return };
+            if matches!(answered, Ok(Ok(_))) && m.healthy(&kinds) {
+                m.note_heard();
+            }
+        }
     }
 }
 

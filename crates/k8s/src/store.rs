@@ -61,6 +61,8 @@ pub struct KubeStoreOptions {
     pub timeout: Duration,
     /// How long a write waits for the mirror to see it before returning anyway.
     pub settle: Duration,
+    /// How often a quiet mirror asks the API server whether it still answers (`heard_unix`).
+    pub probe_every: Duration,
 }
 
 impl Default for KubeStoreOptions {
@@ -71,6 +73,7 @@ impl Default for KubeStoreOptions {
             release_grace: Duration::from_secs(300),
             timeout: Duration::from_secs(10),
             settle: Duration::from_secs(5),
+            probe_every: Duration::from_secs(5),
         }
     }
 }
@@ -240,7 +243,6 @@ impl KubeStore {
                     Some(Value::Lease { node, expires_ms: lease_expiry_ms(l) })
                 },
             )),
-            tokio::spawn(mirror::tick(weak.clone())),
         ];
         let mut kinds = vec![Kind::Pool, Kind::Block, Kind::Node, Kind::Namespace, Kind::Lease];
         if opts.watch_cilium_pools {
@@ -250,6 +252,7 @@ impl KubeStore {
             })));
             kinds.push(Kind::CiliumPool);
         }
+        tasks.push(tokio::spawn(mirror::tick(weak.clone(), Api::all(client.clone()), kinds.clone(), opts.probe_every)));
         let store = KubeStore {
             client,
             release_grace: opts.release_grace,
@@ -445,7 +448,7 @@ impl KubeStore {
             let objects: BTreeMap<String, IPPool> = listed.into_iter().map(|p| (p.name_any(), p)).collect();
             let mut existing: BTreeMap<String, Pool> = self.mirror.lock().pools().into_iter().map(|(name, spec)| (name.clone(), Pool { name, spec })).collect();
             // Cilium's pools from the mirror, allot's from the fresh list.
-            existing.retain(|name, _| !objects.contains_key(name) && !self.mirror.lock().entry(Kind::Pool, name).is_some());
+            existing.retain(|name, _| !objects.contains_key(name) && self.mirror.lock().entry(Kind::Pool, name).is_none());
             existing.extend(objects.values().filter_map(pool_of).map(|p| (p.name.clone(), p)));
             let existing: Vec<Pool> = existing.into_values().collect();
             let actions = rules::validate_apply(&existing, &Self::held(&blocks), incoming)?;

@@ -136,31 +136,47 @@ fn no_block_outside_its_pool(api: &FakeApiServer) -> Result<(), String> {
     Ok(())
 }
 
-/// An operator grants blocks of the CIDR another writer is removing from the pool, round after
-/// round: whichever order the apiserver puts the writes in, no block is left outside its pool
-/// (the grant's re-check removes a block created after the pool change; the pool change
-/// reverts itself when a block created before it lies outside).
+/// Yields `n` times: a delay finer than a timer tick, to spread racing writers.
+async fn spin(n: u32) {
+    for _ in 0..n {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Grants of blocks in the CIDR another writer is removing from the pool, started at spread
+/// moments around the pool change, round after round: whichever order the apiserver puts the
+/// writes in, no block is left outside its pool, and what each grant returned is what the API
+/// server holds (the grant's re-check removes a block created after the pool change; the pool
+/// change reverts itself when a block created before it lies outside).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fake_api_a_grant_racing_a_pool_shrink_leaves_no_block_outside_its_pool() {
     let api = fake();
     let (granter, admin) = (Arc::new(connect(&api).await), Arc::new(connect(&api).await));
     let wide = || contract::pool("p", &["10.0.0.0/24", "10.0.1.0/24"], 28);
-    let (mut shrunk, mut refused, mut grants_kept, mut grants_undone) = (0, 0, 0, 0);
-    for round in 0..20u32 {
+    let (mut shrunk, mut refused, mut reverted, mut kept, mut undone) = (0, 0, 0, 0, 0);
+    let rounds = 60u32;
+    for round in 0..rounds {
         admin.apply_pools(vec![wide()]).await.unwrap();
+        eventually(5, "the granter sees the wide pool", async || granter.pools().await.unwrap()[0] == wide()).await;
         api.clear_requests();
-        let g = granter.clone();
-        let grants = tokio::spawn(async move {
-            let mut out = Vec::new();
-            for i in 0..4 {
-                let grant = contract::grant("p", &format!("10.0.1.{}/28", ((round as usize + i) % 16) * 16), "n1");
-                out.push((grant.clone(), g.grant_block(&grant).await.unwrap()));
-            }
-            out
-        });
-        tokio::time::sleep(Duration::from_millis(u64::from(round % 5))).await;
+        let tasks: Vec<_> = (0..2u32)
+            .map(|i| {
+                let g = granter.clone();
+                tokio::spawn(async move {
+                    // 0 to 5 ms after the pool change starts, and a spread within.
+                    tokio::time::sleep(Duration::from_millis(u64::from(round % 6))).await;
+                    spin(i * 20 + round % 40).await;
+                    let grant = contract::grant("p", &format!("10.0.1.{}/28", ((round + i) % 16) * 16), "n1");
+                    let ok = g.grant_block(&grant).await.unwrap();
+                    (grant, ok)
+                })
+            })
+            .collect();
         let applied = admin.apply_pools(vec![contract::pool("p", &["10.0.0.0/24"], 28)]).await;
-        let granted = grants.await.unwrap();
+        let mut granted = Vec::new();
+        for t in tasks {
+            granted.push(t.await.unwrap());
+        }
         match &applied {
             Ok(_) => shrunk += 1,
             Err(e) => {
@@ -169,23 +185,57 @@ async fn fake_api_a_grant_racing_a_pool_shrink_leaves_no_block_outside_its_pool(
             }
         }
         no_block_outside_its_pool(&api).unwrap_or_else(|e| panic!("round {round}: {e}"));
-        // What the grants report agrees with the API server.
         let held = api.objects("allot.dev/v1", "IPBlock");
         for (g, ok) in &granted {
             let there = held.iter().any(|b| b["spec"]["cidr"] == g.cidr.to_string());
             assert_eq!(*ok, there, "round {round}: grant of {} said {ok}", g.cidr);
         }
-        grants_kept += granted.iter().filter(|(_, ok)| *ok).count();
-        grants_undone += api.requests().iter().filter(|r| r.verb == "delete" && r.resource == "ipblocks").count();
-        // Reset: give the blocks back.
+        let reqs = api.requests();
+        let pool_writes = reqs.iter().filter(|r| r.verb == "update" && r.resource == "ippools" && r.status == 200).count();
+        reverted += usize::from(pool_writes == 2);
+        kept += granted.iter().filter(|(_, ok)| *ok).count();
+        undone += reqs.iter().filter(|r| r.verb == "delete" && r.resource == "ipblocks").count();
         for (g, ok) in granted {
             if ok {
                 assert!(granter.release_block(&g).await.unwrap());
             }
         }
     }
-    println!("20 rounds: shrink landed {shrunk}, refused {refused}; grants kept {grants_kept}; blocks removed by a grant's re-check {grants_undone}");
-    assert_eq!(shrunk + refused, 20);
+    println!(
+        "{rounds} rounds: shrink landed {shrunk}, refused {refused} (of which written and reverted {reverted}); \
+         grants kept {kept}; blocks removed by a grant's re-check {undone}"
+    );
+    assert_eq!(shrunk + refused, rounds as usize);
+}
+
+/// The grant side of that race, made certain: the granter's mirror still shows the wide pool
+/// (its pool watch is failing), so it creates the block; its re-check reads the pool afresh,
+/// finds the CIDR gone, and deletes the block again (uid precondition).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_api_a_grant_whose_pool_shrank_meanwhile_removes_its_block() {
+    let api = fake();
+    let (granter, admin) = (connect(&api).await, connect(&api).await);
+    admin.apply_pools(vec![contract::pool("p", &["10.0.0.0/24", "10.0.1.0/24"], 28)]).await.unwrap();
+    eventually(5, "the granter sees the pool", async || granter.pools().await.unwrap().len() == 1).await;
+    // The granter's pool watch breaks and cannot come back for now.
+    api.fail_next("watch", "ippools", 500, 1000);
+    api.fail_next("list", "ippools", 500, 1000);
+    api.break_watches();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    api.insert(json!({"apiVersion": "allot.dev/v1", "kind": "IPPool", "metadata": {"name": "p"},
+        "spec": {"ipv4": {"cidrs": ["10.0.0.0/24"], "maskSize": 28}}}));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(granter.pools().await.unwrap()[0], contract::pool("p", &["10.0.0.0/24", "10.0.1.0/24"], 28), "the mirror is stale");
+    api.clear_requests();
+    assert!(!granter.grant_block(&contract::grant("p", "10.0.1.0/28", "n1")).await.unwrap());
+    let verbs: Vec<(String, String, u16)> = api.requests().into_iter().filter(|r| r.resource != "ippools" || r.verb == "get").map(|r| (r.verb, r.resource, r.status)).collect();
+    assert_eq!(
+        verbs,
+        [("create", "ipblocks", 201), ("get", "ippools", 200), ("delete", "ipblocks", 200)].map(|(v, r, s)| (v.to_string(), r.to_string(), s)).to_vec()
+    );
+    assert!(api.objects("allot.dev/v1", "IPBlock").is_empty());
+    // A block the pool still covers is kept.
+    assert!(granter.grant_block(&contract::grant("p", "10.0.0.0/28", "n1")).await.unwrap());
 }
 
 /// The mirror's watches end (an apiserver restart) while another store keeps writing: the
@@ -478,4 +528,22 @@ async fn fake_api_a_pool_lock_left_by_a_crashed_writer_is_broken() {
     let err = s2.apply_pools(vec![contract::pool("q", &["10.1.0.0/24"], 28)]).await.unwrap_err();
     assert!(err.to_string().contains("other-operator") && err.to_string().contains("try again"), "{err}");
     assert_eq!(api.objects("allot.dev/v1", "IPPool").len(), 1);
+}
+
+/// `heard_unix` stays current in a quiet cluster (the probe), stops while the API server is
+/// unreachable, and moves again once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_api_heard_unix_follows_the_api_servers_answers() {
+    let api = fake();
+    let s = KubeStore::connect(api.client(), KubeStoreOptions { probe_every: Duration::from_secs(1), ..opts() }).await.unwrap();
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let heard = s.heard_unix().unwrap();
+    assert!(now() - heard <= 2, "quiet but answering: heard {} s ago", now() - heard);
+    api.set_down(true);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let stale = now() - s.heard_unix().unwrap();
+    assert!(stale >= 3, "heard {stale} s ago while the API server was down");
+    api.set_down(false);
+    eventually(15, "heard again after the outage", async || now() - s.heard_unix().unwrap() <= 2).await;
 }

@@ -848,8 +848,18 @@ impl Store for KubeStore {
         if !known.is_some_and(|p| block_fits(&p, grant)) && !self.fresh_pool(&grant.pool).await?.is_some_and(|p| block_fits(&p, grant)) {
             return Ok(false);
         }
-        let api = self.blocks_api();
         let name = block_name(&grant.pool, &grant.cidr);
+        // Held, or reserved to another node within its grace: no write (the API decides
+        // anyway; this saves the create and the read after its 409).
+        let taken = match self.mirror.lock().entry(Kind::Block, &name).map(|e| &e.value) {
+            Some(Value::Block { released_until: None, .. }) => true,
+            Some(Value::Block { released_until: Some(until), node, .. }) => *node != grant.node && *until > now_secs(),
+            _ => false,
+        };
+        if taken {
+            return Ok(false);
+        }
+        let api = self.blocks_api();
         for _ in 0..RETRIES {
             match self.req("creating an IPBlock", api.create(&PostParams::default(), &self.block_object(grant))).await {
                 Ok(created) => return self.recheck_grant(&created, grant).await,

@@ -417,6 +417,7 @@ impl KubeStore {
             Some(cur) => {
                 let mut obj = cur.clone();
                 obj.spec = IPPoolSpec::from(&pool.spec);
+                obj.annotations_mut().remove(DELETING);
                 self.req("replacing an IPPool", api.replace(&pool.name, &PostParams::default(), &obj)).await
             }
         }
@@ -456,10 +457,13 @@ impl KubeStore {
             let mut written: Vec<(IPPool, Option<IPPool>)> = Vec::new();
             let mut lost_race = false;
             for (pool, action) in incoming.iter().zip(&actions) {
-                if *action == ApplyAction::Unchanged {
+                let current = objects.get(&pool.name);
+                // A deletion mark seen under the lock was left by a writer that crashed
+                // mid-delete: applying the pool again clears it.
+                let stale_mark = current.is_some_and(|o| o.annotations().contains_key(DELETING));
+                if *action == ApplyAction::Unchanged && !stale_mark {
                     continue;
                 }
-                let current = objects.get(&pool.name);
                 match self.write_pool(pool, current).await {
                     Ok(obj) => written.push((obj, current.cloned())),
                     Err(Fail { code: Some(409), .. }) => {

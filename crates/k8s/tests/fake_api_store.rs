@@ -565,3 +565,28 @@ async fn fake_api_heard_unix_follows_the_api_servers_answers() {
     api.set_down(false);
     eventually(15, "heard again after the outage", async || now() - s.heard_unix().unwrap() <= 2).await;
 }
+
+/// Without allot's CRDs (every list of IPPools answered 404), connecting fails within the
+/// timeout and says what to install.
+#[tokio::test]
+async fn fake_api_connect_without_the_crds_says_to_install_them() {
+    let api = fake();
+    api.fail_next("list", "ippools", 404, 10_000);
+    let err = KubeStore::connect(api.client(), KubeStoreOptions { timeout: Duration::from_secs(2), ..opts() }).await.err().expect("connected");
+    assert!(matches!(err, StoreError::Backend(_)) && err.to_string().contains("allot crds | kubectl apply -f -"), "{err}");
+}
+
+/// A pool left marked for deletion by a writer that crashed mid-delete takes grants again
+/// once it is applied again.
+#[tokio::test]
+async fn fake_api_applying_a_pool_clears_a_stale_deletion_mark() {
+    let (api, s) = store().await;
+    api.insert(json!({"apiVersion": "allot.dev/v1", "kind": "IPPool",
+        "metadata": {"name": "p", "annotations": {allot_k8s::DELETING: "true"}},
+        "spec": {"ipv4": {"cidrs": ["10.0.0.0/24"], "maskSize": 28}}}));
+    eventually(5, "pool seen", async || s.pools().await.unwrap().len() == 1).await;
+    assert!(!s.grant_block(&contract::grant("p", "10.0.0.0/28", "n1")).await.unwrap(), "a pool being deleted grants nothing");
+    s.apply_pools(vec![contract::pool("p", &["10.0.0.0/24"], 28)]).await.unwrap();
+    assert!(api.objects("allot.dev/v1", "IPPool")[0]["metadata"]["annotations"][allot_k8s::DELETING].is_null());
+    assert!(s.grant_block(&contract::grant("p", "10.0.0.0/28", "n1")).await.unwrap());
+}

@@ -210,6 +210,63 @@ impl State {
         (blocks, released, live)
     }
 
+    /// Like `timed_changes`, for the one key (block or node) that `value` stands for.
+    fn key_changes(&mut self, value: &Value, now_ms: i64) -> Vec<Change> {
+        let mut out = Vec::new();
+        match value {
+            Value::Block { pool, cidr, .. } => {
+                let key = (pool.clone(), *cidr);
+                let now_s = (now_ms / 1000).max(0) as u64;
+                // The object of this block now: its name derives from pool and CIDR.
+                let current = match self.objs[Kind::Block as usize].get(&crate::block_name(pool, cidr)).map(|e| &e.value) {
+                    Some(Value::Block { pool: p, cidr: c, node, released_until }) if p == pool && c == cidr => Some((node.clone(), *released_until)),
+                    _ => None,
+                };
+                let (held, reserved) = match current {
+                    Some((node, None)) => (Some(node), None),
+                    Some((node, Some(until))) if until > now_s => (None, Some(node)),
+                    _ => (None, None),
+                };
+                let block = |node| Change::Block { pool: key.0.clone(), cidr: key.1, node };
+                let released = |node| Change::Released { pool: key.0.clone(), cidr: key.1, node };
+                // Removals first, as `diff_maps` orders them.
+                if held.is_none() && self.blocks.remove(&key).is_some() {
+                    out.push(block(None));
+                }
+                if reserved.is_none() && self.released.remove(&key).is_some() {
+                    out.push(released(None));
+                }
+                if let Some(node) = held
+                    && self.blocks.get(&key) != Some(&node)
+                {
+                    self.blocks.insert(key.clone(), node.clone());
+                    out.push(block(Some(node)));
+                }
+                if let Some(node) = reserved
+                    && self.released.get(&key) != Some(&node)
+                {
+                    self.released.insert(key.clone(), node.clone());
+                    out.push(released(Some(node)));
+                }
+            }
+            Value::Lease { node, .. } => {
+                let live = self.objs[Kind::Lease as usize].values().any(|e| {
+                    matches!(&e.value, Value::Lease { node: n, expires_ms: Some(t) } if n == node && *t > now_ms)
+                });
+                if live != self.live.contains(node) {
+                    if live {
+                        self.live.insert(node.clone());
+                    } else {
+                        self.live.remove(node);
+                    }
+                    out.push(Change::Alive { node: node.clone(), live });
+                }
+            }
+            _ => {}
+        }
+        out
+    }
+
     /// Changes of the clock-dependent parts since they were last announced.
     fn timed_changes(&mut self, now_ms: i64) -> Vec<Change> {
         let (blocks, released, live) = self.timed_view(now_ms);
@@ -425,9 +482,19 @@ impl Mirror {
                     }
                 }
             }
-            Kind::Block | Kind::Lease => {}
+            Kind::Block | Kind::Lease => {
+                // Only the touched objects' keys: a full pass over every block per event
+                // would be quadratic in a grant storm (the tick does the full pass).
+                let now = now_ms();
+                for name in &touched {
+                    let old = old_entries.get(name).cloned().flatten();
+                    let new = st.objs[k].get(name).cloned();
+                    for e in [old, new].into_iter().flatten() {
+                        changes.extend(st.key_changes(&e.value, now));
+                    }
+                }
+            }
         }
-        changes.extend(st.timed_changes(now_ms()));
         self.emit(&mut st, changes);
         if resync {
             let _ = self.events.send(StoreEvent::Resync);
@@ -545,9 +612,10 @@ mod tests {
     fn a_block_moving_to_released_and_expiring_is_announced_in_order() {
         let m = Mirror::new();
         let mut rx = m.events();
-        apply(&m, Kind::Block, "p.b", 5, block("p", "10.0.0.0/28", "n1", None));
+        let name = crate::block_name("p", &"10.0.0.0/28".parse().unwrap());
+        apply(&m, Kind::Block, &name, 5, block("p", "10.0.0.0/28", "n1", None));
         let until = now_secs() + 1;
-        apply(&m, Kind::Block, "p.b", 6, block("p", "10.0.0.0/28", "n1", Some(until)));
+        apply(&m, Kind::Block, &name, 6, block("p", "10.0.0.0/28", "n1", Some(until)));
         let mut all = Vec::new();
         while let Ok(StoreEvent::Changes(c)) = rx.try_recv() {
             all.extend(c.iter().cloned());

@@ -590,3 +590,46 @@ async fn fake_api_applying_a_pool_clears_a_stale_deletion_mark() {
     assert!(api.objects("allot.dev/v1", "IPPool")[0]["metadata"]["annotations"][allot_k8s::DELETING].is_null());
     assert!(s.grant_block(&contract::grant("p", "10.0.0.0/28", "n1")).await.unwrap());
 }
+
+/// A `ClusterView` fed only by events stays equal to a fresh snapshot through the parts that
+/// change with the clock: a node going live and its Lease running out, blocks released to a
+/// deleted node, taken back, and a reservation ending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_api_a_view_fed_by_events_follows_liveness_and_the_release_grace() {
+    use allot_store::ClusterView;
+    let (_api, s) = store().await;
+    let mut events = s.events();
+    let mut view = ClusterView::new(s.snapshot().await.unwrap(), None);
+    let follow = async |view: &mut ClusterView, events: &mut tokio::sync::broadcast::Receiver<StoreEvent>| {
+        while let Ok(ev) = events.try_recv() {
+            match ev {
+                StoreEvent::Changes(c) => {
+                    let fresh: Vec<_> = c.iter().filter(|(rev, _)| *rev > view.revision).cloned().collect();
+                    view.apply_all(&fresh);
+                }
+                StoreEvent::Resync => panic!("unexpected resync"),
+            }
+        }
+        let fresh = ClusterView::new(s.snapshot().await.unwrap(), None);
+        assert_eq!((&view.blocks, &view.released, &view.live, &view.nodes), (&fresh.blocks, &fresh.released, &fresh.live, &fresh.nodes));
+    };
+    s.apply_pools(vec![contract::pool("p", &["10.0.0.0/24"], 28)]).await.unwrap();
+    s.register_node("n1", None).await.unwrap();
+    s.announce_alive("n1", Duration::from_secs(1)).await.unwrap();
+    assert!(s.grant_block(&contract::grant("p", "10.0.0.0/28", "n1")).await.unwrap());
+    assert!(s.grant_block(&contract::grant("p", "10.0.0.16/28", "n1")).await.unwrap());
+    follow(&mut view, &mut events).await;
+    assert!(view.live.as_ref().unwrap().contains("n1"));
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    follow(&mut view, &mut events).await;
+    assert!(view.live.as_ref().unwrap().is_empty(), "the Lease ran out");
+    s.with_release_grace(Duration::from_secs(2)).delete_node("n1").await.unwrap();
+    follow(&mut view, &mut events).await;
+    assert_eq!(view.released.len(), 2);
+    assert!(s.grant_block(&contract::grant("p", "10.0.0.0/28", "n1")).await.unwrap());
+    follow(&mut view, &mut events).await;
+    assert_eq!((view.blocks.len(), view.released.len()), (1, 1));
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    follow(&mut view, &mut events).await;
+    assert_eq!((view.blocks.len(), view.released.len()), (1, 0), "the reservation ended");
+}

@@ -633,3 +633,21 @@ async fn fake_api_a_view_fed_by_events_follows_liveness_and_the_release_grace() 
     follow(&mut view, &mut events).await;
     assert_eq!((view.blocks.len(), view.released.len()), (1, 0), "the reservation ended");
 }
+
+/// 512 grants in one `grant_blocks` call (16 creates in flight): all land, one outcome each,
+/// and a second store's mirror ends with all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fake_api_grant_blocks_many_at_once() {
+    let api = fake();
+    let (s, other) = (connect(&api).await, connect(&api).await);
+    s.apply_pools(vec![contract::pool("big", &["10.8.0.0/16"], 28)]).await.unwrap();
+    let batch: Vec<_> = (0..512).map(|i| contract::grant("big", &format!("10.8.{}.{}/28", i / 16, (i % 16) * 16), &format!("n{}", i % 4))).collect();
+    let t = std::time::Instant::now();
+    assert_eq!(s.grant_blocks(&batch).await.unwrap(), vec![true; 512]);
+    let took = t.elapsed();
+    assert_eq!(s.grants().await.unwrap().len(), 512, "read after write");
+    eventually(10, "the other mirror has every block", async || other.grants().await.unwrap().len() == 512).await;
+    // Again: every one is held now.
+    assert_eq!(s.grant_blocks(&batch).await.unwrap(), vec![false; 512]);
+    println!("512 grants through the fake API in {took:?}");
+}

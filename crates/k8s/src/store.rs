@@ -262,7 +262,7 @@ impl KubeStore {
             id: format!("allot-{}-{}", std::process::id(), now_ms()).into(),
         };
         let limit = store.opts.timeout;
-        if !store.mirror.wait_until(limit, |_| true).await || !store.wait_synced(&kinds, limit).await {
+        if !store.wait_synced(&kinds, limit).await {
             return Err(StoreError::Backend(format!(
                 "the Kubernetes API did not answer the first list of allot's objects within {limit:?}: \
                  check that the API server is reachable and that allot's CRDs are installed (allot crds | kubectl apply -f -)"

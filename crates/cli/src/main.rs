@@ -51,6 +51,9 @@ enum Command {
     /// Serve the validating admission webhook (KKP Cluster rules) over HTTPS.
     #[cfg(feature = "webhook")]
     Webhook(cmd::webhook::Args),
+    /// Move the cluster from one CNI to another (plan first).
+    #[command(subcommand)]
+    Migrate(cmd::migrate::MigrateCmd),
 }
 
 /// `println!` panics when stdout is a closed pipe (`allot ... | head -c1`); like other Unix
@@ -83,6 +86,7 @@ fn main() {
         Command::Kkp(c) => std::process::exit(cmd::kkp::exec(c)),
         #[cfg(feature = "webhook")]
         Command::Webhook(args) => cmd::webhook::exec(args),
+        Command::Migrate(c) => cmd::migrate::exec(c),
         command => backend::Backend::new(client, &cli.cluster).and_then(|b| match command {
             Command::Pool(c) => cmd::pool::exec(c, &b),
             Command::Node(c) => cmd::node::exec(c, &b),

@@ -2,6 +2,7 @@ pub mod agent;
 pub mod allocations;
 pub mod gc;
 pub mod kkp;
+pub mod migrate;
 pub mod namespace;
 pub mod node;
 #[cfg(feature = "etcd")]

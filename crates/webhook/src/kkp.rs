@@ -7,7 +7,7 @@ use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
 
 pub const PATH: &str = "/validate/kkp-cluster";
 
-fn deny(req: &AdmissionRequest<DynamicObject>, code: u16, reason: &str, message: String) -> AdmissionResponse {
+pub(crate) fn deny(req: &AdmissionRequest<DynamicObject>, code: u16, reason: &str, message: String) -> AdmissionResponse {
     let mut resp = AdmissionResponse::from(req).deny(message);
     resp.result.status = Some(StatusSummary::Failure);
     resp.result.code = code;

@@ -23,6 +23,7 @@ use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use tokio::net::TcpListener;
 
+pub mod ippool;
 pub mod kkp;
 pub mod tls;
 

@@ -45,6 +45,11 @@ enum Command {
     Status(cmd::status::Args),
     /// Release allocations whose network namespace no longer exists.
     Gc(cmd::gc::Args),
+    /// Print the Kubernetes CRDs (allot.dev/v1), generated from the types, as YAML.
+    Crds(cmd::crds::Args),
+    /// Install allot-ipam (and a conflist) into the host's CNI directories: the agent
+    /// DaemonSet's init container.
+    InstallCni(cmd::install_cni::Args),
 }
 
 /// `println!` panics when stdout is a closed pipe (`allot ... | head -c1`); like other Unix
@@ -74,6 +79,8 @@ fn main() {
         Command::Agent(args) => cmd::agent::exec(args, cli.socket.as_deref(), &cli.cluster),
         #[cfg(feature = "etcd")]
         Command::Operator(args) => cmd::operator::exec(args, &cli.cluster),
+        Command::Crds(args) => cmd::crds::exec(args),
+        Command::InstallCni(args) => cmd::install_cni::exec(args),
         command => backend::Backend::new(client, &cli.cluster).and_then(|b| match command {
             Command::Pool(c) => cmd::pool::exec(c, &b),
             Command::Node(c) => cmd::node::exec(c, &b),

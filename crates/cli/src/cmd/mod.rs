@@ -1,6 +1,8 @@
 pub mod agent;
 pub mod allocations;
+pub mod crds;
 pub mod gc;
+pub mod install_cni;
 pub mod namespace;
 pub mod node;
 #[cfg(feature = "etcd")]

@@ -37,6 +37,10 @@ for bin in allot allot-ipam; do
         exit 1
     fi
     cp "target/$profile/$bin" "$ctx/"
+    # The release profile keeps line tables (100+ MB); the image keeps symbols for backtraces only.
+    if command -v strip >/dev/null 2>&1; then
+        strip --strip-debug "$ctx/$bin"
+    fi
 done
 # The binaries must run with nothing around them: an empty root, as in the image.
 "$ctx/allot" --version >/dev/null

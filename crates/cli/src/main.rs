@@ -50,6 +50,9 @@ enum Command {
     /// Install allot-ipam (and a conflist) into the host's CNI directories: the agent
     /// DaemonSet's init container.
     InstallCni(cmd::install_cni::Args),
+    /// Move the cluster from one CNI to another (plan first).
+    #[command(subcommand)]
+    Migrate(cmd::migrate::MigrateCmd),
 }
 
 /// `println!` panics when stdout is a closed pipe (`allot ... | head -c1`); like other Unix
@@ -81,6 +84,7 @@ fn main() {
         Command::Operator(args) => cmd::operator::exec(args, &cli.cluster),
         Command::Crds(args) => cmd::crds::exec(args),
         Command::InstallCni(args) => cmd::install_cni::exec(args),
+        Command::Migrate(c) => cmd::migrate::exec(c),
         command => backend::Backend::new(client, &cli.cluster).and_then(|b| match command {
             Command::Pool(c) => cmd::pool::exec(c, &b),
             Command::Node(c) => cmd::node::exec(c, &b),

@@ -3,6 +3,7 @@ pub mod allocations;
 pub mod crds;
 pub mod gc;
 pub mod install_cni;
+pub mod migrate;
 pub mod namespace;
 pub mod node;
 #[cfg(feature = "etcd")]

@@ -52,3 +52,15 @@ build_plugin() {
     [ "${1:-release}" = release ] && profile=(--release)
     cargo rustc "${profile[@]}" -p allot-ipam --bin allot-ipam --locked --quiet -- -C target-feature=+crt-static
 }
+
+# The offline manifest checks (scripts/check-manifests.sh): kubernetes-validate from PyPI, pinned
+# (it brings jsonschema and PyYAML, which the checks use too).
+KUBERNETES_VALIDATE_VERSION=1.37.0
+ensure_python_packages() {
+    local have
+    have=$(python3 -c 'import importlib.metadata as m; print(m.version("kubernetes-validate"))' 2>/dev/null || true)
+    [ "$have" = "$KUBERNETES_VALIDATE_VERSION" ] && return 0
+    echo "installing kubernetes-validate==$KUBERNETES_VALIDATE_VERSION (PyPI)" >&2
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+        "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+}

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 require_root "the test suite"
 ensure_packages
+ensure_python_packages
 
 cargo build --workspace --bins --locked
 
@@ -15,6 +16,9 @@ if cargo tree -p allot-ipam -e normal --prefix none | grep -qE '^(tokio|async-st
     cargo tree -p allot-ipam -e normal -i tokio >&2 || true
     exit 1
 fi
+
+# deploy/ validated offline: kustomize renders, Kubernetes schemas, CRDs, RBAC, images, examples.
+scripts/check-manifests.sh
 
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --locked --no-fail-fast "$@"

@@ -51,6 +51,11 @@ enum Command {
     /// Serve the validating admission webhook (KKP Cluster rules) over HTTPS.
     #[cfg(feature = "webhook")]
     Webhook(cmd::webhook::Args),
+    /// Print the Kubernetes CRDs (allot.dev/v1), generated from the types, as YAML.
+    Crds(cmd::crds::Args),
+    /// Install allot-ipam (and a conflist) into the host's CNI directories: the agent
+    /// DaemonSet's init container.
+    InstallCni(cmd::install_cni::Args),
     /// Move the cluster from one CNI to another (plan first).
     #[command(subcommand)]
     Migrate(cmd::migrate::MigrateCmd),
@@ -86,6 +91,8 @@ fn main() {
         Command::Kkp(c) => std::process::exit(cmd::kkp::exec(c)),
         #[cfg(feature = "webhook")]
         Command::Webhook(args) => cmd::webhook::exec(args),
+        Command::Crds(args) => cmd::crds::exec(args),
+        Command::InstallCni(args) => cmd::install_cni::exec(args),
         Command::Migrate(c) => cmd::migrate::exec(c),
         command => backend::Backend::new(client, &cli.cluster).and_then(|b| match command {
             Command::Pool(c) => cmd::pool::exec(c, &b),

@@ -57,7 +57,8 @@ pub struct IPPoolSpec {
 #[serde(rename_all = "camelCase")]
 pub struct IPv4PoolSpec {
     /// The CIDRs blocks are cut from.
-    #[schemars(length(min = 1), inner(regex(pattern = IPV4_CIDR_PATTERN)))]
+    // Bounded lengths keep the apiserver's estimated CEL cost of the rule below its limit.
+    #[schemars(length(min = 1, max = 128), inner(length(max = 18), regex(pattern = IPV4_CIDR_PATTERN)))]
     #[x_kube(validation = Rule::new("self.all(c, isCIDR(c) && cidr(c).ip().family() == 4 && cidr(c) == cidr(c).masked())").message("each cidr must be an IPv4 CIDR with no host bits set"))]
     pub cidrs: Vec<String>,
     /// The prefix length of the blocks nodes are given; it cannot change once set.
@@ -70,7 +71,7 @@ pub struct IPv4PoolSpec {
 #[serde(rename_all = "camelCase")]
 pub struct IPv6PoolSpec {
     /// The CIDRs blocks are cut from.
-    #[schemars(length(min = 1), inner(regex(pattern = IPV6_CIDR_PATTERN)))]
+    #[schemars(length(min = 1, max = 128), inner(length(max = 49), regex(pattern = IPV6_CIDR_PATTERN)))]
     #[x_kube(validation = Rule::new("self.all(c, isCIDR(c) && cidr(c).ip().family() == 6 && cidr(c) == cidr(c).masked())").message("each cidr must be an IPv6 CIDR with no host bits set"))]
     pub cidrs: Vec<String>,
     /// The prefix length of the blocks nodes are given; it cannot change once set.
@@ -96,8 +97,12 @@ pub struct IPv6PoolSpec {
 )]
 #[x_kube(validation = Rule::new("self == oldSelf").message("a block's pool, cidr and node never change: delete it and grant a new one"))]
 pub struct IPBlockSpec {
+    // Object-name and CIDR lengths: bounded so the CEL rule's estimated cost stays small.
+    #[schemars(length(min = 1, max = 253))]
     pub pool: String,
+    #[schemars(length(min = 1, max = 49))]
     pub cidr: String,
+    #[schemars(length(min = 1, max = 253))]
     pub node: String,
 }
 
@@ -185,19 +190,57 @@ pub struct OperatorStatus {
     pub error: Option<String>,
 }
 
-/// Every CRD allot installs, in the order `allot crds` prints them.
+/// Every CRD allot installs, in the order `allot crds` prints them, with schemars' Rust integer
+/// formats (`uint8`, `uint64`) replaced by the ones Kubernetes knows (`int32`, `int64`).
 pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {
-    vec![IPPool::crd(), IPBlock::crd(), AllotNode::crd()]
+    [IPPool::crd(), IPBlock::crd(), AllotNode::crd()]
+        .into_iter()
+        .map(|crd| {
+            let mut v = serde_json::to_value(&crd).expect("a CRD serializes");
+            tidy_schema(&mut v);
+            serde_json::from_value(v).expect("a tidied CRD deserializes")
+        })
+        .collect()
 }
 
-/// The CRDs as multi-document YAML: what `allot crds` prints and `deploy/crds/` holds.
+/// The CRDs as multi-document YAML: what `allot crds` prints and `deploy/crds/` holds. Bounds are
+/// written as integers (`maximum: 32`, not the `32.0` of the f64 fields).
 pub fn crds_yaml() -> String {
     let mut out = String::new();
     for crd in crds() {
+        let mut v = serde_json::to_value(&crd).expect("a CRD serializes");
+        tidy_schema(&mut v);
         out.push_str("---\n");
-        out.push_str(&serde_saphyr::to_string(&crd).expect("a CRD serializes"));
+        out.push_str(&serde_saphyr::to_string(&v).expect("a CRD serializes"));
     }
     out
+}
+
+/// Rewrites, anywhere in a CRD as JSON: integer formats Kubernetes does not know, and whole
+/// `minimum`/`maximum` floats as integers.
+fn tidy_schema(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            if let Some(serde_json::Value::String(f)) = map.get("format") {
+                let known = match f.as_str() {
+                    "int8" | "int16" | "uint8" | "uint16" => Some("int32"),
+                    "uint32" | "uint64" => Some("int64"),
+                    _ => None,
+                };
+                if let Some(k) = known {
+                    map.insert("format".into(), k.into());
+                }
+            }
+            for key in ["minimum", "maximum"] {
+                if let Some(n) = map.get(key).and_then(|n| n.as_f64()).filter(|n| n.fract() == 0.0 && n.abs() < 1e15) {
+                    map.insert(key.into(), (n as i64).into());
+                }
+            }
+            map.values_mut().for_each(tidy_schema);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(tidy_schema),
+        _ => {}
+    }
 }
 
 /// The `IPBlock` name of a block: the pool's name, a dot, and the CIDR with `.`, `:` and `/`
@@ -293,8 +336,11 @@ mod tests {
     #[test]
     fn crds_are_structural_with_bounds_and_cel_rules() {
         let yaml = crds_yaml();
-        for needle in ["kind: IPPool", "kind: IPBlock", "kind: AllotNode", "maximum: 128", "maximum: 32", "minimum: 1", "self == oldSelf", "isCIDR"] {
+        for needle in ["kind: IPPool", "kind: IPBlock", "kind: AllotNode", "maximum: 128\n", "maximum: 32\n", "minimum: 1\n", "self == oldSelf", "isCIDR", "format: int32", "format: int64"] {
             assert!(yaml.contains(needle), "{needle} missing from:\n{yaml}");
+        }
+        for absent in [".0\n", "format: uint"] {
+            assert!(!yaml.contains(absent), "{absent:?} in:\n{yaml}");
         }
         for crd in crds() {
             let versions = &crd.spec.versions;

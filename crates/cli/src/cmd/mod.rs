@@ -1,7 +1,9 @@
 pub mod agent;
 pub mod allocations;
+pub mod crds;
 pub mod gc;
 pub mod kkp;
+pub mod install_cni;
 pub mod migrate;
 pub mod namespace;
 pub mod node;

@@ -1,0 +1,140 @@
+//! The requests `KubeStore` makes in an agent's role and in an operator's role, recorded by the
+//! fake API server (no Kubernetes API server runs here; the fake has no RBAC of its own), are
+//! each allowed by that component's roles in deploy/rbac/ (evaluated by tests/support/rbac.rs).
+//! The agent's pod watch and the operator's Lease election and Node watch are other code: they
+//! are not exercised here.
+
+#[path = "support/rbac.rs"]
+mod rbac;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use allot_core::{BlockGrant, FamilySpec, Pool, PoolSpec};
+use allot_k8s::{KubeStore, KubeStoreOptions};
+use allot_kube_fake::{FakeApiServer, Request};
+use allot_store::Store;
+use allot_wire::{Needed, PoolRequest};
+use rbac::{NAMESPACE, Rbac};
+use serde_json::json;
+
+async fn connect(api: &FakeApiServer) -> KubeStore {
+    let opts = KubeStoreOptions {
+        namespace: NAMESPACE.into(),
+        timeout: Duration::from_secs(5),
+        // No background probes: each phase's requests are its own calls and watches.
+        probe_every: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    KubeStore::connect(api.client(), opts).await.unwrap()
+}
+
+/// The requests since `from`, once the log has been still for a moment (a dropped store's
+/// watches have ended).
+async fn settled(api: &FakeApiServer, from: usize) -> Vec<Request> {
+    let mut len = api.requests().len();
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = api.requests().len();
+        if now == len {
+            return api.requests()[from..].to_vec();
+        }
+        len = now;
+    }
+}
+
+fn check(role: &str, reqs: &[Request], used: &mut BTreeSet<rbac::Grant>) -> Vec<String> {
+    let rbac = Rbac::for_service_account(role);
+    let mut denied = Vec::new();
+    for r in reqs {
+        let (verb, av, res, sub, ns) = (&r.verb, &r.api_version, &r.resource, r.subresource.as_deref(), r.namespace.as_deref());
+        match rbac.grant_for(verb, av, res, sub, ns) {
+            Some(g) => {
+                used.insert(g.clone());
+            }
+            None => denied.push(format!("{role}: {verb} {av} {res}{} in {ns:?} ({:?})", sub.map(|s| format!("/{s}")).unwrap_or_default(), r.name)),
+        }
+    }
+    denied
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_api_kubestore_requests_are_allowed_by_deploy_rbac() {
+    let api = FakeApiServer::new();
+    api.insert(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}));
+    api.insert(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team-a", "annotations": {"ipam.cilium.io/ip-pool": "default"}}}));
+    {
+        // Setup as a cluster admin would (`allot pool apply` with the admin's kubeconfig).
+        let admin = connect(&api).await;
+        let spec = PoolSpec { ipv4: Some(FamilySpec { cidrs: vec!["10.10.0.0/16".parse().unwrap()], mask_size: 24 }), ipv6: None };
+        admin.apply_pools(vec![Pool { name: "default".into(), spec }]).await.unwrap();
+    }
+    let grant = BlockGrant { pool: "default".into(), cidr: "10.10.0.0/24".parse().unwrap(), node: "n1".into() };
+    let (mut agent_used, mut operator_used) = (BTreeSet::new(), BTreeSet::new());
+    let mut denied = Vec::new();
+    let mut phases = 0;
+
+    // Agent: registers, asks, keeps its liveness Lease, reads pools, blocks and namespaces.
+    let from = settled(&api, 0).await.len();
+    let lease = {
+        let agent = connect(&api).await;
+        agent.register_node("n1", Some("192.0.2.1".parse().unwrap())).await.unwrap();
+        agent.set_requested("n1", vec![PoolRequest { pool: "default".into(), needed: Needed { ipv4_addrs: 16, ipv6_addrs: 0 } }]).await.unwrap();
+        let lease = agent.announce_alive("n1", Duration::from_secs(30)).await.unwrap();
+        assert!(agent.renew_alive(&lease).await.unwrap());
+        assert_eq!(agent.namespaces().await.unwrap().len(), 1);
+        agent.snapshot().await.unwrap();
+        lease
+    };
+    let reqs = settled(&api, from).await;
+    assert!(reqs.iter().any(|r| r.verb == "create" && r.resource == "leases"), "the agent phase made its calls: {reqs:?}");
+    denied.extend(check("allot-agent", &reqs, &mut agent_used));
+    phases += 1;
+
+    // Operator: grants, reports an error, reads liveness and released blocks.
+    let from = api.requests().len();
+    {
+        let op = connect(&api).await;
+        assert_eq!(op.grant_blocks(std::slice::from_ref(&grant)).await.unwrap(), [true]);
+        op.set_operator_error("n1", Some("pool default is full".into())).await.unwrap();
+        assert!(op.live_nodes().await.unwrap().unwrap().contains("n1"));
+        op.released_blocks().await.unwrap();
+    }
+    let reqs = settled(&api, from).await;
+    assert!(reqs.iter().any(|r| r.verb == "create" && r.resource == "ipblocks"), "the operator granted: {reqs:?}");
+    denied.extend(check("allot-operator", &reqs, &mut operator_used));
+    phases += 1;
+
+    // Agent: gives the block back and ends its Lease (a clean stop).
+    let from = api.requests().len();
+    {
+        let agent = connect(&api).await;
+        assert!(agent.release_block(&grant).await.unwrap());
+        agent.revoke_alive(lease).await.unwrap();
+    }
+    let reqs = settled(&api, from).await;
+    assert!(reqs.iter().any(|r| r.verb == "delete" && r.resource == "ipblocks"), "the agent released: {reqs:?}");
+    denied.extend(check("allot-agent", &reqs, &mut agent_used));
+    phases += 1;
+
+    // Operator: the node is gone (no Lease): remove it, holding its blocks back, then expire.
+    let from = api.requests().len();
+    {
+        let op = connect(&api).await;
+        assert_eq!(op.grant_blocks(std::slice::from_ref(&grant)).await.unwrap(), [true]);
+        assert_eq!(op.delete_node("n1").await.unwrap(), std::slice::from_ref(&grant));
+        op.expire_released().await.unwrap();
+    }
+    let reqs = settled(&api, from).await;
+    assert!(reqs.iter().any(|r| r.verb == "delete" && r.resource == "allotnodes"), "the operator removed the node: {reqs:?}");
+    denied.extend(check("allot-operator", &reqs, &mut operator_used));
+    phases += 1;
+
+    assert_eq!(phases, 4);
+    assert!(denied.is_empty(), "requests deploy/rbac does not allow:\n{}", denied.join("\n"));
+    // Grants no request here used (other code's calls, or candidates for removal): printed.
+    for (role, used) in [("allot-agent", &agent_used), ("allot-operator", &operator_used)] {
+        let unused: Vec<_> = Rbac::for_service_account(role).grants().difference(used).cloned().collect();
+        eprintln!("{role}: grants unused by KubeStore here: {unused:?}");
+    }
+}

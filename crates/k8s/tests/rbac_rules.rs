@@ -1,0 +1,104 @@
+//! deploy/rbac/ read as the apiserver's RBAC authorizer would (tests/support/rbac.rs): each
+//! component may make the calls its code makes and is refused others. The comparison with the
+//! requests the code actually makes on the fake API server uses the same evaluator.
+
+#[path = "support/rbac.rs"]
+mod rbac;
+
+use rbac::{NAMESPACE, Rbac};
+
+#[test]
+fn agent_role_allows_its_calls_and_nothing_else_tried_here() {
+    let a = Rbac::for_service_account("allot-agent");
+    for (verb, av, res, sub, ns) in [
+        ("list", "v1", "pods", None, None),
+        ("watch", "v1", "pods", None, None),
+        ("watch", "v1", "namespaces", None, None),
+        ("get", "allot.dev/v1", "ippools", None, None),
+        ("delete", "allot.dev/v1", "ipblocks", None, None),
+        ("create", "allot.dev/v1", "allotnodes", None, None),
+        ("patch", "allot.dev/v1", "allotnodes", None, None),
+        ("create", "coordination.k8s.io/v1", "leases", None, Some(NAMESPACE)),
+        ("update", "coordination.k8s.io/v1", "leases", None, Some(NAMESPACE)),
+    ] {
+        assert!(a.allows(verb, av, res, sub, ns), "agent may not {verb} {av} {res} {sub:?} in {ns:?}");
+    }
+    for (verb, av, res, sub, ns) in [
+        ("get", "v1", "secrets", None, Some(NAMESPACE)),
+        ("create", "allot.dev/v1", "ipblocks", None, None),
+        ("update", "allot.dev/v1", "ippools", None, None),
+        ("patch", "allot.dev/v1", "allotnodes", Some("status"), None),
+        ("update", "allot.dev/v1", "allotnodes", None, None),
+        ("list", "v1", "nodes", None, None),
+        ("create", "coordination.k8s.io/v1", "leases", None, Some("default")),
+        ("list", "coordination.k8s.io/v1", "leases", None, None),
+        ("delete", "v1", "pods", None, None),
+    ] {
+        assert!(!a.allows(verb, av, res, sub, ns), "agent may {verb} {av} {res} {sub:?} in {ns:?}");
+    }
+}
+
+#[test]
+fn operator_role_allows_its_calls_and_nothing_else_tried_here() {
+    let o = Rbac::for_service_account("allot-operator");
+    for (verb, av, res, sub, ns) in [
+        ("create", "allot.dev/v1", "ipblocks", None, None),
+        ("delete", "allot.dev/v1", "ipblocks", None, None),
+        ("watch", "allot.dev/v1", "ippools", None, None),
+        ("patch", "allot.dev/v1", "allotnodes", Some("status"), None),
+        ("delete", "allot.dev/v1", "allotnodes", None, None),
+        ("watch", "v1", "nodes", None, None),
+        ("update", "coordination.k8s.io/v1", "leases", None, Some(NAMESPACE)),
+        ("list", "coordination.k8s.io/v1", "leases", None, Some(NAMESPACE)),
+    ] {
+        assert!(o.allows(verb, av, res, sub, ns), "operator may not {verb} {av} {res} {sub:?} in {ns:?}");
+    }
+    for (verb, av, res, sub, ns) in [
+        ("list", "v1", "secrets", None, None),
+        ("list", "v1", "pods", None, None),
+        ("delete", "allot.dev/v1", "ippools", None, None),
+        ("create", "allot.dev/v1", "allotnodes", None, None),
+        ("delete", "v1", "nodes", None, None),
+        ("update", "coordination.k8s.io/v1", "leases", None, Some("kube-system")),
+    ] {
+        assert!(!o.allows(verb, av, res, sub, ns), "operator may {verb} {av} {res} {sub:?} in {ns:?}");
+    }
+}
+
+/// The whole grant set, so that a change to deploy/rbac/ is a deliberate change here too.
+#[test]
+fn grants_are_exactly_the_documented_table() {
+    let fmt = |sa: &str| -> Vec<String> {
+        Rbac::for_service_account(sa)
+            .grants()
+            .iter()
+            .map(|(g, r, v, ns)| format!("{g}/{r} {v}{}", ns.as_deref().map(|n| format!(" in {n}")).unwrap_or_default()))
+            .collect()
+    };
+    let agent = fmt("allot-agent");
+    let operator = fmt("allot-operator");
+    let verbs = |g: &str, r: &str, vs: &str, ns: &str| -> Vec<String> { vs.split(' ').map(|v| format!("{g}/{r} {v}{ns}")).collect() };
+    let mut want_agent: Vec<String> = [
+        verbs("", "namespaces", "list watch", ""),
+        verbs("", "pods", "get list watch", ""),
+        verbs("allot.dev", "allotnodes", "create get list patch watch", ""),
+        verbs("allot.dev", "ipblocks", "delete get list watch", ""),
+        verbs("allot.dev", "ippools", "get list watch", ""),
+        verbs("coordination.k8s.io", "leases", "create delete get list update watch", " in allot-system"),
+    ]
+    .concat();
+    want_agent.sort();
+    let mut want_operator: Vec<String> = [
+        verbs("", "namespaces", "list watch", ""),
+        verbs("", "nodes", "get list watch", ""),
+        verbs("allot.dev", "allotnodes", "delete get list watch", ""),
+        verbs("allot.dev", "allotnodes/status", "patch", ""),
+        verbs("allot.dev", "ipblocks", "create delete get list update watch", ""),
+        verbs("allot.dev", "ippools", "get list watch", ""),
+        verbs("coordination.k8s.io", "leases", "create delete get list patch update watch", " in allot-system"),
+    ]
+    .concat();
+    want_operator.sort();
+    assert_eq!(agent, want_agent);
+    assert_eq!(operator, want_operator);
+}

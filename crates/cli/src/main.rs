@@ -45,6 +45,9 @@ enum Command {
     Status(cmd::status::Args),
     /// Release allocations whose network namespace no longer exists.
     Gc(cmd::gc::Args),
+    /// Adopt addresses another IPAM handed out on this node (CNI migration).
+    #[command(subcommand)]
+    Adopt(cmd::adopt::AdoptCmd),
 }
 
 /// `println!` panics when stdout is a closed pipe (`allot ... | head -c1`); like other Unix
@@ -81,6 +84,7 @@ fn main() {
             Command::Allocations(c) => cmd::allocations::exec(c, &b),
             Command::Status(a) => cmd::status::exec(a, &b),
             Command::Gc(a) => cmd::gc::exec(a, &b),
+            Command::Adopt(c) => cmd::adopt::exec(c, &b),
             _ => unreachable!("handled above"),
         }),
     };

@@ -1,3 +1,4 @@
+pub mod adopt;
 pub mod agent;
 pub mod allocations;
 pub mod gc;
@@ -7,3 +8,5 @@ pub mod node;
 pub mod operator;
 pub mod pool;
 pub mod status;
+pub mod node_cleanup;
+pub mod node_switch;

@@ -124,7 +124,7 @@ fn marks(cni: Cni) -> Marks {
 /// One leftover and how it goes.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Item {
-    /// (family flag "-4"/"-6", table, chain, jump rules as `-A CHAIN ...` lines to delete)
+    /// An iptables chain (IPv6 when `v6`); a jump is a rule of another chain as iptables-save prints it.
     Chain { v6: bool, table: String, chain: String },
     Jump { v6: bool, table: String, rule: String },
     NftTable { family: String, name: String },

@@ -12,6 +12,9 @@ ensure_packages() {
     # The CRI tests run a private containerd (runc comes with it) and build a static pause binary.
     command -v containerd >/dev/null 2>&1 || need+=(containerd)
     [ -n "$(find /usr/lib -name libc.a -print -quit 2>/dev/null)" ] || need+=(libc6-dev)
+    # allot node cleanup (and its tests) reads and removes iptables and nftables chains.
+    command -v iptables-save >/dev/null 2>&1 || need+=(iptables)
+    command -v nft >/dev/null 2>&1 || need+=(nftables)
     if [ ${#need[@]} -gt 0 ]; then
         if [ "$(id -u)" != 0 ]; then
             echo "missing ${need[*]}: run as root (sudo) so they can be installed" >&2

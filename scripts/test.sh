@@ -25,3 +25,6 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --workspace --locked --no-fail-fast "$@"
 fi
+
+# The CNI migration lab (issue 12): adopt, switch, restart, cleanup on 2 nodes x 2 pods.
+scripts/migration-lab.sh

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use allot_core::Pool;
 use allot_store::{Store, node_resource, pool_from_resource, pool_resource};
 use allot_wire::{
-    AddRequest, Allocation, AnnotateRequest, ApplyRequest, ApplyResult, ErrorKind, GcRequest, GcResponse,
+    AddRequest, AdoptHostLocalRequest, AdoptPodCidrRequest, AdoptResponse, Allocation, AnnotateRequest, ApplyRequest, ApplyResult, ErrorKind, GcRequest, GcResponse,
     NamespaceResource, NodeResource, ObjectMeta, OwnerRequest, PoolResource, Status, SweepRequest,
 };
 use axum::extract::{Path, State};
@@ -43,6 +43,8 @@ pub fn router<S: Store>(node: Arc<Node<S>>) -> Router {
         .route("/v1/status", get(status::<S>))
         .route("/v1/allocations", get(allocations::<S>))
         .route("/v1/gc", post(sweep::<S>))
+        .route("/v1/adopt/host-local", post(adopt_host_local::<S>))
+        .route("/v1/adopt/pod-cidr", post(adopt_pod_cidr::<S>))
         .route("/v1/pools", get(pools::<S>).post(apply_pools::<S>))
         .route("/v1/pools/{name}", get(pool::<S>).delete(delete_pool::<S>))
         .route("/v1/nodes", get(nodes::<S>))
@@ -111,6 +113,14 @@ async fn allocations<S: Store>(State(n): Shared<S>) -> ApiResult<Vec<Allocation>
 
 async fn sweep<S: Store>(State(n): Shared<S>, Json(req): Json<SweepRequest>) -> ApiResult<GcResponse> {
     n.sweep(req.dry_run).await.map(Json)
+}
+
+async fn adopt_host_local<S: Store>(State(n): Shared<S>, Json(req): Json<AdoptHostLocalRequest>) -> ApiResult<AdoptResponse> {
+    n.adopt_host_local(&req).await.map(Json).inspect_err(|e| tracing::warn!(dir = %req.dir, error = %e, "adoption refused"))
+}
+
+async fn adopt_pod_cidr<S: Store>(State(n): Shared<S>, Json(req): Json<AdoptPodCidrRequest>) -> ApiResult<AdoptResponse> {
+    n.adopt_pod_cidr(&req).await.map(Json).inspect_err(|e| tracing::warn!(cidr = %req.cidr, error = %e, "pod CIDR adoption refused"))
 }
 
 async fn pools<S: Store>(State(n): Shared<S>) -> ApiResult<Vec<PoolResource>> {

@@ -39,6 +39,8 @@ pub struct AgentConfig {
     pub reserve_gateway: bool,
     /// Where to serve /metrics, /healthz, /readyz and the status page (off when None).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// host-local network directories to adopt at start (`--adopt-host-local`).
+    pub adopt_host_local: Vec<PathBuf>,
 }
 
 impl AgentConfig {
@@ -57,6 +59,7 @@ impl AgentConfig {
             direct_routes: false,
             reserve_gateway: true,
             metrics_addr: None,
+            adopt_host_local: Vec::new(),
         }
     }
 

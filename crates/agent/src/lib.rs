@@ -17,6 +17,7 @@ mod api;
 pub mod cluster_web;
 pub mod config;
 pub mod datadir;
+pub mod hostlocal;
 pub mod lazy_store;
 pub mod metrics;
 #[cfg(feature = "etcd")]
@@ -32,7 +33,7 @@ pub mod routes;
 pub use config::AgentConfig;
 pub use datadir::DataDir;
 pub use lazy_store::LazyStore;
-pub use node::Node;
+pub use node::{Node, RESCAN_EVERY};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -151,6 +152,7 @@ pub async fn serve<S: Store>(
     let loops = [
         tokio::spawn(node.clone().demand_loop(stop.clone())),
         tokio::spawn(node.clone().watch_loop(stop.clone())),
+        tokio::spawn(node.clone().adopt_loop(stop.clone())),
     ];
     let app = api::router(node);
     let result = server::run(listener, app, server::Limits::default(), shutdown)

@@ -22,6 +22,9 @@ use crate::AgentError;
 use crate::config::AgentConfig;
 use crate::records::{Op, Queued, Records};
 
+mod adopt;
+pub use adopt::RESCAN_EVERY;
+
 /// The last cluster view the agent read, kept in its data dir so that it can serve from its
 /// blocks when it starts while the store is unreachable.
 const VIEW_FILE: &str = "cluster-view.json";
@@ -57,6 +60,10 @@ struct State {
     conflicts: BTreeSet<(String, IpNet)>,
     /// Unix seconds of the last complete read of the node's view from the store.
     confirmed_at: u64,
+    /// Blocks of adopted pod CIDRs: never given back while listed here.
+    pinned: BTreeSet<(String, IpNet)>,
+    /// Set while host-local directories given at start are not adopted yet: no new addresses.
+    adoption_blocked: Option<String>,
 }
 
 /// What `VIEW_FILE` holds.
@@ -97,6 +104,8 @@ pub struct Node<S> {
     blocks_sync: tokio::sync::Mutex<Option<ClusterView>>,
     /// Failed direct routes, written by the routes loop (cluster mode).
     pub(crate) route_failures: Mutex<Vec<RouteFailure>>,
+    /// What was adopted from where (`adoptions.json`).
+    adoptions: Mutex<adopt::Adoptions>,
 }
 
 fn now_unix() -> u64 {
@@ -120,6 +129,11 @@ impl<S: Store> Node<S> {
         let (records, replay) = Records::open_replay(&cfg.data_dir.join("allocations.journal"))
             .map_err(|e| AgentError::Internal(e.to_string()))?;
         let saved = read_saved_view(&cfg.data_dir.join(VIEW_FILE));
+        let adoptions = adopt::read_adoptions(&cfg.data_dir);
+        let pinned: BTreeSet<(String, IpNet)> =
+            adoptions.pod_cidrs.iter().flat_map(|p| p.blocks.iter().map(|b| (p.pool.clone(), *b))).collect();
+        let adoption_blocked = (!cfg.adopt_host_local.is_empty())
+            .then(|| "adopting the host-local directories given with --adopt-host-local: no new addresses before that".to_string());
         let node = Arc::new(Node {
             state: Mutex::new(State {
                 alloc: NodeAllocator::new(),
@@ -141,6 +155,8 @@ impl<S: Store> Node<S> {
                 conflicts: BTreeSet::new(),
                 confirmed_at: saved.as_ref().map_or(0, |v| v.confirmed_at),
                 saved: saved.clone(),
+                pinned,
+                adoption_blocked,
             }),
             cfg,
             store,
@@ -149,6 +165,7 @@ impl<S: Store> Node<S> {
             demand_changed: Notify::new(),
             blocks_sync: tokio::sync::Mutex::new(None),
             route_failures: Mutex::new(Vec::new()),
+            adoptions: Mutex::new(adoptions),
         });
         node.restore(replay, saved.unwrap_or_default());
         Ok(node)
@@ -173,6 +190,9 @@ impl<S: Store> Node<S> {
             self.add_block(&mut st, &pool, block);
         }
         self.want_missing_blocks(&mut st);
+        // Adopted pod CIDRs this node lost track of are claimed back like allocations' blocks.
+        let pinned: Vec<(String, IpNet)> = st.pinned.iter().filter(|(p, b)| !st.alloc.holds(p, b)).cloned().collect();
+        st.wanted.extend(pinned);
         for (pool, ip) in replay.resume_after {
             st.alloc.resume_after(&pool, ip);
         }
@@ -600,7 +620,7 @@ impl<S: Store> Node<S> {
             let queued = self.records.enqueue(vec![Op::Put(existing.clone())]);
             return Ok(Taken::Existing(existing.clone(), queued));
         }
-        if let Some(why) = self.stale_view(&st) {
+        if let Some(why) = self.stale_view(&st).or_else(|| st.adoption_blocked.clone()) {
             return Ok(Taken::Stale(why));
         }
         let choice = match self.choose(&st, req) {
@@ -617,6 +637,7 @@ impl<S: Store> Node<S> {
                     pod: req.pod.clone(),
                     ips,
                     created: now_unix(),
+                    source: Default::default(),
                 };
                 st.owners.insert(a.owner.clone(), a.clone());
                 let queued = self.records.enqueue(vec![Op::Put(a.clone())]);
@@ -682,6 +703,7 @@ impl<S: Store> Node<S> {
                 }
             }
         }
+        self.note_released(&taken);
         self.room_changed.notify_waiters();
         self.demand_changed.notify_one();
         Ok(taken)
@@ -870,7 +892,7 @@ impl<S: Store> Node<S> {
                 format!("no IP pool known yet: {}", describe_outage(&st.store))
             });
         }
-        if let Some(why) = self.stale_view(st) {
+        if let Some(why) = self.stale_view(st).or_else(|| st.adoption_blocked.clone()) {
             return not(why);
         }
         if !st.store.reachable {
@@ -935,6 +957,9 @@ impl<S: Store> Node<S> {
             for (pool, family) in keys {
                 let needed = demand.iter().find(|(p, f, _)| *p == pool && *f == family).map_or(0, |(_, _, n)| *n);
                 for block in st.alloc.releasable(&pool, family, u128::from(needed)) {
+                    if st.pinned.contains(&(pool.clone(), block)) {
+                        continue;
+                    }
                     st.alloc.set_draining(&pool, &block, true);
                     out.push((pool.clone(), block));
                 }

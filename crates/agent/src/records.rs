@@ -439,6 +439,7 @@ mod tests {
             pod: PodRef::default(),
             ips: vec![AllocatedIp { address: format!("10.0.{}.{}/16", i / 250, i % 250 + 1).parse().unwrap(), pool: "p".into(), gateway: None }],
             created: 1,
+            source: Default::default(),
         }
     }
 

@@ -59,6 +59,9 @@ enum Command {
     /// Move the cluster from one CNI to another (plan first).
     #[command(subcommand)]
     Migrate(cmd::migrate::MigrateCmd),
+    /// Adopt addresses another IPAM handed out on this node (CNI migration).
+    #[command(subcommand)]
+    Adopt(cmd::adopt::AdoptCmd),
 }
 
 /// `println!` panics when stdout is a closed pipe (`allot ... | head -c1`); like other Unix
@@ -101,6 +104,7 @@ fn main() {
             Command::Allocations(c) => cmd::allocations::exec(c, &b),
             Command::Status(a) => cmd::status::exec(a, &b),
             Command::Gc(a) => cmd::gc::exec(a, &b),
+            Command::Adopt(c) => cmd::adopt::exec(c, &b),
             _ => unreachable!("handled above"),
         }),
     };

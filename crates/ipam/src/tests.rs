@@ -117,6 +117,7 @@ fn results_in_each_versions_shape() {
             allot_wire::AllocatedIp { address: "fd00::5/120".parse().unwrap(), pool: "p".into(), gateway: Some("fd00::1".parse().unwrap()) },
         ],
         created: 0,
+        source: Default::default(),
     };
     let conf = parse_config(CONF.as_bytes()).unwrap();
     for v in SUPPORTED_VERSIONS {
@@ -341,6 +342,7 @@ fn alloc(ips: &[(&str, Option<&str>)]) -> Allocation {
             .map(|(a, gw)| allot_wire::AllocatedIp { address: a.parse().unwrap(), pool: "p".into(), gateway: gw.map(|g| g.parse().unwrap()) })
             .collect(),
         created: 0,
+        source: Default::default(),
     }
 }
 

@@ -205,6 +205,97 @@ pub struct Allocation {
     pub ips: Vec<AllocatedIp>,
     /// Seconds since the Unix epoch.
     pub created: u64,
+    /// Where the allocation came from: a CNI ADD, or adopted from another IPAM. Absent from
+    /// journals and agents older than adoption (then `cni`).
+    #[serde(default)]
+    pub source: AllocationSource,
+}
+
+/// `cni` (an ADD through allot) or `adopted:<from>` (an address another IPAM handed out,
+/// e.g. `adopted:host-local`), as one string on the wire.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum AllocationSource {
+    #[default]
+    Cni,
+    Adopted(String),
+}
+
+impl AllocationSource {
+    pub fn is_adopted(&self) -> bool {
+        matches!(self, AllocationSource::Adopted(_))
+    }
+}
+
+impl std::fmt::Display for AllocationSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AllocationSource::Cni => f.write_str("cni"),
+            AllocationSource::Adopted(from) => write!(f, "adopted:{from}"),
+        }
+    }
+}
+
+impl From<AllocationSource> for String {
+    fn from(s: AllocationSource) -> String {
+        s.to_string()
+    }
+}
+
+impl TryFrom<String> for AllocationSource {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.split_once(':') {
+            None if s == "cni" => Ok(AllocationSource::Cni),
+            Some(("adopted", from)) if !from.is_empty() => Ok(AllocationSource::Adopted(from.to_string())),
+            _ => Err(format!("allocation source {s:?}: expected \"cni\" or \"adopted:<ipam>\"")),
+        }
+    }
+}
+
+/// `allot adopt host-local DIR`: import the reference host-local plugin's allocations.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdoptHostLocalRequest {
+    /// host-local's network directory, `/var/lib/cni/networks/<network>`.
+    pub dir: String,
+    /// The pool the addresses must lie in (default: whichever pool holds each).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Only tell what would be adopted.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// `allot adopt pod-cidr CIDR --pool NAME`: hold a node's old pod CIDR as blocks of a pool.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdoptPodCidrRequest {
+    pub cidr: IpNet,
+    pub pool: String,
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Stop holding the CIDR's blocks for adoption (they are released once empty).
+    #[serde(default)]
+    pub release: bool,
+}
+
+/// What an adoption did (or, dry run, would do).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdoptResponse {
+    /// Allocations created now.
+    pub adopted: Vec<Allocation>,
+    /// Owners already adopted with the same addresses: nothing changed for them.
+    pub unchanged: Vec<Owner>,
+    /// Blocks claimed for this node now (pool, CIDR).
+    pub claimed: Vec<PoolAllocation>,
+    /// Blocks this node already held.
+    pub held: Vec<PoolAllocation>,
+    /// Adopted allocations released because their host-local file is gone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub released: Vec<Owner>,
+    pub dry_run: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -51,6 +51,10 @@ pub struct Args {
     /// e.g. 127.0.0.1:9962 (off by default).
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Adopt this host-local network directory (/var/lib/cni/networks/<network>) at start and
+    /// keep rescanning it; no new addresses until it is adopted. Repeatable.
+    #[arg(long, value_name = "DIR")]
+    adopt_host_local: Vec<PathBuf>,
 }
 
 /// `10s`, `500ms`, `2m`, or plain seconds.
@@ -156,6 +160,7 @@ pub fn build_config(args: &Args, socket: Option<&str>) -> anyhow::Result<AgentCo
     cfg.direct_routes = args.auto_direct_node_routes || file.auto_direct_node_routes.unwrap_or(false);
     cfg.reserve_gateway = args.reserve_gateway.or(file.reserve_gateway).unwrap_or(true);
     cfg.metrics_addr = args.metrics_addr;
+    cfg.adopt_host_local = args.adopt_host_local.iter().map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone())).collect();
     Ok(cfg)
 }
 
@@ -253,6 +258,7 @@ mod tests {
             auto_direct_node_routes: false,
             reserve_gateway: None,
             metrics_addr: None,
+            adopt_host_local: vec![],
         };
         let cfg = build_config(&args, Some("/tmp/x.sock")).unwrap();
         assert_eq!(cfg.node, "n1");

@@ -26,6 +26,8 @@ struct Row {
     namespace: Option<String>,
     pod: Option<String>,
     network: String,
+    /// `cni`, or `adopted:<ipam>` for an address adopted from the old CNI.
+    source: String,
 }
 
 pub fn exec(cmd: AllocationsCmd, backend: &Backend) -> anyhow::Result<()> {
@@ -43,15 +45,16 @@ pub fn exec(cmd: AllocationsCmd, backend: &Backend) -> anyhow::Result<()> {
                 namespace: a.pod.namespace.clone(),
                 pod: a.pod.name.clone(),
                 network: a.owner.network.clone(),
+                source: a.source.to_string(),
             })
         })
         .collect();
     print(output, &rows, || {
-        let mut t = Table::new(&["ip", "pool", "container", "ifname", "namespace", "pod", "network"]);
+        let mut t = Table::new(&["ip", "pool", "container", "ifname", "namespace", "pod", "network", "source"]);
         for r in &rows {
             let short: String = r.container_id.chars().take(12).collect();
             let dash = |s: &Option<String>| s.clone().unwrap_or_else(|| "-".into());
-            t.row(vec![r.ip.clone(), r.pool.clone(), short, r.ifname.clone(), dash(&r.namespace), dash(&r.pod), r.network.clone()]);
+            t.row(vec![r.ip.clone(), r.pool.clone(), short, r.ifname.clone(), dash(&r.namespace), dash(&r.pod), r.network.clone(), r.source.clone()]);
         }
         t
     })

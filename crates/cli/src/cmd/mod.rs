@@ -1,3 +1,4 @@
+pub mod adopt;
 pub mod agent;
 pub mod allocations;
 pub mod crds;
@@ -13,3 +14,5 @@ pub mod pool;
 pub mod status;
 #[cfg(feature = "webhook")]
 pub mod webhook;
+pub mod node_cleanup;
+pub mod node_switch;

@@ -30,6 +30,12 @@ pub enum NodeCmd {
         #[arg(long, value_name = "DURATION")]
         grace: Option<String>,
     },
+    /// Make a new CNI conflist the one the runtime uses on this node (old configs kept aside
+    /// for --rollback).
+    Switch(super::node_switch::Args),
+    /// Remove what an old CNI left on this node: config files, links, routes, iptables and
+    /// nftables chains. Refused while pods still use it.
+    Cleanup(super::node_cleanup::Args),
 }
 
 fn node_table(nodes: &[NodeResource]) -> Table {
@@ -79,5 +85,7 @@ pub fn exec(cmd: NodeCmd, backend: &Backend) -> anyhow::Result<()> {
             println!("node/{name} deleted ({released} blocks released)");
             Ok(())
         }
+        NodeCmd::Switch(args) => super::node_switch::exec(args),
+        NodeCmd::Cleanup(args) => super::node_cleanup::exec(args, backend),
     }
 }

@@ -1,0 +1,347 @@
+//! The node side of a CNI migration (issue 12), as root with real parts: Debian's `host-local`
+//! plugin writes the old CNI's leases, `allot agent` adopts them, `allot-ipam` makes ADDs and
+//! DELs as a runtime would; `allot node switch` on a config directory; `allot node cleanup`
+//! inside a network namespace the test builds with flannel-, calico- and cilium-like leftovers.
+
+mod harness;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use allot_store::Store;
+use harness::*;
+use serde_json::{Value, json};
+
+const HOST_LOCAL: &str = "/usr/lib/cni/host-local";
+
+/// host-local run directly as the old CNI's IPAM (as `bridge` would run it): its network
+/// directory ends up in `data/<network>`.
+fn host_local(cmd: &str, data: &Path, network: &str, subnet: &str, id: &str) -> (i32, Value) {
+    let conf = json!({"cniVersion": "1.0.0", "name": network, "type": "bridge",
+        "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]], "dataDir": data}});
+    let call = CniCall { plugin: Path::new(HOST_LOCAL), command: cmd, container_id: id, netns: "/proc/self/ns/net", ifname: "eth0", args: "" };
+    cni(&call, &conf)
+}
+
+/// allot-ipam run as the new CNI's IPAM.
+fn allot_ipam(agent: &Agent, cmd: &str, network: &str, id: &str) -> (i32, Value) {
+    let conf = json!({"cniVersion": "1.0.0", "name": network, "type": "bridge", "ipam": {"type": "allot-ipam", "socket": agent.socket}});
+    let plugin = bin_dir().join("allot-ipam");
+    let call = CniCall { plugin: &plugin, command: cmd, container_id: id, netns: "/proc/self/ns/net", ifname: "eth0", args: "" };
+    cni(&call, &conf)
+}
+
+/// ip -> (containerID, source) from `allot allocations list -o json`.
+fn listed(agent: &Agent) -> BTreeMap<String, (String, String)> {
+    agent
+        .cli_json(&["allocations", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["ip"].as_str().unwrap().to_string(), (r["containerID"].as_str().unwrap().to_string(), r["source"].as_str().unwrap().to_string())))
+        .collect()
+}
+
+fn ip_of(result: &Value) -> String {
+    ips_of(result)[0].split('/').next().unwrap().to_string()
+}
+
+/// Issue 12, point 1, through the real host-local and allot-ipam: a /28 filled by host-local
+/// (10 of 13 pod addresses), adopted; allot hands out exactly the 3 others, then code 11;
+/// adopting again changes nothing; a restart keeps the adopted marks; host-local's DEL frees
+/// its address (the rescan sees the file gone) and allot hands it out again; an allot DEL of
+/// an adopted owner frees it too and the rescan does not adopt it back; cleanup is refused
+/// while adopted allocations of the old network live.
+#[test]
+fn adopted_host_local_addresses_are_never_handed_out_and_freed_after_the_old_del() {
+    require_root();
+    let old = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start("n1", &["--pool", "mig=10.77.0.0/28@28", "--default-pool", "mig", "--pre-allocation", "mig=0", "--add-wait", "300ms"]);
+    let mut adopted = Vec::new();
+    for i in 0..10 {
+        let (code, r) = host_local("ADD", old.path(), "oldnet", "10.77.0.0/28", &format!("old{i}"));
+        assert_eq!(code, 0, "host-local ADD: {r}");
+        adopted.push(ip_of(&r));
+    }
+    let dir = old.path().join("oldnet");
+    assert!(dir.join("lock").exists() && dir.join("last_reserved_ip.0").exists(), "host-local's own files are there");
+    let dir_s = dir.to_str().unwrap();
+
+    let (ok, out, err) = agent.cli(&["adopt", "host-local", dir_s, "--dry-run"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("would adopt oldnet/old0/eth0 10.77.0.2") && out.contains("dry run"), "{out}");
+    assert!(listed(&agent).is_empty(), "a dry run adopts nothing");
+
+    let (ok, out, err) = agent.cli(&["adopt", "host-local", dir_s]);
+    assert!(ok, "{err}");
+    assert!(out.contains("10 adopted, 0 already adopted") && out.contains("claim block 10.77.0.0/28 of pool mig"), "{out}");
+    let list = listed(&agent);
+    for ip in &adopted {
+        assert_eq!(list[ip].1, "adopted:host-local", "{ip}: {list:?}");
+    }
+    let (ok, table, _) = agent.cli(&["allocations", "list"]);
+    assert!(ok && table.contains("SOURCE") && table.contains("adopted:host-local"), "{table}");
+
+    let (ok, out, err) = agent.cli(&["adopt", "host-local", dir_s]);
+    assert!(ok, "{err}");
+    assert!(out.contains("0 adopted, 10 already adopted (unchanged), 0 block(s) claimed, 1 already held"), "adopting twice is a no-op: {out}");
+
+    let mut new = Vec::new();
+    for i in 0..3 {
+        let (code, r) = allot_ipam(&agent, "ADD", "newnet", &format!("new{i}"));
+        assert_eq!(code, 0, "allot ADD {i}: {r}");
+        new.push(ip_of(&r));
+    }
+    assert_eq!(new, vec!["10.77.0.12", "10.77.0.13", "10.77.0.14"], "only the addresses host-local did not hand out");
+    let (code, r) = allot_ipam(&agent, "ADD", "newnet", "new3");
+    assert!(code != 0 && r["code"] == 11, "the block is full: every other address is adopted: {r}");
+
+    // A restart keeps the marks (the journal records the source).
+    assert!(agent.terminate());
+    agent.spawn();
+    let list = listed(&agent);
+    assert_eq!(list.values().filter(|(_, s)| s == "adopted:host-local").count(), 10, "{list:?}");
+    let (code, r) = allot_ipam(&agent, "ADD", "newnet", "new3");
+    assert!(code != 0 && r["code"] == 11, "still full after the restart: {r}");
+
+    // Cleanup refuses while the old network's pods live (their adopted allocations).
+    let conf = tempfile::tempdir().unwrap();
+    std::fs::write(conf.path().join("10-flannel.conflist"), r#"{"cniVersion":"1.0.0","name":"oldnet","plugins":[{"type":"flannel"}]}"#).unwrap();
+    let ns = Netns::new();
+    let sock = agent.socket.to_str().unwrap().to_string();
+    let (ok, _, err) = allot(Some(&ns.name), &["--socket", &sock, "node", "cleanup", "--from", "flannel", "--cni-conf-dir", conf.path().to_str().unwrap()]);
+    assert!(!ok && err.contains("pods still run on the old CNI") && err.contains("adopted allocation oldnet/old0/eth0"), "{err}");
+    assert!(conf.path().join("10-flannel.conflist").exists(), "refused cleanup removes nothing");
+
+    // The old plugin's DEL removes the file: the rescan frees the address, allot hands it out.
+    let (code, r) = host_local("DEL", old.path(), "oldnet", "10.77.0.0/28", "old0");
+    assert_eq!(code, 0, "{r}");
+    assert!(!dir.join("10.77.0.2").exists());
+    poll("the rescan frees 10.77.0.2", Duration::from_secs(10), || (!listed(&agent).contains_key("10.77.0.2")).then_some(()));
+    let (code, r) = allot_ipam(&agent, "ADD", "newnet", "new3");
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(ip_of(&r), "10.77.0.2", "the freed address is handed out again");
+
+    // An allot DEL of an adopted owner frees it; its file stays, and is not adopted back.
+    let (code, r) = allot_ipam(&agent, "DEL", "oldnet", "old1");
+    assert_eq!(code, 0, "{r}");
+    assert!(dir.join("10.77.0.3").exists());
+    std::thread::sleep(allot_agent::RESCAN_EVERY * 2);
+    assert!(!listed(&agent).contains_key("10.77.0.3"), "not adopted again after allot's DEL");
+    let (code, r) = allot_ipam(&agent, "ADD", "newnet", "new4");
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(ip_of(&r), "10.77.0.3");
+    assert!(agent.log().contains("adopted allocation freed"), "{}", agent.log());
+}
+
+/// A block held by another node: adoption names the node and changes nothing (embedded store
+/// seeded before the agent opens it); an address in no pool is refused with the pools.
+#[test]
+fn adoption_is_refused_when_another_node_holds_the_block_or_no_pool_has_the_address() {
+    require_root();
+    let mut agent = Agent::unstarted(None, "n1", &["--pool", "mig=10.78.0.0/24@28", "--default-pool", "mig", "--pre-allocation", "mig=0"]);
+    let store_path = agent.data_dir().join("cluster.redb");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    {
+        let store = allot_store::EmbeddedStore::open(&store_path).unwrap();
+        let (_, spec) = parse_pool("10.78.0.0/24", 28);
+        rt.block_on(store.apply_pools(vec![allot_core::Pool { name: "mig".into(), spec }])).unwrap();
+        rt.block_on(store.register_node("n2", None)).unwrap();
+        let g = allot_core::BlockGrant { pool: "mig".into(), cidr: "10.78.0.16/28".parse().unwrap(), node: "n2".into() };
+        assert!(rt.block_on(store.grant_block(&g)).unwrap());
+    }
+    agent.spawn();
+    let old = tempfile::tempdir().unwrap();
+    for i in 0..3 {
+        let (code, r) = host_local("ADD", old.path(), "oldnet", "10.78.0.0/27", &format!("old{i}"));
+        assert_eq!(code, 0, "{r}");
+    }
+    // The third lease is moved into n2's block, as if the old CNI had used that range.
+    let dir = old.path().join("oldnet");
+    std::fs::rename(dir.join("10.78.0.4"), dir.join("10.78.0.20")).unwrap();
+    let (ok, _, err) = agent.cli(&["adopt", "host-local", dir.to_str().unwrap()]);
+    assert!(!ok, "refused");
+    assert!(err.contains("block 10.78.0.16/28 of pool \"mig\" is held by node \"n2\"") && err.contains("nothing was adopted"), "{err}");
+    assert!(agent.cli_json(&["allocations", "list"]).as_array().unwrap().is_empty(), "nothing adopted");
+    let n1 = agent.cli_json(&["node", "get", "n1"]);
+    assert!(n1["spec"]["ipam"]["pools"]["allocated"].as_array().is_none_or(|a| a.is_empty()), "no block claimed: {n1}");
+    let n2 = agent.cli_json(&["node", "get", "n2"]);
+    assert_eq!(n2["spec"]["ipam"]["pools"]["allocated"][0]["cidrs"], json!(["10.78.0.16/28"]), "n2 keeps its block");
+
+    // An address outside every pool.
+    std::fs::rename(dir.join("10.78.0.20"), dir.join("10.99.0.7")).unwrap();
+    let (ok, _, err) = agent.cli(&["adopt", "host-local", dir.to_str().unwrap()]);
+    assert!(!ok && err.contains("10.99.0.7") && err.contains("mig (10.78.0.0/24)"), "{err}");
+    assert!(agent.cli_json(&["allocations", "list"]).as_array().unwrap().is_empty());
+
+    // The node's old pod CIDR: its blocks are claimed; one held by n2 is refused by name.
+    let (ok, _, err) = agent.cli(&["adopt", "pod-cidr", "10.78.0.0/27", "--pool", "mig"]);
+    assert!(!ok && err.contains("held by node \"n2\""), "{err}");
+    let (ok, out, err) = agent.cli(&["adopt", "pod-cidr", "10.78.0.64/27", "--pool", "mig"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("claim block 10.78.0.64/28") && out.contains("claim block 10.78.0.80/28"), "{out}");
+    // Pinned: the empty blocks are not given back (the demand loop runs every second).
+    std::thread::sleep(Duration::from_secs(3));
+    let n1 = agent.cli_json(&["node", "get", "n1"]);
+    assert_eq!(n1["spec"]["ipam"]["pools"]["allocated"][0]["cidrs"], json!(["10.78.0.64/28", "10.78.0.80/28"]), "{n1}");
+}
+
+fn parse_pool(cidr: &str, mask: u8) -> (String, allot_core::PoolSpec) {
+    let spec = allot_core::PoolSpec {
+        ipv4: Some(allot_core::FamilySpec { cidrs: vec![cidr.parse().unwrap()], mask_size: mask }),
+        ..Default::default()
+    };
+    ("mig".into(), spec)
+}
+
+fn dir_bytes(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.path().is_file() {
+            out.insert(e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap());
+        }
+    }
+    out
+}
+
+/// Issue 12, point 2: the switch puts allot's conflist first in libcni's order, moves the old
+/// configs aside, and the rollback restores them byte for byte; a bad conflist and a dry run
+/// change nothing.
+#[test]
+fn switch_installs_first_and_rollback_restores_byte_for_byte() {
+    let d = tempfile::tempdir().unwrap();
+    let conf = d.path().join("net.d");
+    std::fs::create_dir(&conf).unwrap();
+    std::fs::write(conf.join("10-flannel.conflist"), "{\"name\":\"cbr0\",\"cniVersion\":\"0.3.1\",\"plugins\":[{\"type\":\"flannel\"}]}\n").unwrap();
+    std::fs::write(conf.join("00-aaa.conf"), "{\"name\":\"x\",\"type\":\"bridge\"}").unwrap();
+    std::fs::write(conf.join("99-loopback.json"), "{}").unwrap();
+    std::fs::write(conf.join("README"), "not a config").unwrap();
+    let before = dir_bytes(&conf);
+    let new = d.path().join("allot.conflist");
+    let conf_s = conf.to_str().unwrap();
+
+    std::fs::write(&new, r#"{"cniVersion":"1.0.0","name":"podnet","plugins":[{"type":"bridge"}]"#).unwrap();
+    let (ok, _, err) = allot(None, &["node", "switch", "--conflist", new.to_str().unwrap(), "--cni-conf-dir", conf_s]);
+    assert!(!ok && err.contains("not valid JSON"), "{err}");
+    std::fs::write(&new, r#"{"cniVersion":"1.0.0","plugins":[{"type":"bridge"}]}"#).unwrap();
+    let (ok, _, err) = allot(None, &["node", "switch", "--conflist", new.to_str().unwrap(), "--cni-conf-dir", conf_s]);
+    assert!(!ok && err.contains("\"name\""), "{err}");
+    assert_eq!(dir_bytes(&conf), before, "a refused switch changes nothing");
+
+    let body = r#"{"cniVersion":"1.0.0","name":"podnet","plugins":[{"type":"bridge","ipam":{"type":"allot-ipam"}}]}"#;
+    std::fs::write(&new, body).unwrap();
+    let (ok, out, err) = allot(None, &["node", "switch", "--conflist", new.to_str().unwrap(), "--cni-conf-dir", conf_s, "--dry-run"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("would move aside") && out.contains("00-aaa.conf") && out.contains("dry run"), "{out}");
+    assert_eq!(dir_bytes(&conf), before, "dry run changes nothing");
+
+    let (ok, out, err) = allot(None, &["node", "switch", "--conflist", new.to_str().unwrap(), "--cni-conf-dir", conf_s]);
+    assert!(ok, "{err}");
+    let files: Vec<String> = dir_bytes(&conf).into_keys().collect();
+    assert_eq!(files, vec!["00-allot.conflist", "README"], "only allot's config is left for libcni: {out}");
+    assert_eq!(std::fs::read(conf.join("00-allot.conflist")).unwrap(), body.as_bytes());
+    assert!(conf.join(".allot-rollback/state.json").exists());
+
+    // The old CNI's installer writes its config again: a second switch moves it aside too.
+    std::fs::write(conf.join("10-flannel.conflist"), "rewritten").unwrap();
+    let (ok, _, err) = allot(None, &["node", "switch", "--conflist", new.to_str().unwrap(), "--cni-conf-dir", conf_s]);
+    assert!(ok, "{err}");
+    assert!(!conf.join("10-flannel.conflist").exists());
+
+    let (ok, out, err) = allot(None, &["node", "switch", "--rollback", "--cni-conf-dir", conf_s]);
+    assert!(ok, "{err}");
+    assert_eq!(dir_bytes(&conf), before, "the original files, byte for byte, and nothing of allot's: {out}");
+    assert!(!conf.join(".allot-rollback").exists());
+    let (ok, _, err) = allot(None, &["node", "switch", "--rollback", "--cni-conf-dir", conf_s]);
+    assert!(!ok && err.contains("no switch to roll back"), "{err}");
+}
+
+fn sh(ns: &str, cmd: &str) {
+    netns_exec(ns, &["sh", "-ec", cmd]);
+}
+
+fn out(ns: &str, cmd: &str) -> String {
+    let o = Command::new("ip").args(["netns", "exec", ns, "sh", "-c", cmd]).output().unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Issue 12, point 3, inside a fresh network namespace: flannel's leftovers (cni0, flannel.1,
+/// a route over it, FLANNEL-* chains with jumps, an nft table) go; cilium's, an unrelated
+/// chain and an unrelated nft table stay; --dry-run changes nothing; a pod's veth on cni0
+/// stops the cleanup.
+#[test]
+fn cleanup_removes_exactly_the_old_cnis_leftovers() {
+    require_root();
+    let ns = Netns::new();
+    let n = ns.name.as_str();
+    // No IPv6 link-local addresses appearing later and changing the snapshots.
+    sh(n, "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1");
+    sh(n, "ip link add cni0 type bridge && ip addr add 10.244.0.1/24 dev cni0 && ip link set cni0 up");
+    sh(n, "ip link add flannel.1 type vxlan id 1 dstport 8472 nolearning && ip addr add 10.244.0.0/32 dev flannel.1 && ip link set flannel.1 up");
+    sh(n, "ip route add 10.244.1.0/24 via 10.244.1.0 dev flannel.1 onlink");
+    sh(n, "ip link add cilium_host type veth peer name cilium_net && ip link set cilium_net up && ip link set cilium_host up && ip route add 10.0.5.0/24 dev cilium_host");
+    sh(n, "iptables -N FLANNEL-FWD && iptables -A FLANNEL-FWD -s 10.244.0.0/16 -j ACCEPT && iptables -A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD");
+    sh(n, "iptables -t nat -N FLANNEL-POSTRTG && iptables -t nat -A FLANNEL-POSTRTG -j RETURN && iptables -t nat -A POSTROUTING -j FLANNEL-POSTRTG");
+    sh(n, "iptables -N CILIUM_FORWARD && iptables -A FORWARD -j CILIUM_FORWARD");
+    sh(n, "iptables -N MYAPP && iptables -A INPUT -j MYAPP");
+    sh(n, "nft add table ip flannel-ipv4 && nft add chain ip flannel-ipv4 postrtg '{ type nat hook postrouting priority srcnat; }' && nft add table inet myapp");
+    let conf = tempfile::tempdir().unwrap();
+    std::fs::write(conf.path().join("10-flannel.conflist"), r#"{"cniVersion":"0.3.1","name":"cbr0","plugins":[{"type":"flannel"}]}"#).unwrap();
+    std::fs::write(conf.path().join("05-cilium.conf"), r#"{"cniVersion":"0.3.1","name":"cilium","type":"cilium-cni"}"#).unwrap();
+    std::fs::write(conf.path().join("00-allot.conflist"), r#"{"cniVersion":"1.0.0","name":"podnet","plugins":[{"type":"bridge","bridge":"allot0","ipam":{"type":"allot-ipam"}}]}"#).unwrap();
+    let conf_s = conf.path().to_str().unwrap();
+    let snapshot = || {
+        (out(n, "ip -o link show | awk '{print $2}' | sort"), out(n, "iptables-save | grep -v '^#'"), out(n, "iptables-save -t nat | grep -v '^#'"), out(n, "nft list tables"), out(n, "ip -4 route show table all | sed 's/ linkdown//'"))
+    };
+    let cleanup = |extra: &[&str]| {
+        let mut args = vec!["node", "cleanup", "--from", "flannel", "--no-agent", "--cni-conf-dir", conf_s];
+        args.extend_from_slice(extra);
+        allot(Some(n), &args)
+    };
+
+    // A pod still on cni0 stops everything.
+    sh(n, "ip link add vethpod0 type veth peer name podeth0 && ip link set vethpod0 master cni0");
+    let before = snapshot();
+    let (ok, _, err) = cleanup(&[]);
+    assert!(!ok && err.contains("pod interface vethpod0 (veth, on cni0)") && err.contains("nothing was removed"), "{err}");
+    assert_eq!(snapshot(), before, "a refused cleanup removes nothing");
+    sh(n, "ip link del vethpod0");
+
+    let before = snapshot();
+    let (ok, listing, err) = cleanup(&["--dry-run"]);
+    assert!(ok, "{err}");
+    for want in [
+        "would remove link cni0 (bridge)",
+        "would remove link flannel.1 (vxlan)",
+        "would remove route 10.244.1.0/24 dev flannel.1",
+        "would remove iptables chain filter/FLANNEL-FWD",
+        "would remove iptables chain nat/FLANNEL-POSTRTG",
+        "would remove iptables rule filter: -A FORWARD",
+        "would remove iptables rule nat: -A POSTROUTING -j FLANNEL-POSTRTG",
+        "would remove nftables table ip flannel-ipv4",
+        "10-flannel.conflist",
+    ] {
+        assert!(listing.contains(want), "{want:?} missing from:\n{listing}");
+    }
+    for never in ["cilium", "CILIUM", "MYAPP", "myapp", "00-allot"] {
+        assert!(!listing.contains(never), "{never} listed:\n{listing}");
+    }
+    assert_eq!(snapshot(), before, "dry run changes nothing");
+
+    let (ok, done, err) = cleanup(&[]);
+    assert!(ok, "{err}\n{done}");
+    let (links, filter, nat, tables, routes) = snapshot();
+    assert!(!links.contains("cni0") && !links.contains("flannel.1"), "{links}");
+    assert!(links.contains("cilium_host"), "another CNI's link stays: {links}");
+    assert!(!filter.contains("FLANNEL") && !nat.contains("FLANNEL"), "{filter}{nat}");
+    assert!(filter.contains(":CILIUM_FORWARD") && filter.contains("-A FORWARD -j CILIUM_FORWARD"), "{filter}");
+    assert!(filter.contains(":MYAPP") && filter.contains("-A INPUT -j MYAPP"), "{filter}");
+    assert!(!tables.contains("flannel-ipv4") && tables.contains("inet myapp"), "{tables}");
+    assert!(!routes.contains("10.244.1.0/24") && routes.contains("10.0.5.0/24 dev cilium_host"), "{routes}");
+    assert!(!conf.path().join("10-flannel.conflist").exists());
+    assert!(conf.path().join("05-cilium.conf").exists() && conf.path().join("00-allot.conflist").exists());
+    let (ok, again, _) = cleanup(&["--dry-run"]);
+    assert!(ok && again.contains("nothing of Flannel left"), "every listed leftover is gone: {again}");
+}

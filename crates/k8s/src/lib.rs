@@ -8,6 +8,8 @@
 //! - `AllotNode` (cluster-scoped): a node in `CiliumNode` shape (`spec.ipam.pools.requested` and
 //!   `allocated`, `status.ipam.operator-status`).
 
+pub mod migration;
+
 use std::path::Path;
 
 use ipnet::IpNet;
@@ -181,7 +183,7 @@ pub struct OperatorStatus {
 
 /// Every CRD allot installs, in the order `allot crds` prints them.
 pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {
-    vec![IPPool::crd(), IPBlock::crd(), AllotNode::crd()]
+    vec![IPPool::crd(), IPBlock::crd(), AllotNode::crd(), migration::Migration::crd()]
 }
 
 /// The CRDs as multi-document YAML: what `allot crds` prints and `deploy/crds/` holds.

@@ -63,9 +63,9 @@ pub struct Switch {
     /// KKP: the `Cluster` object (in the seed cluster) whose `spec.cniPlugin` is patched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kkp_cluster: Option<String>,
-    /// Objects applied from `--install` (apiVersion/kind/namespace/name), deleted on rollback.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub applied: Vec<ObjectRef>,
+    /// The target's manifests (multi-document YAML), applied server-side.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install: Option<String>,
 }
 
 #[derive(KubeSchema, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -90,6 +90,15 @@ pub struct MigrationStatus {
     pub message: Option<String>,
     #[serde(default)]
     pub nodes: Vec<NodeStatus>,
+    /// The target was switched on (rollback switches back only then).
+    #[serde(default)]
+    pub switched: bool,
+    /// Objects applied from `--install`, deleted again on rollback.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub applied: Vec<ObjectRef>,
+    /// During `RollingBack`: the step it is in (`KubeProxy`, `Switching`, then `Nodes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_step: Option<Phase>,
     /// A bare pod being re-created: its manifest is kept here before it is deleted, so a run
     /// killed between the delete and the create still re-creates it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -112,6 +121,8 @@ pub struct MigrationStatus {
 pub struct PendingRecreate {
     pub namespace: String,
     pub name: String,
+    /// The deleted pod's uid: a pod of that name with another uid is the re-created one.
+    pub uid: String,
     /// The pod's manifest (JSON), as read before the delete.
     pub manifest: String,
 }
@@ -135,6 +146,10 @@ pub struct NodeStatus {
     /// Bare pods left on the old CNI (no `--force-bare`).
     #[serde(default)]
     pub kept: u32,
+    /// Controllers whose pods were restarted here (`Kind namespace/name`): the node is
+    /// verified only once each is fully available again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub owners: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }

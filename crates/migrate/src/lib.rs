@@ -3,3 +3,5 @@
 //! machine over the `Cluster` trait, so every step can be crashed and resumed in tests.
 
 pub mod plan;
+pub mod orchestrate;
+pub mod sim;

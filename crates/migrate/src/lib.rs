@@ -3,5 +3,6 @@
 //! machine over the `Cluster` trait, so every step can be crashed and resumed in tests.
 
 pub mod plan;
+pub mod kube_cluster;
 pub mod orchestrate;
 pub mod sim;

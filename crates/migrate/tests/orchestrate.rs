@@ -165,6 +165,7 @@ fn a_crash_before_any_call_resumes_to_the_same_end() {
         let calls = sim.world.borrow().calls;
         let want = end(&sim);
         assert_eq!(want.phase, Phase::Done);
+        eprintln!("force_bare {force}: {calls} calls in a run, each one crashed and resumed");
         for k in 1..=calls {
             let sim = cluster(3);
             sim.world.borrow_mut().crash_at = Some(k);
@@ -236,6 +237,7 @@ fn rollback_from_every_point_restores_the_old_cni() {
             Err(e) => panic!("k={k}: {e}"),
         }
     }
+    eprintln!("rolled back after a crash at each of {} calls", calls + 1);
     for p in ["Preflight", "Switching", "Nodes", "RemovingOld", "KubeProxy", "Done"] {
         assert!(phases.contains(p), "rollback never started from {p}: {phases:?}");
     }
@@ -253,6 +255,7 @@ fn a_crashed_rollback_resumes() {
     let before = sim.world.borrow().calls;
     rollback(&sim).unwrap();
     let calls = sim.world.borrow().calls - before;
+    eprintln!("{calls} calls in a rollback, each one crashed and resumed");
     for k in 1..=calls {
         let sim = base();
         let at = sim.world.borrow().calls + k;
@@ -270,7 +273,7 @@ fn a_crashed_rollback_resumes() {
 /// Done, or Failed with every node schedulable, and the rules hold at every point.
 #[test]
 fn seeded_faults_are_ridden_out_or_stop_cleanly() {
-    let mut done = 0;
+    let (mut done, mut failed) = (0, 0);
     for seed in 0..40u64 {
         let sim = cluster(seed);
         let mut rng = Rng::new(seed ^ 0xfeed);
@@ -282,7 +285,10 @@ fn seeded_faults_are_ridden_out_or_stop_cleanly() {
                 w.api_down.push((a, a + Duration::from_secs(5 + rng.below(60))));
                 let node = format!("n{}", rng.below(NODES as u64));
                 let a = t0 + Duration::from_secs(rng.below(600));
-                w.node_down.push((node, a, a + Duration::from_secs(5 + rng.below(90))));
+                // Now and then longer than --pod-timeout (300 s): that run must stop cleanly.
+                let long = rng.below(3) == 0;
+                let a = if long { t0 + Duration::from_secs(rng.below(100)) } else { a };
+                w.node_down.push((node, a, a + Duration::from_secs(if long { 330 + rng.below(100) } else { 5 + rng.below(90) })));
             }
             w.crash_at = Some(1 + rng.below(300));
         }
@@ -297,6 +303,7 @@ fn seeded_faults_are_ridden_out_or_stop_cleanly() {
                 assert_eq!((e.phase, e.on_old), (Phase::Done, 1), "seed {seed}: {e:?}");
             }
             Err(Error::Failed { .. }) => {
+                failed += 1;
                 check_rules(&sim, false, &format!("seed {seed} failed"));
                 rollback(&sim).unwrap();
                 check_rolled_back(&sim, &format!("seed {seed} rolled back"));
@@ -304,7 +311,9 @@ fn seeded_faults_are_ridden_out_or_stop_cleanly() {
             Err(e) => panic!("seed {seed}: {e}"),
         }
     }
-    assert!(done >= 30, "only {done}/40 runs rode the faults out");
+    eprintln!("{done}/40 seeded fault runs ended Done, {failed} Failed cleanly and rolled back");
+    assert_eq!(done + failed, 40);
+    assert!(done >= 20 && failed >= 1, "{done} done, {failed} failed: the schedule should give both");
 }
 
 #[test]

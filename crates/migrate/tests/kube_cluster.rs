@@ -184,7 +184,7 @@ async fn fake_api_apply_then_rollback_sends_what_an_apiserver_expects() {
             (r.name.unwrap(), r.body.unwrap()["spec"]["unschedulable"].clone())
         })
         .collect();
-    assert_eq!(cordons.iter().filter(|(n, v)| n == "n1" && *v == json!(true)).count() >= 1, true, "{cordons:?}");
+    assert!(cordons.iter().any(|(n, v)| n == "n1" && *v == json!(true)), "{cordons:?}");
     assert_eq!(cordons.last().unwrap().1, json!(false));
     for n in api.objects("v1", "Node") {
         assert_ne!(n["spec"]["unschedulable"], json!(true), "{n}");
@@ -217,7 +217,7 @@ async fn fake_api_apply_then_rollback_sends_what_an_apiserver_expects() {
     let e = o.rollback().await.unwrap_err().to_string();
     assert!(e.contains("pass --old-manifests PATH"), "{e}");
     assert_eq!(api.objects("apps/v1", "DaemonSet").len(), before);
-    assert_eq!(api.objects("v1", "ConfigMap")[0]["data"]["config.conf"].as_str().unwrap().contains("ipvs"), true, "kube-proxy back first");
+    assert!(api.objects("v1", "ConfigMap")[0]["data"]["config.conf"].as_str().unwrap().contains("ipvs"), "kube-proxy back first");
 
     // With canal's manifests it goes through: canal applied again, cilium's objects deleted.
     let canal = "apiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: canal\n  namespace: kube-system\nspec: {}\n";

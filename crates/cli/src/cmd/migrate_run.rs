@@ -137,12 +137,10 @@ async fn kube_cluster(args: &ClusterArgs, spec: &MigrationSpec) -> anyhow::Resul
         Some(p) => read_manifests(p)?,
         None => vec![],
     };
+    // Both named by flags: the CNI types need not be known ones.
     let mut ds = match CniDaemonSets::of(&spec.from, &spec.to) {
         Ok(ds) => ds,
-        Err(e) if args.old_daemonset.is_some() && args.target_daemonset.is_some() => {
-            let _ = e;
-            CniDaemonSets { old: Default::default(), target: Default::default() }
-        }
+        Err(_) if args.old_daemonset.is_some() && args.target_daemonset.is_some() => CniDaemonSets { old: Default::default(), target: Default::default() },
         Err(e) => anyhow::bail!(e),
     };
     if let Some(v) = &args.old_daemonset {

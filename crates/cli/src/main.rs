@@ -45,9 +45,9 @@ enum Command {
     Status(cmd::status::Args),
     /// Release allocations whose network namespace no longer exists.
     Gc(cmd::gc::Args),
-    /// Carry out, watch and roll back a CNI migration (state in the cluster's Migration object).
+    /// Move the cluster from one CNI to another (plan first).
     #[command(subcommand)]
-    Migrate(cmd::migrate_run::MigrateRunCmd),
+    Migrate(cmd::migrate::MigrateCmd),
 }
 
 /// `println!` panics when stdout is a closed pipe (`allot ... | head -c1`); like other Unix
@@ -77,7 +77,7 @@ fn main() {
         Command::Agent(args) => cmd::agent::exec(args, cli.socket.as_deref(), &cli.cluster),
         #[cfg(feature = "etcd")]
         Command::Operator(args) => cmd::operator::exec(args, &cli.cluster),
-        Command::Migrate(c) => cmd::migrate_run::exec(c),
+        Command::Migrate(c) => cmd::migrate::exec(c),
         command => backend::Backend::new(client, &cli.cluster).and_then(|b| match command {
             Command::Pool(c) => cmd::pool::exec(c, &b),
             Command::Node(c) => cmd::node::exec(c, &b),

@@ -2,7 +2,9 @@
 //! and says what would happen to every pod; `orchestrate` carries a plan out as a pure state
 //! machine over the `Cluster` trait, so every step can be crashed and resumed in tests.
 
+pub mod detect;
 pub mod plan;
 pub mod kube_cluster;
 pub mod orchestrate;
 pub mod sim;
+pub mod snapshot;

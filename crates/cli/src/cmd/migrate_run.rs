@@ -9,38 +9,19 @@ use std::path::{Path, PathBuf};
 use allot_k8s::migration::{MIGRATION_NAME, Migration, MigrationSpec, MigrationStatus, Switch};
 use allot_migrate::kube_cluster::{CniDaemonSets, KubeCluster, Switcher, parse_manifests};
 use allot_migrate::orchestrate::{Orchestrator, RunOptions};
-use allot_migrate::plan::{NodePlan, Plan};
+use allot_migrate::plan::Plan;
 use anyhow::Context;
 
+use super::migrate::{PlanFlags, load_snapshot, make_plan};
 use crate::output::{Format, Table, print};
 
-#[derive(clap::Subcommand)]
-pub enum MigrateRunCmd {
-    /// Carry the migration out: switch the target on, restart pods node by node (canary first),
-    /// verify each node, remove the old CNI. Resumes a killed run.
-    Apply(ApplyArgs),
-    /// Where the migration stands: phase per node.
-    Status(StatusArgs),
-    /// Go back to the old CNI from any phase: old CNI first, then pods restarted on it.
-    Rollback(RollbackArgs),
-}
-
-/// Where the cluster is and how it is switched; shared by apply and rollback.
-#[derive(clap::Args, Clone, Debug)]
-pub struct ClusterArgs {
-    /// The user cluster's kubeconfig (default: $KUBECONFIG, ~/.kube/config, or in-cluster).
-    #[arg(long, value_name = "FILE")]
-    pub kubeconfig: Option<PathBuf>,
-    /// The target's manifests (multi-document YAML), applied server-side to switch it on.
-    #[arg(long, value_name = "PATH", conflicts_with = "kkp_cluster")]
+/// How the target is switched on and the CNIs are recognised; shared by apply and rollback.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct SwitchArgs {
+    /// The target's manifests (multi-document YAML), applied server-side to switch it on
+    /// (instead of --kkp-cluster).
+    #[arg(long, value_name = "PATH")]
     pub install: Option<PathBuf>,
-    /// KKP: the user cluster's `Cluster` object in the seed cluster (labelled
-    /// unsafe-cni-migration and patched instead of --install).
-    #[arg(long, value_name = "NAME", requires = "seed_kubeconfig")]
-    pub kkp_cluster: Option<String>,
-    /// KKP: the seed cluster's kubeconfig.
-    #[arg(long, value_name = "FILE")]
-    pub seed_kubeconfig: Option<PathBuf>,
     /// The old CNI's manifests: deleted when it is removed (default: its well-known DaemonSet and
     /// Deployment), applied again by a rollback after that.
     #[arg(long, value_name = "PATH")]
@@ -55,20 +36,11 @@ pub struct ClusterArgs {
 
 #[derive(clap::Args)]
 pub struct ApplyArgs {
-    /// The target CNI, TYPE[:VERSION] (e.g. cilium:1.16).
-    #[arg(long, value_name = "TYPE[:VERSION]")]
-    pub to: String,
-    /// The CNI the cluster runs now, TYPE[:VERSION].
-    #[arg(long, value_name = "TYPE[:VERSION]")]
-    pub from: String,
+    /// The plan's flags: apply follows the plan `allot migrate plan` prints for them.
     #[command(flatten)]
-    pub cluster: ClusterArgs,
-    /// Nodes restarted together after the canary node.
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    pub batch: u32,
-    /// Re-create bare pods from their own spec (kept on the old CNI otherwise).
-    #[arg(long)]
-    pub force_bare: bool,
+    pub plan: PlanFlags,
+    #[command(flatten)]
+    pub switch: SwitchArgs,
     /// How long one eviction may be refused (PodDisruptionBudget, retried with backoff) and a
     /// node's pods may take to come back Ready (e.g. 5m, 90s).
     #[arg(long, default_value = "5m", value_name = "DURATION")]
@@ -80,13 +52,11 @@ pub struct ApplyArgs {
     /// Change kube-proxy's mode once every pod is on the new CNI, and restart kube-proxy.
     #[arg(long, value_name = "MODE", value_parser = ["ipvs", "iptables", "ebpf"])]
     pub kube_proxy_mode: Option<String>,
-    /// The node this runs on, migrated last (default: $NODE_NAME from the downward API).
-    #[arg(long, env = "NODE_NAME", value_name = "NODE")]
-    pub self_node: Option<String>,
 }
 
 #[derive(clap::Args)]
 pub struct StatusArgs {
+    /// The user cluster's kubeconfig (default: $KUBECONFIG, ~/.kube/config, or in-cluster).
     #[arg(long, value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,
     #[arg(short, long, value_enum, default_value_t = Format::Table)]
@@ -95,17 +65,50 @@ pub struct StatusArgs {
 
 #[derive(clap::Args)]
 pub struct RollbackArgs {
+    /// The user cluster's kubeconfig (default: $KUBECONFIG, ~/.kube/config, or in-cluster).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// KKP: the seed cluster's kubeconfig (the `Cluster` object is the one the migration
+    /// recorded).
+    #[arg(long, value_name = "FILE")]
+    pub seed_kubeconfig: Option<PathBuf>,
     #[command(flatten)]
-    pub cluster: ClusterArgs,
+    pub switch: SwitchArgs,
 }
 
-pub fn exec(cmd: MigrateRunCmd) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    match cmd {
-        MigrateRunCmd::Apply(a) => rt.block_on(apply(a)),
-        MigrateRunCmd::Status(a) => rt.block_on(status(a)),
-        MigrateRunCmd::Rollback(a) => rt.block_on(rollback(a)),
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+/// `allot migrate apply`: the plan first (with its refusals), then the run.
+pub fn exec_apply(a: ApplyArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(a.plan.snapshot.is_empty(), "--snapshot plans offline; apply works on the live cluster: drop --snapshot");
+    let pod_timeout = crate::cmd::agent::parse_duration(&a.pod_timeout)?;
+    anyhow::ensure!(pod_timeout.as_secs() >= 1, "--pod-timeout must be at least 1s");
+    anyhow::ensure!(a.plan.batch >= 1, "--batch must be at least 1");
+    anyhow::ensure!(
+        !(a.switch.install.is_some() && a.plan.kkp_cluster.is_some()),
+        "--install and --kkp-cluster both switch the CNI: give one (KKP deploys the CNI its Cluster names)"
+    );
+    anyhow::ensure!(
+        a.switch.install.is_some() || a.plan.kkp_cluster.is_some(),
+        "say how the target is switched on: --install PATH (its manifests) or --kkp-cluster NAME --seed-kubeconfig FILE"
+    );
+    // Read before anything is planned: a bad file changes nothing.
+    if let Some(p) = &a.switch.install {
+        read_manifests(p)?;
     }
+    let snap = load_snapshot(&a.plan)?;
+    let (plan, _notes) = make_plan(&snap, &a.plan)?;
+    runtime()?.block_on(apply(a, plan, pod_timeout))
+}
+
+pub fn exec_status(a: StatusArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(status(a))
+}
+
+pub fn exec_rollback(a: RollbackArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(rollback(a))
 }
 
 fn read_manifests(path: &Path) -> anyhow::Result<Vec<kube::api::DynamicObject>> {
@@ -119,12 +122,11 @@ fn daemonset_flag(flag: &str, v: &str) -> anyhow::Result<(String, String)> {
 }
 
 /// The cluster behind the trait, from the flags (and, on rollback, what the spec recorded).
-async fn kube_cluster(args: &ClusterArgs, spec: &MigrationSpec) -> anyhow::Result<KubeCluster> {
-    let client = allot_k8s::client(args.kubeconfig.as_deref()).await.context("connecting to the cluster")?;
-    let kkp = args.kkp_cluster.clone().or_else(|| spec.switch.kkp_cluster.clone());
-    let switcher = match kkp {
+async fn kube_cluster(kubeconfig: Option<&Path>, seed_kubeconfig: Option<&Path>, args: &SwitchArgs, spec: &MigrationSpec) -> anyhow::Result<KubeCluster> {
+    let client = allot_k8s::client(kubeconfig).await.context("connecting to the cluster")?;
+    let switcher = match spec.switch.kkp_cluster.clone() {
         Some(cluster) => {
-            let seed = args.seed_kubeconfig.as_deref().with_context(|| format!("the migration switches KKP Cluster {cluster}: pass --seed-kubeconfig FILE"))?;
+            let seed = seed_kubeconfig.with_context(|| format!("the migration switches KKP Cluster {cluster}: pass --seed-kubeconfig FILE"))?;
             Switcher::Kkp { seed: allot_k8s::client(Some(seed)).await.context("connecting to the seed cluster")?, cluster }
         }
         None => {
@@ -152,44 +154,18 @@ async fn kube_cluster(args: &ClusterArgs, spec: &MigrationSpec) -> anyhow::Resul
     Ok(KubeCluster::new(client, switcher, old, ds))
 }
 
-/// The node order: batch 0 one canary node, then batches of `batch`, the node this runs on last.
-/// (`allot migrate plan` makes the full plan with the rules; apply follows the same order.)
-pub fn node_plan(mut nodes: Vec<String>, batch: u32, self_node: Option<&str>, from: &str, to: &str) -> Plan {
-    nodes.sort();
-    if let Some(me) = self_node
-        && let Some(i) = nodes.iter().position(|n| n == me)
-    {
-        let me = nodes.remove(i);
-        nodes.push(me);
-    }
-    let batch = batch.max(1);
-    let nodes = nodes
-        .into_iter()
-        .enumerate()
-        .map(|(i, name)| NodePlan { name, batch: if i == 0 { 0 } else { 1 + (i as u32 - 1) / batch }, pods: vec![] })
-        .collect();
-    Plan { from: from.into(), to: to.into(), refusals: vec![], nodes, at_risk: vec![] }
-}
-
-async fn apply(a: ApplyArgs) -> anyhow::Result<()> {
-    let pod_timeout = crate::cmd::agent::parse_duration(&a.pod_timeout)?;
-    anyhow::ensure!(pod_timeout.as_secs() >= 1, "--pod-timeout must be at least 1s");
+async fn apply(a: ApplyArgs, plan: Plan, pod_timeout: std::time::Duration) -> anyhow::Result<()> {
     let spec = MigrationSpec {
-        from: a.from.clone(),
-        to: a.to.clone(),
-        switch: Switch {
-            kkp_cluster: a.cluster.kkp_cluster.clone(),
-            install: a.cluster.install.as_ref().map(|p| p.display().to_string()),
-        },
-        batch: a.batch,
-        force_bare: a.force_bare,
+        from: plan.from.clone(),
+        to: plan.to.clone(),
+        switch: Switch { kkp_cluster: a.plan.kkp_cluster.clone(), install: a.switch.install.as_ref().map(|p| p.display().to_string()) },
+        batch: a.plan.batch as u32,
+        force_bare: a.plan.force_bare,
         pod_timeout_seconds: pod_timeout.as_secs(),
         new_pod_cidrs: a.new_pod_cidrs.clone(),
         kube_proxy_mode: a.kube_proxy_mode.clone(),
     };
-    let k = kube_cluster(&a.cluster, &spec).await?;
-    let nodes = allot_migrate::orchestrate::Cluster::nodes(&k).await.map_err(|e| anyhow::anyhow!("listing nodes: {e}"))?;
-    let plan = node_plan(nodes, a.batch, a.self_node.as_deref(), &a.from, &a.to);
+    let k = kube_cluster(a.plan.kubeconfig.as_deref(), a.plan.seed_kubeconfig.as_deref(), &a.switch, &spec).await?;
     let mut view = ProgressView::new(std::io::stdout().is_terminal());
     let mut o = Orchestrator::begin(&k, spec, &plan, RunOptions::default(), Box::new(|st, line| view.show(st, line))).await?;
     run_until_interrupted(o.apply()).await?;
@@ -197,10 +173,10 @@ async fn apply(a: ApplyArgs) -> anyhow::Result<()> {
 }
 
 async fn rollback(a: RollbackArgs) -> anyhow::Result<()> {
-    let client = allot_k8s::client(a.cluster.kubeconfig.as_deref()).await.context("connecting to the cluster")?;
+    let client = allot_k8s::client(a.kubeconfig.as_deref()).await.context("connecting to the cluster")?;
     let m = kube::Api::<Migration>::all(client).get_opt(MIGRATION_NAME).await.context("reading the Migration object")?;
     let m = m.context("no migration found: nothing to roll back")?;
-    let k = kube_cluster(&a.cluster, &m.spec).await?;
+    let k = kube_cluster(a.kubeconfig.as_deref(), a.seed_kubeconfig.as_deref(), &a.switch, &m.spec).await?;
     let mut view = ProgressView::new(std::io::stdout().is_terminal());
     let mut o = Orchestrator::resume(&k, RunOptions::default(), Box::new(|st, line| view.show(st, line))).await?;
     run_until_interrupted(o.rollback()).await?;
@@ -377,13 +353,6 @@ mod tests {
         p.show(&st(), "batch 1: cordoned n1, n2");
         p.show(&st(), "3/3 pods on the new CNI");
         assert_eq!(p.output(), "batch 1: cordoned n1, n2\n3/3 pods on the new CNI\n");
-    }
-
-    #[test]
-    fn node_order_canary_then_batches_self_last() {
-        let p = node_plan(vec!["c".into(), "a".into(), "b".into(), "d".into()], 2, Some("a"), "canal", "cilium");
-        let got: Vec<(String, u32)> = p.nodes.iter().map(|n| (n.name.clone(), n.batch)).collect();
-        assert_eq!(got, [("b".into(), 0), ("c".into(), 1), ("d".into(), 1), ("a".into(), 2)]);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 pub mod agent;
 pub mod allocations;
 pub mod gc;
+pub mod migrate;
 pub mod migrate_run;
 pub mod namespace;
 pub mod node;

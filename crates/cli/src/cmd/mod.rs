@@ -1,6 +1,7 @@
 pub mod agent;
 pub mod allocations;
 pub mod gc;
+pub mod kkp;
 pub mod migrate;
 pub mod migrate_run;
 pub mod namespace;
@@ -9,3 +10,5 @@ pub mod node;
 pub mod operator;
 pub mod pool;
 pub mod status;
+#[cfg(feature = "webhook")]
+pub mod webhook;

@@ -67,7 +67,7 @@ pub fn cni_daemonset(cni_type: &str) -> Option<(&'static str, &'static str)> {
         "calico" => ("kube-system", "calico-node"),
         "flannel" => ("kube-flannel", "kube-flannel-ds"),
         "weave" => ("kube-system", "weave-net"),
-        "allot" => ("kube-system", "allot-agent"),
+        "allot" => ("allot-system", "allot-agent"),
         _ => return None,
     })
 }
@@ -79,6 +79,7 @@ fn cni_workloads(cni_type: &str) -> Vec<ObjectRef> {
     match cni_type {
         "cilium" => v.push(obj("Deployment", "kube-system", "cilium-operator")),
         "canal" | "calico" => v.push(obj("Deployment", "kube-system", "calico-kube-controllers")),
+        "allot" => v.push(obj("Deployment", "allot-system", "allot-operator")),
         _ => {}
     }
     v

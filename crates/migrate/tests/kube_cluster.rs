@@ -236,6 +236,28 @@ async fn fake_api_apply_then_rollback_sends_what_an_apiserver_expects() {
     assert!(api.objects("rbac.authorization.k8s.io/v1", "ClusterRole").is_empty());
 }
 
+#[test]
+fn known_cni_daemonsets_and_plurals_without_discovery() {
+    let ds = CniDaemonSets::of("canal:v3.27", "allot").unwrap();
+    assert_eq!(ds.old, ("kube-system".into(), "canal".into()));
+    assert_eq!(ds.target, ("allot-system".into(), "allot-agent".into()));
+    let e = CniDaemonSets::of("mystery:1", "cilium").unwrap_err();
+    assert!(e.contains("--old-daemonset/--target-daemonset NAMESPACE/NAME"), "{e}");
+    use allot_migrate::kube_cluster::api_resource;
+    for (av, kind, plural, namespaced) in [
+        ("v1", "ServiceAccount", "serviceaccounts", true),
+        ("rbac.authorization.k8s.io/v1", "ClusterRole", "clusterroles", false),
+        ("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets", true),
+        ("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies", true),
+        ("v1", "Endpoints", "endpoints", true),
+        ("apiextensions.k8s.io/v1", "CustomResourceDefinition", "customresourcedefinitions", false),
+    ] {
+        let (ar, ns) = api_resource(av, kind);
+        assert_eq!((ar.plural.as_str(), ns), (plural, namespaced), "{kind}");
+        assert_eq!(ar.api_version, av);
+    }
+}
+
 #[tokio::test]
 async fn fake_api_status_writes_clear_fields_that_are_unset_now() {
     let api = cluster();

@@ -8,6 +8,8 @@
 //! - `AllotNode` (cluster-scoped): a node in `CiliumNode` shape (`spec.ipam.pools.requested` and
 //!   `allocated`, `status.ipam.operator-status`).
 
+pub mod migration;
+
 use std::path::Path;
 
 pub mod admission;
@@ -193,7 +195,7 @@ pub struct OperatorStatus {
 /// Every CRD allot installs, in the order `allot crds` prints them, with schemars' Rust integer
 /// formats (`uint8`, `uint64`) replaced by the ones Kubernetes knows (`int32`, `int64`).
 pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {
-    [IPPool::crd(), IPBlock::crd(), AllotNode::crd()]
+    [IPPool::crd(), IPBlock::crd(), AllotNode::crd(), migration::Migration::crd()]
         .into_iter()
         .map(|crd| {
             let mut v = serde_json::to_value(&crd).expect("a CRD serializes");

@@ -4,4 +4,7 @@
 
 pub mod detect;
 pub mod plan;
+pub mod kube_cluster;
+pub mod orchestrate;
+pub mod sim;
 pub mod snapshot;

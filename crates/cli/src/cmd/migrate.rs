@@ -14,6 +14,13 @@ pub enum MigrateCmd {
     /// Print what a migration would do to every pod, node by node, and what is at risk (changes
     /// nothing; exit code 1 when a rule refuses the migration).
     Plan(PlanArgs),
+    /// Carry the plan out: switch the target on, restart pods node by node (canary first),
+    /// verify each node, remove the old CNI. Resumes a killed run.
+    Apply(super::migrate_run::ApplyArgs),
+    /// Where the migration stands: phase per node.
+    Status(super::migrate_run::StatusArgs),
+    /// Go back to the old CNI from any phase: old CNI first, then pods restarted on it.
+    Rollback(super::migrate_run::RollbackArgs),
 }
 
 /// Where the cluster is read from and how the plan is made; `apply` takes the same flags.
@@ -68,6 +75,9 @@ pub struct PlanArgs {
 pub fn exec(cmd: MigrateCmd) -> anyhow::Result<()> {
     match cmd {
         MigrateCmd::Plan(args) => exec_plan(args),
+        MigrateCmd::Apply(args) => super::migrate_run::exec_apply(args),
+        MigrateCmd::Status(args) => super::migrate_run::exec_status(args),
+        MigrateCmd::Rollback(args) => super::migrate_run::exec_rollback(args),
     }
 }
 

@@ -6,6 +6,7 @@ pub mod gc;
 pub mod kkp;
 pub mod install_cni;
 pub mod migrate;
+pub mod migrate_run;
 pub mod namespace;
 pub mod node;
 #[cfg(feature = "etcd")]

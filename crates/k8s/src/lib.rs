@@ -10,6 +10,8 @@
 
 use std::path::Path;
 
+pub mod lease;
+
 use ipnet::IpNet;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};

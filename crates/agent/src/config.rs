@@ -39,6 +39,9 @@ pub struct AgentConfig {
     pub reserve_gateway: bool,
     /// Where to serve /metrics, /healthz, /readyz and the status page (off when None).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// On Kubernetes, how long an ADD without pod annotations waits for the pod watch to see
+    /// the pod before choosing by namespace annotation or the default pool.
+    pub pod_wait: Duration,
 }
 
 impl AgentConfig {
@@ -57,6 +60,7 @@ impl AgentConfig {
             direct_routes: false,
             reserve_gateway: true,
             metrics_addr: None,
+            pod_wait: Duration::from_secs(5),
         }
     }
 
@@ -82,6 +86,8 @@ pub struct ConfigFile {
     pub node_ip: Option<std::net::IpAddr>,
     pub auto_direct_node_routes: Option<bool>,
     pub reserve_gateway: Option<bool>,
+    /// Seconds.
+    pub pod_wait_seconds: Option<f64>,
 }
 
 /// Parses `pool=count,pool=count` (Cilium's `ipam-multi-pool-pre-allocation` form).

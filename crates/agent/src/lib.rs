@@ -23,6 +23,9 @@ pub mod metrics;
 pub mod liveness;
 mod node;
 pub mod page;
+pub mod pods;
+#[cfg(feature = "kubernetes")]
+pub mod kube_pods;
 pub mod records;
 pub mod server;
 pub mod web;

@@ -573,24 +573,35 @@ impl EtcdStore {
 
     async fn delete_node_inner(&self, name: &str, force: bool) -> Result<Vec<BlockGrant>, StoreError> {
         let mut grace_lease = None;
-        for _ in 0..RETRIES {
+        let mut given_back: Vec<Kv> = Vec::new();
+        let mut lost = 0;
+        while lost < RETRIES {
             let node = self.get_one("nodes", name).await?;
             let (block_kvs, _) = self.list("blocks", None).await?;
             let held: Vec<&Kv> = block_kvs.iter().filter(|kv| kv.value == name.as_bytes()).collect();
             if node.is_none() && held.is_empty() {
-                return Err(StoreError::NotFound(format!("node {name:?} not found")));
+                if given_back.is_empty() {
+                    return Err(StoreError::NotFound(format!("node {name:?} not found")));
+                }
+                return Self::grants_of(&given_back);
             }
+            // A node with many blocks is given back in several transactions (etcd allows 128
+            // operations in one): the record goes with the first, so no grant can follow it.
+            let chunk = &held[..held.len().min(NODE_DELETE_CHUNK)];
             let mut when = vec![self.unchanged("nodes", name, node.as_ref())];
             if !force {
                 when.push(Compare::create_revision(self.key("alive", name), CompareOp::Equal, 0));
             }
-            let mut ops = vec![TxnOp::delete(self.key("nodes", name), None)];
-            if !held.is_empty() && !self.release_grace.is_zero() && grace_lease.is_none() {
+            let mut ops = Vec::new();
+            if node.is_some() {
+                ops.push(TxnOp::delete(self.key("nodes", name), None));
+            }
+            if !chunk.is_empty() && !self.release_grace.is_zero() && grace_lease.is_none() {
                 let mut c = self.client.clone();
                 let secs = self.release_grace.as_secs().max(1) as i64;
                 grace_lease = Some(self.timed(c.lease_grant(secs, None)).await?.id());
             }
-            for kv in &held {
+            for kv in chunk {
                 when.push(self.unchanged("blocks", &kv.name, Some(kv)));
                 ops.push(TxnOp::delete(self.key("blocks", &kv.name), None));
                 if let Some(lease) = grace_lease {
@@ -598,9 +609,13 @@ impl EtcdStore {
                 }
             }
             if self.txn(Txn::new().when(when).and_then(ops)).await? {
-                let held: Vec<Kv> = held.into_iter().cloned().collect();
-                return Self::grants_of(&held);
+                given_back.extend(chunk.iter().map(|kv| (*kv).clone()));
+                if chunk.len() == held.len() {
+                    return Self::grants_of(&given_back);
+                }
+                continue;
             }
+            lost += 1;
             if !force && self.get_one("alive", name).await?.is_some() {
                 return Err(StoreError::Conflict(format!(
                     "node {name:?} is live: its agent keeps its liveness lease, and its pods use its blocks; \
@@ -626,10 +641,6 @@ fn event_value<T: DeserializeOwned>(put: bool, key: &str, bytes: &[u8]) -> Optio
     }
 }
 
-/// Keeps the leader lease alive, renewing every third of `ttl`. The server expires the lease
-/// `ttl` after it last saw a keep-alive, which it saw after we sent it: so the lease is surely
-/// valid only until send time + ttl, and leadership ends a margin before that, whether or not
-/// the keep-alive is still in flight.
 /// Whether `new` drops a CIDR or a family that `old` has.
 fn shrinks(old: &PoolSpec, new: &PoolSpec) -> bool {
     allot_core::Family::ALL.into_iter().any(|f| match (old.family(f), new.family(f)) {
@@ -639,6 +650,14 @@ fn shrinks(old: &PoolSpec, new: &PoolSpec) -> bool {
     })
 }
 
+/// Blocks given back per transaction by `delete_node`: a compare and two operations each, under
+/// etcd's default limit of 128 operations per transaction.
+const NODE_DELETE_CHUNK: usize = 40;
+
+/// Keeps the leader lease alive, renewing every third of `ttl`. The server expires the lease
+/// `ttl` after it last saw a keep-alive, which it saw after we sent it: so the lease is surely
+/// valid only until send time + ttl, and leadership ends a margin before that, whether or not
+/// the keep-alive is still in flight.
 async fn keep_lease(store: EtcdStore, lease: i64, ttl: Duration, mut valid_until: Instant, lost: watch::Sender<bool>) {
     let margin = (ttl / 4).max(Duration::from_millis(300));
     let period = ttl / 3;

@@ -317,6 +317,26 @@ async fn current(etcd: &Etcd) -> u64 {
     r.header().unwrap().revision() as u64
 }
 
+/// A node holding more blocks than one etcd transaction may touch (128 operations) is deleted
+/// whole: every block given back and reserved, none left behind.
+#[tokio::test]
+async fn deleting_a_node_with_many_blocks_gives_every_block_back() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await.with_release_grace(Duration::from_secs(60));
+    store.apply_pools(vec![contract::pool("p", &["10.0.0.0/16"], 28)]).await.unwrap();
+    store.register_node("n1", None).await.unwrap();
+    let grants: Vec<_> = (0..150).map(|i| contract::grant("p", &format!("10.0.{}.{}/28", i / 16, (i % 16) * 16), "n1")).collect();
+    assert!(store.grant_blocks(&grants).await.unwrap().into_iter().all(|ok| ok));
+    let mut released = store.delete_node("n1").await.unwrap();
+    released.sort();
+    let mut expected = grants.clone();
+    expected.sort();
+    assert_eq!(released, expected);
+    assert!(store.grants().await.unwrap().is_empty());
+    assert!(store.nodes().await.unwrap().is_empty());
+    assert_eq!(store.released_blocks().await.unwrap().len(), 150);
+}
+
 /// Deleting a live node is refused; forced, its blocks stay reserved to it for the grace: no
 /// other node can be granted them, the node itself can take them back.
 #[tokio::test]

@@ -1,0 +1,222 @@
+//! An in-process, stateful fake of the Kubernetes API server behind a real [`kube::Client`].
+//!
+//! No Kubernetes API server can run where allot's tests run, so tests of Kubernetes code talk to
+//! this fake through kube-rs itself (`kube::Api<K>`, `watcher`, `reflector`, `Controller`): the
+//! client's whole request and response path is real, the server is a tower service. Tests using
+//! it say "fake API" in their names. What it fakes and what it does not: see README.md.
+//!
+//! ```no_run
+//! # async fn f() {
+//! use k8s_openapi::api::core::v1::Pod;
+//! let api = allot_kube_fake::FakeApiServer::new();
+//! let pods: kube::Api<Pod> = kube::Api::namespaced(api.client(), "default");
+//! # }
+//! ```
+
+mod route;
+mod select;
+mod server;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+
+pub use route::ResourceInfo;
+use server::{Incoming, Reply, Shared, State};
+
+/// One request the fake served, as recorded by [`FakeApiServer::requests`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Request {
+    /// get, list, watch, create, update, patch, delete, deletecollection (an eviction is a
+    /// create of `pods` with subresource `eviction`).
+    pub verb: String,
+    /// `v1`, `allot.dev/v1`, ... ("" for a path outside /api and /apis).
+    pub api_version: String,
+    /// The plural (`pods`), or the whole path for a path outside /api and /apis.
+    pub resource: String,
+    pub subresource: Option<String>,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub content_type: Option<String>,
+    /// The body as JSON (a JSON string when it was not JSON).
+    pub body: Option<serde_json::Value>,
+    /// The HTTP status answered; 0 when the server was down (transport failure).
+    pub status: u16,
+    /// The raw query string.
+    pub query: String,
+}
+
+/// The fake API server. Cheap to clone: clones share one state.
+#[derive(Clone)]
+pub struct FakeApiServer {
+    shared: Arc<Shared>,
+}
+
+impl Default for FakeApiServer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for FakeApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeApiServer").field("revision", &self.revision()).finish()
+    }
+}
+
+impl FakeApiServer {
+    pub fn new() -> Self {
+        Self { shared: Arc::new(Shared { state: Mutex::new(State::new()) }) }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panicking test thread must not take every later call down with it.
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A real `kube::Client` whose transport is this fake (default namespace "default"). Needs a
+    /// tokio runtime, as every kube client does.
+    pub fn client(&self) -> kube::Client {
+        kube::Client::new(FakeService { shared: self.shared.clone() }, "default")
+    }
+
+    /// Seed an object as if it were stored (no checks; replaces one of the same name). Needs
+    /// `apiVersion`, `kind` and `metadata.name`; fills uid, creationTimestamp and generation when
+    /// missing and always sets a new resourceVersion. Open watches see it.
+    ///
+    /// # Panics
+    /// When apiVersion, kind or metadata.name is missing: a test bug.
+    pub fn insert(&self, obj: serde_json::Value) {
+        self.state().insert(obj);
+    }
+
+    /// Every stored object of this apiVersion and kind, ordered by namespace and name.
+    pub fn objects(&self, api_version: &str, kind: &str) -> Vec<serde_json::Value> {
+        self.state().objects_of(api_version, kind)
+    }
+
+    /// Every request served, in order (also the failed ones).
+    pub fn requests(&self) -> Vec<Request> {
+        self.state().requests.clone()
+    }
+
+    pub fn clear_requests(&self) {
+        self.state().requests.clear();
+    }
+
+    /// Answer the next `count` requests of `verb` on `resource` with `status` (a Kubernetes
+    /// Status body with the matching reason) instead of serving them. `verb`: get list watch
+    /// create update patch delete deletecollection; `resource`: the plural, or
+    /// "plural/subresource" (`"pods/eviction"`, `"allotnodes/status"`).
+    pub fn fail_next(&self, verb: &str, resource: &str, status: u16, count: usize) {
+        if count > 0 {
+            self.state().failures.push(server::Failure { verb: verb.into(), resource: resource.into(), status, remaining: count });
+        }
+    }
+
+    /// Forget the history: a watch (or an Exact list) from a resourceVersion older than now gets
+    /// 410 Gone (reason Expired), as after an etcd compaction.
+    pub fn compact(&self) {
+        self.state().compact();
+    }
+
+    /// End every open watch stream cleanly, as an apiserver restart does; clients re-watch.
+    pub fn break_watches(&self) {
+        self.state().end_watches(false);
+    }
+
+    /// While down, every request fails at the transport (kube sees `kube::Error::Service`),
+    /// and open watches end with a transport error.
+    pub fn set_down(&self, down: bool) {
+        let mut st = self.state();
+        st.down = down;
+        if down {
+            st.end_watches(true);
+        }
+    }
+
+    /// The global resourceVersion counter: the revision of the last write.
+    pub fn revision(&self) -> u64 {
+        self.state().rev
+    }
+
+    /// How often watches that asked for bookmarks get one (default 1 s); for watches opened
+    /// after the call.
+    pub fn set_bookmark_interval(&self, every: Duration) {
+        self.state().bookmark_interval = every;
+    }
+
+    /// Declare a resource the built-in table does not know (or override it): its kind, scope and
+    /// whether it has a status subresource. Unknown resources are otherwise served generically,
+    /// namespaced when addressed with a namespace, without a status subresource.
+    pub fn register(&self, api_version: &str, plural: &str, info: ResourceInfo) {
+        self.state().resources.insert((api_version.into(), plural.into()), info);
+    }
+}
+
+type ResBody = UnsyncBoxBody<Bytes, io::Error>;
+
+/// The tower service behind [`FakeApiServer::client`].
+#[derive(Clone)]
+struct FakeService {
+    shared: Arc<Shared>,
+}
+
+impl tower_service::Service<http::Request<kube::client::Body>> for FakeService {
+    type Response = http::Response<ResBody>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, io::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<kube::client::Body>) -> Self::Future {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            let body = body.collect().await.map_err(io::Error::other)?.to_bytes();
+            let content_type = parts.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+            let reply = {
+                let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                st.handle(
+                    &shared,
+                    Incoming {
+                        method: parts.method.as_str(),
+                        path: parts.uri.path(),
+                        query: parts.uri.query().unwrap_or(""),
+                        content_type,
+                        body: &body,
+                    },
+                )
+            };
+            let (code, body) = match reply {
+                Reply::Down => {
+                    return Err(io::Error::new(io::ErrorKind::ConnectionRefused, "fake API server is down (FakeApiServer::set_down)"));
+                }
+                Reply::Json(code, v) => {
+                    let bytes = Bytes::from(serde_json::to_vec(&v).expect("JSON values serialize"));
+                    (code, Full::new(bytes).map_err(|e: Infallible| match e {}).boxed_unsync())
+                }
+                Reply::Stream(mut rx) => {
+                    let s = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)).map(|c| c.map(http_body::Frame::data));
+                    (200, StreamBody::new(s).boxed_unsync())
+                }
+            };
+            Ok(http::Response::builder()
+                .status(code)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(body)
+                .expect("a valid response"))
+        })
+    }
+}

@@ -4,6 +4,7 @@
 //! resourceVersion when a watch ends and re-lists after 410 Gone; errors back off and retry.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use allot_store::Annotations;
 use futures_util::StreamExt;
@@ -18,6 +19,8 @@ use crate::pods::PodAnnotations;
 pub struct KubePods {
     pods: Store<Pod>,
     namespaces: Option<Store<Namespace>>,
+    /// Set once the namespaces were listed (a missing one is then really missing).
+    namespaces_listed: Arc<AtomicBool>,
     changed: watch::Sender<u64>,
 }
 
@@ -36,7 +39,8 @@ impl KubePods {
                 p.metadata.managed_fields = None;
             })
             .reflect(pod_writer);
-        tokio::spawn(follow("pods", pod_stream, changed.clone(), stop.clone()));
+        tokio::spawn(follow("pods", pod_stream, changed.clone(), None, stop.clone()));
+        let namespaces_listed = Arc::new(AtomicBool::new(false));
         let namespaces = watch_namespaces.then(|| {
             let (store, writer) = reflector::store();
             let stream = watcher(Api::<Namespace>::all(client), watcher::Config::default())
@@ -47,10 +51,10 @@ impl KubePods {
                     n.metadata.managed_fields = None;
                 })
                 .reflect(writer);
-            tokio::spawn(follow("namespaces", stream, changed.clone(), stop));
+            tokio::spawn(follow("namespaces", stream, changed.clone(), Some(namespaces_listed.clone()), stop));
             store
         });
-        Arc::new(KubePods { pods, namespaces, changed })
+        Arc::new(KubePods { pods, namespaces, namespaces_listed, changed })
     }
 }
 
@@ -59,6 +63,7 @@ async fn follow<K>(
     what: &'static str,
     stream: impl futures_util::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
     changed: watch::Sender<u64>,
+    listed: Option<Arc<AtomicBool>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut stream = std::pin::pin!(stream);
@@ -76,6 +81,9 @@ async fn follow<K>(
                 }
                 if matches!(event, watcher::Event::InitDone) {
                     tracing::debug!(watch = what, "listed");
+                    if let Some(l) = &listed {
+                        l.store(true, Ordering::SeqCst);
+                    }
                 }
                 changed.send_modify(|g| *g += 1);
             }
@@ -106,5 +114,9 @@ impl PodAnnotations for KubePods {
 
     fn changed(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+
+    fn namespaces_pending(&self) -> bool {
+        self.namespaces.is_some() && !self.namespaces_listed.load(Ordering::SeqCst)
     }
 }

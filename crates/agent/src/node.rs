@@ -547,21 +547,24 @@ impl<S: Store> Node<S> {
         let mut ns_api = None;
         if let (Some(source), Some(ns), Some(name)) = (self.pods.get(), &req.pod.namespace, &req.pod.name) {
             // The runtime's annotations win; a retried ADD of a known owner does not wait.
-            if !passed && self.check(&req.owner).is_none() {
-                match crate::pods::wait_for_pod(&**source, ns, name, self.cfg.pod_wait).await {
-                    Some(found) => {
-                        req.annotations = crate::pods::pool_keys(&found);
-                        tracing::debug!(owner = %req.owner, pod = %format_args!("{ns}/{name}"), annotations = ?req.annotations, "pod annotations from the Kubernetes API");
-                    }
-                    None => tracing::warn!(
-                        owner = %req.owner,
-                        pod = %format_args!("{ns}/{name}"),
-                        waited = ?self.cfg.pod_wait,
-                        "pod not seen by the pod watch within the wait; choosing its pool from its namespace's annotations or the default pool"
-                    ),
+            let need_pod = !passed;
+            let known = self.check(&req.owner).is_some();
+            let wait = if known { Duration::ZERO } else { self.cfg.pod_wait };
+            let found = crate::pods::lookup(&**source, ns, name, need_pod, wait).await;
+            match found.pod {
+                Some(pod) => {
+                    req.annotations = crate::pods::pool_keys(&pod);
+                    tracing::debug!(owner = %req.owner, pod = %format_args!("{ns}/{name}"), annotations = ?req.annotations, "pod annotations from the Kubernetes API");
                 }
+                None if need_pod && !known => tracing::warn!(
+                    owner = %req.owner,
+                    pod = %format_args!("{ns}/{name}"),
+                    waited = ?self.cfg.pod_wait,
+                    "pod not seen by the pod watch within the wait; choosing its pool from its namespace's annotations or the default pool"
+                ),
+                None => {}
             }
-            ns_api = source.namespace(ns);
+            ns_api = found.namespace;
         } else if let (Some(name), false) = (&req.pod.name, passed) {
             // Pod annotations not passed (or, from older plugins, none at all: the kubelet always
             // sets some): the conflist lacks the capability and annotations cannot pick the pool.

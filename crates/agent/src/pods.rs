@@ -17,23 +17,42 @@ pub trait PodAnnotations: Send + Sync + 'static {
     fn namespace(&self, name: &str) -> Option<Annotations>;
     /// A counter that grows whenever the cache changed.
     fn changed(&self) -> watch::Receiver<u64>;
+    /// Whether a namespace `namespace` does not know may still appear: namespaces are watched
+    /// but not listed yet (just after start).
+    fn namespaces_pending(&self) -> bool {
+        false
+    }
 }
 
-/// The pod's annotations from `source`, waiting up to `bound` for the watch to see the pod (an
-/// ADD may come before the pod's event reaches this node). None when it did not appear.
-pub async fn wait_for_pod(source: &dyn PodAnnotations, namespace: &str, name: &str, bound: Duration) -> Option<Annotations> {
+/// What an ADD learns from the source: the pod's annotations (None: not seen within the wait)
+/// and its namespace's.
+#[derive(Debug, Default, PartialEq)]
+pub struct Found {
+    pub pod: Option<Annotations>,
+    pub namespace: Option<Annotations>,
+}
+
+/// Reads the pod (unless `need_pod` is false) and its namespace from `source`, waiting up to
+/// `bound` for the watches to see them: an ADD may come before the pod's event reaches this
+/// node, or just after the agent started, before the namespaces are listed.
+pub async fn lookup(source: &dyn PodAnnotations, namespace: &str, name: &str, need_pod: bool, bound: Duration) -> Found {
     let deadline = tokio::time::Instant::now() + bound;
     let mut changed = source.changed();
     loop {
         // Marked seen before the read: a change after it wakes the wait below.
         changed.borrow_and_update();
-        if let Some(found) = source.pod(namespace, name) {
-            return Some(found);
+        let found = Found {
+            pod: if need_pod { source.pod(namespace, name) } else { None },
+            namespace: source.namespace(namespace),
+        };
+        let complete = (!need_pod || found.pod.is_some()) && (found.namespace.is_some() || !source.namespaces_pending());
+        if complete {
+            return found;
         }
         match tokio::time::timeout_at(deadline, changed.changed()).await {
             Ok(Ok(())) => {}
-            // Timed out, or the watch ended for good.
-            Ok(Err(_)) | Err(_) => return source.pod(namespace, name),
+            // Timed out, or the watch ended for good: what there is.
+            Ok(Err(_)) | Err(_) => return found,
         }
     }
 }
@@ -81,11 +100,11 @@ mod tests {
             f.tx.send_modify(|g| *g += 1);
         });
         let started = std::time::Instant::now();
-        let got = wait_for_pod(&*fake, "ns", "p", Duration::from_secs(5)).await;
-        assert_eq!(got, Some([("a".to_string(), "b".to_string())].into()));
+        let got = lookup(&*fake, "ns", "p", true, Duration::from_secs(5)).await;
+        assert_eq!(got.pod, Some([("a".to_string(), "b".to_string())].into()));
         assert!(started.elapsed() < Duration::from_secs(2), "woken by the change, not the bound");
         let started = std::time::Instant::now();
-        assert_eq!(wait_for_pod(&*fake, "ns", "other", Duration::from_millis(200)).await, None);
+        assert_eq!(lookup(&*fake, "ns", "other", true, Duration::from_millis(200)).await, Found::default());
         assert!(started.elapsed() >= Duration::from_millis(200));
     }
 

@@ -10,8 +10,6 @@
 
 use std::path::Path;
 
-pub mod lease;
-
 use ipnet::IpNet;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -255,6 +253,10 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client, kube::Err
 pub fn in_cluster() -> bool {
     std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
 }
+
+// Operator side on Kubernetes: Lease election, releasing the blocks of deleted Nodes.
+pub mod lease;
+pub mod node_gc;
 
 #[cfg(test)]
 mod tests {

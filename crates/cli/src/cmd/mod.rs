@@ -3,7 +3,7 @@ pub mod allocations;
 pub mod gc;
 pub mod namespace;
 pub mod node;
-#[cfg(feature = "etcd")]
+#[cfg(any(feature = "etcd", feature = "kubernetes"))]
 pub mod operator;
 pub mod pool;
 pub mod status;

@@ -509,7 +509,7 @@ impl<S: Store> Node<S> {
                 family,
                 req.pool.as_deref(),
                 |k| req.annotations.get(k).map(String::as_str),
-                &ns_key,
+                ns_key,
                 &self.cfg.default_pool,
             );
             let Some(spec) = st.pools.get(pool) else {

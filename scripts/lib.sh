@@ -7,6 +7,8 @@ ensure_packages() {
     [ -x /usr/bin/etcd ] || need+=(etcd-server)
     command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
     command -v openssl >/dev/null 2>&1 || need+=(openssl)
+    # The webhook tests send HTTPS requests with curl --cacert.
+    command -v curl >/dev/null 2>&1 || need+=(curl)
     # The CRI tests run a private containerd (runc comes with it) and build a static pause binary.
     command -v containerd >/dev/null 2>&1 || need+=(containerd)
     [ -n "$(find /usr/lib -name libc.a -print -quit 2>/dev/null)" ] || need+=(libc6-dev)

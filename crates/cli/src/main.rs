@@ -45,6 +45,15 @@ enum Command {
     Status(cmd::status::Args),
     /// Release allocations whose network namespace no longer exists.
     Gc(cmd::gc::Args),
+    /// Kubermatic (KKP) Cluster rules offline: `allot kkp validate --old OLD --new NEW`.
+    #[command(subcommand)]
+    Kkp(cmd::kkp::KkpCmd),
+    /// Serve the validating admission webhook (KKP Cluster rules) over HTTPS.
+    #[cfg(feature = "webhook")]
+    Webhook(cmd::webhook::Args),
+    /// Move the cluster from one CNI to another (plan first).
+    #[command(subcommand)]
+    Migrate(cmd::migrate::MigrateCmd),
 }
 
 /// `println!` panics when stdout is a closed pipe (`allot ... | head -c1`); like other Unix
@@ -74,6 +83,10 @@ fn main() {
         Command::Agent(args) => cmd::agent::exec(args, cli.socket.as_deref(), &cli.cluster),
         #[cfg(any(feature = "etcd", feature = "kubernetes"))]
         Command::Operator(args) => cmd::operator::exec(args, &cli.cluster),
+        Command::Kkp(c) => std::process::exit(cmd::kkp::exec(c)),
+        #[cfg(feature = "webhook")]
+        Command::Webhook(args) => cmd::webhook::exec(args),
+        Command::Migrate(c) => cmd::migrate::exec(c),
         command => backend::Backend::new(client, &cli.cluster).and_then(|b| match command {
             Command::Pool(c) => cmd::pool::exec(c, &b),
             Command::Node(c) => cmd::node::exec(c, &b),

@@ -10,6 +10,12 @@
 
 use std::path::Path;
 
+pub mod admission;
+mod mirror;
+mod store;
+pub use mirror::{DELETING, RELEASED_UNTIL};
+pub use store::{AliveLease, KubeStore, KubeStoreOptions, LIVENESS_LABEL, POOL_LOCK, cilium_pool_resource, default_namespace};
+
 use ipnet::IpNet;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};

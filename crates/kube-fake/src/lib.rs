@@ -55,6 +55,35 @@ pub struct Request {
     pub query: String,
 }
 
+/// One write as a validating admission check sees it (see [`FakeApiServer::add_admission`]).
+pub struct Admission<'a> {
+    /// CREATE, UPDATE or DELETE (an eviction is a CREATE of pods/eviction).
+    pub operation: &'a str,
+    pub api_version: &'a str,
+    /// The plural.
+    pub resource: &'a str,
+    pub subresource: Option<&'a str>,
+    pub namespace: Option<&'a str>,
+    pub name: &'a str,
+    /// The object as it would be stored (the Eviction for an eviction); None for DELETE.
+    pub object: Option<&'a serde_json::Value>,
+    /// The stored object, for UPDATE and DELETE.
+    pub old_object: Option<&'a serde_json::Value>,
+    store: &'a std::collections::BTreeMap<server::Key, serde_json::Value>,
+}
+
+impl Admission<'_> {
+    /// The stored objects of this apiVersion and kind, as the check runs (a webhook would read
+    /// them from the API or a cache; here it is the same state, read under the write's lock).
+    pub fn objects(&self, api_version: &str, kind: &str) -> Vec<serde_json::Value> {
+        self.store
+            .iter()
+            .filter(|(k, v)| k.av == api_version && v.get("kind").and_then(serde_json::Value::as_str) == Some(kind))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+}
+
 /// The fake API server. Cheap to clone: clones share one state.
 #[derive(Clone)]
 pub struct FakeApiServer {
@@ -109,6 +138,26 @@ impl FakeApiServer {
         self.state().requests.clone()
     }
 
+    /// What the requests so far needed from RBAC: (apiGroup, resource or
+    /// "resource/subresource", verb), the three columns of a Role rule, for every request that
+    /// reached the server (a 404 or 409 needed the permission too; not those while down).
+    /// Compare it with the rules in deploy/ to show they grant no more than the code calls.
+    pub fn rbac_used(&self) -> std::collections::BTreeSet<(String, String, String)> {
+        self.state()
+            .requests
+            .iter()
+            .filter(|r| r.status != 0 && !r.api_version.is_empty())
+            .map(|r| {
+                let group = r.api_version.rsplit_once('/').map_or("", |(g, _)| g).to_string();
+                let resource = match &r.subresource {
+                    Some(s) => format!("{}/{s}", r.resource),
+                    None => r.resource.clone(),
+                };
+                (group, resource, r.verb.clone())
+            })
+            .collect()
+    }
+
     pub fn clear_requests(&self) {
         self.state().requests.clear();
     }
@@ -119,7 +168,12 @@ impl FakeApiServer {
     /// "plural/subresource" (`"pods/eviction"`, `"allotnodes/status"`).
     pub fn fail_next(&self, verb: &str, resource: &str, status: u16, count: usize) {
         if count > 0 {
-            self.state().failures.push(server::Failure { verb: verb.into(), resource: resource.into(), status, remaining: count });
+            self.state().failures.push(server::Failure {
+                verb: verb.into(),
+                resource: resource.into(),
+                status,
+                remaining: count,
+            });
         }
     }
 
@@ -142,6 +196,22 @@ impl FakeApiServer {
         if down {
             st.end_watches(true);
         }
+    }
+
+    /// Add a validating admission check, standing in for a validating webhook: it sees every
+    /// create, update (also of /status), delete and eviction served through the API (not
+    /// `insert`, not the garbage collector's deletions) before anything is stored; `Err(msg)`
+    /// answers 400 "admission webhook \"name\" denied the request: msg" and changes nothing.
+    /// The check runs under the fake's lock, atomically with the write, which a real webhook
+    /// does not: races between a webhook's read and the write need another test. It must not
+    /// call back into this `FakeApiServer` (that would deadlock); read through
+    /// [`Admission::objects`].
+    pub fn add_admission(
+        &self,
+        name: &str,
+        check: impl Fn(&Admission<'_>) -> Result<(), String> + Send + Sync + 'static,
+    ) {
+        self.state().admission.push((name.to_string(), Arc::new(check)));
     }
 
     /// The global resourceVersion counter: the revision of the last write.
@@ -186,6 +256,7 @@ impl tower_service::Service<http::Request<kube::client::Body>> for FakeService {
             let (parts, body) = req.into_parts();
             let body = body.collect().await.map_err(io::Error::other)?.to_bytes();
             let content_type = parts.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+            let accept = parts.headers.get(http::header::ACCEPT).and_then(|v| v.to_str().ok());
             let reply = {
                 let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
                 st.handle(
@@ -195,20 +266,25 @@ impl tower_service::Service<http::Request<kube::client::Body>> for FakeService {
                         path: parts.uri.path(),
                         query: parts.uri.query().unwrap_or(""),
                         content_type,
+                        accept,
                         body: &body,
                     },
                 )
             };
             let (code, body) = match reply {
                 Reply::Down => {
-                    return Err(io::Error::new(io::ErrorKind::ConnectionRefused, "fake API server is down (FakeApiServer::set_down)"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionRefused,
+                        "fake API server is down (FakeApiServer::set_down)",
+                    ));
                 }
                 Reply::Json(code, v) => {
                     let bytes = Bytes::from(serde_json::to_vec(&v).expect("JSON values serialize"));
                     (code, Full::new(bytes).map_err(|e: Infallible| match e {}).boxed_unsync())
                 }
                 Reply::Stream(mut rx) => {
-                    let s = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)).map(|c| c.map(http_body::Frame::data));
+                    let s = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+                        .map(|c| c.map(http_body::Frame::data));
                     (200, StreamBody::new(s).boxed_unsync())
                 }
             };

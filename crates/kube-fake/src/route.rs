@@ -49,7 +49,13 @@ const BUILTIN: &[(&str, &str, &str, bool, bool)] = &[
     ("admissionregistration.k8s.io", "validatingwebhookconfigurations", "ValidatingWebhookConfiguration", false, false),
     ("admissionregistration.k8s.io", "mutatingwebhookconfigurations", "MutatingWebhookConfiguration", false, false),
     ("admissionregistration.k8s.io", "validatingadmissionpolicies", "ValidatingAdmissionPolicy", false, true),
-    ("admissionregistration.k8s.io", "validatingadmissionpolicybindings", "ValidatingAdmissionPolicyBinding", false, false),
+    (
+        "admissionregistration.k8s.io",
+        "validatingadmissionpolicybindings",
+        "ValidatingAdmissionPolicyBinding",
+        false,
+        false,
+    ),
     // allot's own (crates/k8s) and the migration's.
     ("allot.dev", "ippools", "IPPool", false, false),
     ("allot.dev", "ipblocks", "IPBlock", false, false),
@@ -166,12 +172,21 @@ mod tests {
     fn paths_route_like_the_apiserver() {
         assert_eq!(parse_path("/api/v1/pods"), r("", "v1", "pods", None, None, None));
         assert_eq!(parse_path("/api/v1/namespaces/d/pods"), r("", "v1", "pods", Some("d"), None, None));
-        assert_eq!(parse_path("/api/v1/namespaces/d/pods/p/eviction"), r("", "v1", "pods", Some("d"), Some("p"), Some("eviction")));
+        assert_eq!(
+            parse_path("/api/v1/namespaces/d/pods/p/eviction"),
+            r("", "v1", "pods", Some("d"), Some("p"), Some("eviction"))
+        );
         assert_eq!(parse_path("/api/v1/namespaces"), r("", "v1", "namespaces", None, None, None));
         assert_eq!(parse_path("/api/v1/namespaces/d"), r("", "v1", "namespaces", None, Some("d"), None));
-        assert_eq!(parse_path("/api/v1/namespaces/d/status"), r("", "v1", "namespaces", None, Some("d"), Some("status")));
+        assert_eq!(
+            parse_path("/api/v1/namespaces/d/status"),
+            r("", "v1", "namespaces", None, Some("d"), Some("status"))
+        );
         assert_eq!(parse_path("/api/v1/nodes/n1/status"), r("", "v1", "nodes", None, Some("n1"), Some("status")));
-        assert_eq!(parse_path("/apis/allot.dev/v1/ipblocks/b"), r("allot.dev", "allot.dev/v1", "ipblocks", None, Some("b"), None));
+        assert_eq!(
+            parse_path("/apis/allot.dev/v1/ipblocks/b"),
+            r("allot.dev", "allot.dev/v1", "ipblocks", None, Some("b"), None)
+        );
         assert_eq!(
             parse_path("/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/l"),
             r("coordination.k8s.io", "coordination.k8s.io/v1", "leases", Some("kube-system"), Some("l"), None)

@@ -41,10 +41,9 @@ fn valid_key(k: &str) -> bool {
 
 fn set_values(rest: &str, term: &str) -> Result<Vec<String>, String> {
     let rest = rest.trim();
-    let inner = rest
-        .strip_prefix('(')
-        .and_then(|r| r.strip_suffix(')'))
-        .ok_or_else(|| format!("unable to parse requirement {term:?}: the values of in/notin go in parentheses, e.g. `k in (a,b)`"))?;
+    let inner = rest.strip_prefix('(').and_then(|r| r.strip_suffix(')')).ok_or_else(|| {
+        format!("unable to parse requirement {term:?}: the values of in/notin go in parentheses, e.g. `k in (a,b)`")
+    })?;
     Ok(inner.split(',').map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).collect())
 }
 
@@ -123,11 +122,15 @@ impl FieldSelector {
             } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
                 (k, true, v)
             } else {
-                return Err(format!("invalid field selector {term:?}: use `path=value` or `path!=value`, e.g. `spec.nodeName=n1`"));
+                return Err(format!(
+                    "invalid field selector {term:?}: use `path=value` or `path!=value`, e.g. `spec.nodeName=n1`"
+                ));
             };
             let k = k.trim();
             if !valid_key(k) {
-                return Err(format!("invalid field selector {term:?}: the field must be a dotted path such as `metadata.name`"));
+                return Err(format!(
+                    "invalid field selector {term:?}: the field must be a dotted path such as `metadata.name`"
+                ));
             }
             terms.push((k.to_string(), eq, v.trim().to_string()));
         }
@@ -153,10 +156,23 @@ mod tests {
     fn label_terms_match_like_the_apiserver() {
         let o = json!({"metadata": {"labels": {"a": "1", "b": "x"}}});
         let cases = [
-            ("a=1", true), ("a==1", true), ("a=2", false), ("a!=2", true), ("c!=2", true),
-            ("a", true), ("c", false), ("!c", true), ("!a", false),
-            ("b in (x, y)", true), ("b in (y)", false), ("b notin (y)", true), ("c notin (y)", true),
-            ("b notin (x)", false), ("a=1,b in (x)", true), ("a=1,b=y", false), ("", true),
+            ("a=1", true),
+            ("a==1", true),
+            ("a=2", false),
+            ("a!=2", true),
+            ("c!=2", true),
+            ("a", true),
+            ("c", false),
+            ("!c", true),
+            ("!a", false),
+            ("b in (x, y)", true),
+            ("b in (y)", false),
+            ("b notin (y)", true),
+            ("c notin (y)", true),
+            ("b notin (x)", false),
+            ("a=1,b in (x)", true),
+            ("a=1,b=y", false),
+            ("", true),
         ];
         for (sel, want) in cases {
             assert_eq!(LabelSelector::parse(sel).unwrap().matches(&o), want, "{sel}");
@@ -169,8 +185,12 @@ mod tests {
     fn field_terms_read_dotted_paths() {
         let o = json!({"metadata": {"name": "p", "namespace": "d"}, "spec": {"nodeName": "n1"}, "status": {"phase": "Running"}});
         let cases = [
-            ("metadata.name=p", true), ("spec.nodeName=n1", true), ("spec.nodeName=n2", false),
-            ("status.phase!=Succeeded", true), ("spec.missing=", true), ("spec.nodeName==n1,metadata.namespace=d", true),
+            ("metadata.name=p", true),
+            ("spec.nodeName=n1", true),
+            ("spec.nodeName=n2", false),
+            ("status.phase!=Succeeded", true),
+            ("spec.missing=", true),
+            ("spec.nodeName==n1,metadata.namespace=d", true),
         ];
         for (sel, want) in cases {
             assert_eq!(FieldSelector::parse(sel).unwrap().matches(&o), want, "{sel}");

@@ -2,4 +2,6 @@
 //! and says what would happen to every pod; `orchestrate` carries a plan out as a pure state
 //! machine over the `Cluster` trait, so every step can be crashed and resumed in tests.
 
+pub mod detect;
 pub mod plan;
+pub mod snapshot;

@@ -41,6 +41,9 @@ pub struct AgentConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// host-local network directories to adopt at start (`--adopt-host-local`).
     pub adopt_host_local: Vec<PathBuf>,
+    /// On Kubernetes, how long an ADD without pod annotations waits for the pod watch to see
+    /// the pod before choosing by namespace annotation or the default pool.
+    pub pod_wait: Duration,
 }
 
 impl AgentConfig {
@@ -60,6 +63,7 @@ impl AgentConfig {
             reserve_gateway: true,
             metrics_addr: None,
             adopt_host_local: Vec::new(),
+            pod_wait: Duration::from_secs(5),
         }
     }
 
@@ -85,6 +89,8 @@ pub struct ConfigFile {
     pub node_ip: Option<std::net::IpAddr>,
     pub auto_direct_node_routes: Option<bool>,
     pub reserve_gateway: Option<bool>,
+    /// Seconds.
+    pub pod_wait_seconds: Option<f64>,
 }
 
 /// Parses `pool=count,pool=count` (Cilium's `ipam-multi-pool-pre-allocation` form).

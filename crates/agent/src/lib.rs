@@ -24,6 +24,11 @@ pub mod metrics;
 pub mod liveness;
 mod node;
 pub mod page;
+pub mod pods;
+#[cfg(feature = "kubernetes")]
+pub mod kube_pods;
+#[cfg(feature = "kubernetes")]
+pub mod kube_cluster;
 pub mod records;
 pub mod server;
 pub mod web;
@@ -190,6 +195,60 @@ pub async fn run_standalone(
     result
 }
 
+/// How cluster mode reaches its store: connects (and marks the node live), then keeps the
+/// node live until stop. One per backend: etcd, and the Kubernetes API (`kube_cluster`).
+pub trait Connector: Send + 'static {
+    type Store: Store + Send + Sync + 'static;
+    /// What the node is live by (a lease), handed from `connect` to `keep_alive`.
+    type Live: Send + 'static;
+    /// Names the store in logs and in `allot status` ("etcd at ...").
+    fn target(&self) -> String;
+    /// One attempt: connect (a client kept across attempts may be reused) and mark `node` live.
+    fn connect(&mut self, node: &str) -> impl Future<Output = Result<(Arc<Self::Store>, Self::Live), StoreError>> + Send;
+    /// Keeps `node` live until `stop` turns true; then ends its liveness (a clean stop is a departure).
+    fn keep_alive(self, store: Arc<Self::Store>, node: String, live: Self::Live, stop: watch::Receiver<bool>) -> impl Future<Output = ()> + Send;
+}
+
+/// etcd: liveness is a lease-bound key (`liveness`).
+#[cfg(feature = "etcd")]
+pub struct EtcdConnector {
+    cfg: allot_store::EtcdConfig,
+    // One client for every attempt: each connect starts a watch that lives as long as the client.
+    client: Option<Arc<allot_store::EtcdStore>>,
+}
+
+#[cfg(feature = "etcd")]
+impl EtcdConnector {
+    pub fn new(cfg: allot_store::EtcdConfig) -> Self {
+        EtcdConnector { cfg, client: None }
+    }
+}
+
+#[cfg(feature = "etcd")]
+impl Connector for EtcdConnector {
+    type Store = allot_store::EtcdStore;
+    type Live = i64;
+
+    fn target(&self) -> String {
+        format!("etcd at {}", self.cfg.endpoints.join(","))
+    }
+
+    async fn connect(&mut self, node: &str) -> Result<(Arc<Self::Store>, i64), StoreError> {
+        let store = match &self.client {
+            Some(store) => store.clone(),
+            None => Arc::new(allot_store::EtcdStore::connect(&self.cfg).await?),
+        };
+        self.client = Some(store.clone());
+        let lease = store.announce_alive(node, liveness::TTL).await?;
+        tracing::info!(%node, lease = format!("{lease:x}"), "connected to etcd; node is live");
+        Ok((store, lease))
+    }
+
+    async fn keep_alive(self, store: Arc<Self::Store>, node: String, lease: i64, stop: watch::Receiver<bool>) {
+        liveness::run(store, node, Some(lease), stop).await;
+    }
+}
+
 /// Cluster mode: etcd is the store; the operator runs elsewhere (`allot operator`). The socket
 /// is bound before etcd answers: the node serves DEL from its journal and ADD from the blocks
 /// of its saved view, and connects to etcd in the background with backoff.
@@ -199,22 +258,43 @@ pub async fn run_cluster(
     etcd: allot_store::EtcdConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
+    run_cluster_with(cfg, EtcdConnector::new(etcd), |_| {}, shutdown).await
+}
+
+/// Cluster mode on any store: `connector` reaches it in the background (with backoff) while
+/// the node serves from its journal and saved view; `prepare` sees the node before it serves
+/// (the Kubernetes backend sets its pod annotation source there).
+pub async fn run_cluster_with<C: Connector>(
+    cfg: AgentConfig,
+    connector: C,
+    prepare: impl FnOnce(&Arc<Node<LazyStore<C::Store>>>),
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
     let data = DataDir::lock(&cfg.data_dir)?;
-    let store = Arc::new(LazyStore::<allot_store::EtcdStore>::new(format!("etcd at {}", etcd.endpoints.join(","))));
+    let target = connector.target();
+    let store = Arc::new(LazyStore::<C::Store>::new(target.clone()));
     let socket = cfg.socket.clone();
+    #[cfg(feature = "etcd")]
     let direct_routes = cfg.direct_routes;
+    #[cfg(not(feature = "etcd"))]
+    if cfg.direct_routes {
+        return Err(AgentError::Invalid("--auto-direct-node-routes needs an allot built with the etcd feature (netlink routes)".into()));
+    }
     let node = Node::open(cfg, store.clone())?;
+    prepare(&node);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let connector = tokio::spawn(connect_etcd(store.clone(), etcd.clone(), node.cfg.node.clone(), stop_rx.clone()));
+    let connecting = tokio::spawn(connect_loop(store.clone(), connector, node.cfg.node.clone(), stop_rx.clone()));
+    #[cfg(feature = "etcd")]
     let routes = direct_routes
         .then(|| tokio::spawn(routes::run(store.clone(), node.clone(), stop_rx.clone())));
     let listener = bind_socket(&socket)?;
-    tracing::info!(socket = %socket.display(), node = %node.cfg.node, endpoints = ?etcd.endpoints, "agent serving (cluster)");
+    tracing::info!(socket = %socket.display(), node = %node.cfg.node, store = %target, "agent serving (cluster)");
     let result = serve(node, listener, shutdown, stop_rx).await;
     let _ = stop_tx.send(true);
     // The connector keeps the node live until `stop`; then it ends the lease (a clean stop is
     // a departure).
-    let _ = connector.await;
+    let _ = connecting.await;
+    #[cfg(feature = "etcd")]
     if let Some(r) = routes {
         let _ = r.await;
     }
@@ -224,39 +304,24 @@ pub async fn run_cluster(
     result
 }
 
-/// Connects to etcd (retrying with backoff), marks the node live, hands the store over, and
-/// then keeps the node live until `stop`. Live comes first, so that no operator sees the node
-/// registered but not live.
-#[cfg(feature = "etcd")]
-async fn connect_etcd(
-    lazy: Arc<LazyStore<allot_store::EtcdStore>>,
-    cfg: allot_store::EtcdConfig,
+/// Connects (retrying with backoff), marks the node live, hands the store over, and then keeps
+/// the node live until `stop`. Live comes first, so that no operator sees the node registered
+/// but not live.
+async fn connect_loop<C: Connector>(
+    lazy: Arc<LazyStore<C::Store>>,
+    mut connector: C,
     node: String,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = std::time::Duration::from_millis(200);
-    // One client for every attempt: each connect starts a watch that lives as long as the client.
-    let mut client: Option<Arc<allot_store::EtcdStore>> = None;
     loop {
-        let attempt = match &client {
-            Some(store) => Ok(store.clone()),
-            None => allot_store::EtcdStore::connect(&cfg).await.map(Arc::new),
-        };
-        let attempt = match attempt {
-            Ok(store) => {
-                client = Some(store.clone());
-                store.announce_alive(&node, liveness::TTL).await.map(|lease| (store, lease))
-            }
-            Err(e) => Err(e),
-        };
-        match attempt {
-            Ok((store, lease)) => {
-                tracing::info!(%node, lease = format!("{lease:x}"), "connected to etcd; node is live");
+        match connector.connect(&node).await {
+            Ok((store, live)) => {
                 lazy.set(store.clone());
-                liveness::run(store, node, Some(lease), stop).await;
+                connector.keep_alive(store, node, live, stop).await;
                 return;
             }
-            Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "connecting to etcd failed; serving from this node's journal and saved view"),
+            Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, store = %connector.target(), "connecting to the cluster store failed; serving from this node's journal and saved view"),
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}

@@ -106,6 +106,8 @@ pub struct Node<S> {
     pub(crate) route_failures: Mutex<Vec<RouteFailure>>,
     /// What was adopted from where (`adoptions.json`).
     adoptions: Mutex<adopt::Adoptions>,
+    /// Pod and namespace annotations from elsewhere than the CNI call (the Kubernetes API).
+    pods: std::sync::OnceLock<Arc<dyn crate::pods::PodAnnotations>>,
 }
 
 fn now_unix() -> u64 {
@@ -166,9 +168,16 @@ impl<S: Store> Node<S> {
             blocks_sync: tokio::sync::Mutex::new(None),
             route_failures: Mutex::new(Vec::new()),
             adoptions: Mutex::new(adoptions),
+            pods: std::sync::OnceLock::new(),
         });
         node.restore(replay, saved.unwrap_or_default());
         Ok(node)
+    }
+
+    /// Sets where ADD finds the annotations of a pod whose runtime passed none (once; later
+    /// calls are ignored).
+    pub fn set_pod_annotations(&self, source: Arc<dyn crate::pods::PodAnnotations>) {
+        let _ = self.pods.set(source);
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -508,8 +517,11 @@ impl<S: Store> Node<S> {
     }
 
     /// Chooses the pool of each family for an ADD.
-    fn choose(&self, st: &State, req: &AddRequest) -> Result<Vec<(Family, String)>, AgentError> {
-        let ns = req.pod.namespace.as_deref().and_then(|ns| st.namespaces.get(ns));
+    /// `ns_api`: the namespace's annotations from the pod annotation source; the store's win
+    /// key by key.
+    fn choose(&self, st: &State, req: &AddRequest, ns_api: Option<&Annotations>) -> Result<Vec<(Family, String)>, AgentError> {
+        let ns_store = req.pod.namespace.as_deref().and_then(|ns| st.namespaces.get(ns));
+        let ns_key = |k: &str| ns_store.and_then(|m| m.get(k)).or_else(|| ns_api.and_then(|m| m.get(k))).map(String::as_str);
         let mut out = Vec::new();
         let mut missing_default = false;
         for family in Family::ALL {
@@ -517,7 +529,7 @@ impl<S: Store> Node<S> {
                 family,
                 req.pool.as_deref(),
                 |k| req.annotations.get(k).map(String::as_str),
-                |k| ns.and_then(|m| m.get(k)).map(String::as_str),
+                ns_key,
                 &self.cfg.default_pool,
             );
             let Some(spec) = st.pools.get(pool) else {
@@ -550,10 +562,32 @@ impl<S: Store> Node<S> {
 
     /// ADD: the owner's addresses, allocating them if it has none. Answers only once the
     /// allocation is durable; waits up to `add_wait` for a block when the node's blocks are full.
-    pub async fn add(&self, req: AddRequest) -> Result<Allocation, AgentError> {
-        // Pod annotations not passed (or, from older plugins, none at all: the kubelet always
-        // sets some): the conflist lacks the capability and annotations cannot pick the pool.
-        if let (Some(name), false) = (&req.pod.name, req.annotations_passed || !req.annotations.is_empty()) {
+    pub async fn add(&self, mut req: AddRequest) -> Result<Allocation, AgentError> {
+        let passed = req.annotations_passed || !req.annotations.is_empty();
+        let mut ns_api = None;
+        if let (Some(source), Some(ns), Some(name)) = (self.pods.get(), &req.pod.namespace, &req.pod.name) {
+            // The runtime's annotations win; a retried ADD of a known owner does not wait.
+            let need_pod = !passed;
+            let known = self.check(&req.owner).is_some();
+            let wait = if known { Duration::ZERO } else { self.cfg.pod_wait };
+            let found = crate::pods::lookup(&**source, ns, name, need_pod, wait).await;
+            match found.pod {
+                Some(pod) => {
+                    req.annotations = crate::pods::pool_keys(&pod);
+                    tracing::debug!(owner = %req.owner, pod = %format_args!("{ns}/{name}"), annotations = ?req.annotations, "pod annotations from the Kubernetes API");
+                }
+                None if need_pod && !known => tracing::warn!(
+                    owner = %req.owner,
+                    pod = %format_args!("{ns}/{name}"),
+                    waited = ?self.cfg.pod_wait,
+                    "pod not seen by the pod watch within the wait; choosing its pool from its namespace's annotations or the default pool"
+                ),
+                None => {}
+            }
+            ns_api = found.namespace;
+        } else if let (Some(name), false) = (&req.pod.name, passed) {
+            // Pod annotations not passed (or, from older plugins, none at all: the kubelet always
+            // sets some): the conflist lacks the capability and annotations cannot pick the pool.
             tracing::warn!(
                 owner = %req.owner,
                 pod = %format_args!("{}/{name}", req.pod.namespace.as_deref().unwrap_or("")),
@@ -567,7 +601,7 @@ impl<S: Store> Node<S> {
             let room_changed = self.room_changed.notified();
             tokio::pin!(room_changed);
             room_changed.as_mut().enable();
-            match self.try_take(&req)? {
+            match self.try_take(&req, ns_api.as_ref())? {
                 Taken::Existing(a, queued) => {
                     // The first ADD may still be committing: writing the same record again
                     // returns only once it is on disk.
@@ -614,7 +648,7 @@ impl<S: Store> Node<S> {
 
     /// One attempt under the lock: the owner's existing allocation, a new one, or the pool
     /// that is full (recorded as pending demand).
-    fn try_take(&self, req: &AddRequest) -> Result<Taken, AgentError> {
+    fn try_take(&self, req: &AddRequest, ns_api: Option<&Annotations>) -> Result<Taken, AgentError> {
         let mut st = self.lock();
         if let Some(existing) = st.owners.get(&req.owner) {
             let queued = self.records.enqueue(vec![Op::Put(existing.clone())]);
@@ -623,7 +657,7 @@ impl<S: Store> Node<S> {
         if let Some(why) = self.stale_view(&st).or_else(|| st.adoption_blocked.clone()) {
             return Ok(Taken::Stale(why));
         }
-        let choice = match self.choose(&st, req) {
+        let choice = match self.choose(&st, req, ns_api) {
             Ok(c) => c,
             Err(AgentError::NotFound(why)) => return Ok(Taken::UnknownPool(why)),
             Err(e) => return Err(e),

@@ -1,11 +1,12 @@
-//! Where the CLI's cluster-wide commands go: the local agent's socket, or etcd directly.
+//! Where the CLI's cluster-wide commands go: the local agent's socket, or the cluster store
+//! directly (etcd, or the Kubernetes API).
 
 use allot_client::Client;
 use allot_wire::{
     AnnotateRequest, ApplyRequest, ApplyResult, NamespaceResource, NodeResource, PoolResource, Status,
 };
 
-#[cfg(feature = "etcd")]
+#[cfg(any(feature = "etcd", feature = "kubernetes"))]
 use allot_store::Store;
 
 // One backend per CLI run: the size difference between variants does not matter.
@@ -14,6 +15,18 @@ pub enum Backend {
     Agent(Client),
     #[cfg(feature = "etcd")]
     Etcd { store: allot_store::EtcdStore, rt: tokio::runtime::Runtime },
+    #[cfg(feature = "kubernetes")]
+    Kube { store: allot_k8s::KubeStore, rt: tokio::runtime::Runtime },
+}
+
+/// Where the cluster state lives (`--store`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    /// The agent's own file (standalone, one machine).
+    Embedded,
+    Etcd,
+    /// The Kubernetes API server (allot.dev CRDs).
+    Kubernetes,
 }
 
 /// Global flags that choose the backend.
@@ -37,6 +50,64 @@ pub struct ClusterFlags {
     /// Password of --etcd-user (prefer the environment variable: flags show in `ps`).
     #[arg(long, global = true, env = "ALLOT_ETCD_PASSWORD", value_name = "PASSWORD", hide_env_values = true)]
     pub etcd_password: Option<String>,
+    /// The cluster store (default: etcd with --etcd-endpoints, else kubernetes with
+    /// --kubeconfig or when running in a pod, else embedded: the local agent's).
+    #[arg(long, global = true, env = "ALLOT_STORE", value_enum, value_name = "STORE")]
+    pub store: Option<StoreKind>,
+    /// kubeconfig for --store kubernetes (default: in-cluster config in a pod, else $KUBECONFIG
+    /// or ~/.kube/config).
+    #[arg(long, global = true, env = "ALLOT_KUBECONFIG", value_name = "PATH")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+}
+
+impl ClusterFlags {
+    /// The store to use: `--store`, else etcd when endpoints are given, else Kubernetes when
+    /// running in a pod, else embedded.
+    pub fn store_kind(&self) -> anyhow::Result<StoreKind> {
+        self.store_kind_in(in_cluster())
+    }
+
+    fn store_kind_in(&self, in_pod: bool) -> anyhow::Result<StoreKind> {
+        let etcd = !self.etcd_endpoints.is_empty();
+        let kind = match self.store {
+            Some(k) => k,
+            None if etcd => StoreKind::Etcd,
+            None if self.kubeconfig.is_some() => StoreKind::Kubernetes,
+            None if in_pod && cfg!(feature = "kubernetes") => StoreKind::Kubernetes,
+            None => StoreKind::Embedded,
+        };
+        match kind {
+            StoreKind::Etcd => anyhow::ensure!(etcd, "--store etcd needs --etcd-endpoints (or ALLOT_ETCD_ENDPOINTS)"),
+            _ => anyhow::ensure!(!etcd, "--etcd-endpoints is for --store etcd, not --store {kind:?}: drop one of them"),
+        }
+        anyhow::ensure!(
+            self.kubeconfig.is_none() || kind == StoreKind::Kubernetes,
+            "--kubeconfig is for --store kubernetes, not --store {kind:?}"
+        );
+        Ok(kind)
+    }
+
+    /// A Kubernetes client from --kubeconfig, in-cluster config, or the default kubeconfig.
+    #[cfg(feature = "kubernetes")]
+    pub async fn kube_client(&self) -> anyhow::Result<kube::Client> {
+        allot_k8s::client(self.kubeconfig.as_deref()).await.map_err(|e| {
+            let from = match &self.kubeconfig {
+                Some(p) => format!("kubeconfig {}", p.display()),
+                None => "in-cluster config, $KUBECONFIG or ~/.kube/config".into(),
+            };
+            anyhow::anyhow!("no Kubernetes client from {from}: {e}; pass --kubeconfig PATH, or run in a pod")
+        })
+    }
+}
+
+#[cfg(feature = "kubernetes")]
+fn in_cluster() -> bool {
+    allot_k8s::in_cluster()
+}
+
+#[cfg(not(feature = "kubernetes"))]
+fn in_cluster() -> bool {
+    false
 }
 
 #[cfg(feature = "etcd")]
@@ -65,17 +136,27 @@ impl ClusterFlags {
 
 impl Backend {
     pub fn new(client: Client, flags: &ClusterFlags) -> anyhow::Result<Backend> {
-        if flags.etcd_endpoints.is_empty() {
-            return Ok(Backend::Agent(client));
+        match flags.store_kind()? {
+            StoreKind::Embedded => Ok(Backend::Agent(client)),
+            #[cfg(feature = "etcd")]
+            StoreKind::Etcd => {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                let store = rt.block_on(allot_store::EtcdStore::connect(&flags.config()?))?;
+                Ok(Backend::Etcd { store, rt })
+            }
+            #[cfg(feature = "kubernetes")]
+            StoreKind::Kubernetes => {
+                // The store's watches run on this runtime's worker while a command waits.
+                let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+                let store = rt.block_on(async {
+                    let client = flags.kube_client().await?;
+                    Ok::<_, anyhow::Error>(allot_k8s::KubeStore::connect(client, allot_k8s::KubeStoreOptions::default()).await?)
+                })?;
+                Ok(Backend::Kube { store, rt })
+            }
+            #[allow(unreachable_patterns)]
+            other => anyhow::bail!("this allot was built without the {other:?} store (cargo feature)"),
         }
-        #[cfg(feature = "etcd")]
-        {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let store = rt.block_on(allot_store::EtcdStore::connect(&flags.config()?))?;
-            Ok(Backend::Etcd { store, rt })
-        }
-        #[cfg(not(feature = "etcd"))]
-        anyhow::bail!("this allot was built without the etcd feature")
     }
 
     pub fn pools(&self) -> anyhow::Result<Vec<PoolResource>> {
@@ -85,14 +166,18 @@ impl Backend {
             Backend::Etcd { store, rt } => {
                 Ok(rt.block_on(store.pools())?.into_iter().map(allot_store::pool_resource).collect())
             }
+            #[cfg(feature = "kubernetes")]
+            Backend::Kube { store, rt } => {
+                Ok(rt.block_on(store.pools())?.into_iter().map(allot_store::pool_resource).collect())
+            }
         }
     }
 
     pub fn pool(&self, name: &str) -> anyhow::Result<PoolResource> {
         match self {
             Backend::Agent(c) => Ok(c.get(&format!("/v1/pools/{name}"))?),
-            #[cfg(feature = "etcd")]
-            Backend::Etcd { .. } => self
+            #[cfg(any(feature = "etcd", feature = "kubernetes"))]
+            _ => self
                 .pools()?
                 .into_iter()
                 .find(|p| p.metadata.name == name)
@@ -104,12 +189,9 @@ impl Backend {
         match self {
             Backend::Agent(c) => Ok(c.post("/v1/pools", &ApplyRequest { pools })?),
             #[cfg(feature = "etcd")]
-            Backend::Etcd { store, rt } => {
-                let pools: Vec<_> = pools.into_iter().map(allot_store::pool_from_resource).collect();
-                let names: Vec<String> = pools.iter().map(|p| p.name.clone()).collect();
-                let actions = rt.block_on(store.apply_pools(pools))?;
-                Ok(names.into_iter().zip(actions).map(|(name, action)| ApplyResult { name, action }).collect())
-            }
+            Backend::Etcd { store, rt } => direct_apply(store, rt, pools),
+            #[cfg(feature = "kubernetes")]
+            Backend::Kube { store, rt } => direct_apply(store, rt, pools),
         }
     }
 
@@ -118,6 +200,8 @@ impl Backend {
             Backend::Agent(c) => c.delete::<serde_json::Value>(&format!("/v1/pools/{name}")).map(|_| ()).map_err(Into::into),
             #[cfg(feature = "etcd")]
             Backend::Etcd { store, rt } => Ok(rt.block_on(store.delete_pool(name))?),
+            #[cfg(feature = "kubernetes")]
+            Backend::Kube { store, rt } => Ok(rt.block_on(store.delete_pool(name))?),
         }
     }
 
@@ -125,10 +209,9 @@ impl Backend {
         match self {
             Backend::Agent(c) => Ok(c.get("/v1/nodes")?),
             #[cfg(feature = "etcd")]
-            Backend::Etcd { store, rt } => rt.block_on(async {
-                let grants = store.grants().await?;
-                Ok(store.nodes().await?.iter().map(|n| allot_store::node_resource(n, &grants)).collect())
-            }),
+            Backend::Etcd { store, rt } => direct_nodes(store, rt),
+            #[cfg(feature = "kubernetes")]
+            Backend::Kube { store, rt } => direct_nodes(store, rt),
         }
     }
 
@@ -142,10 +225,10 @@ impl Backend {
                 };
                 Ok(c.get(&format!("/v1/nodes/{name}"))?)
             }
-            #[cfg(feature = "etcd")]
-            (Backend::Etcd { .. }, None) => anyhow::bail!("name the node: with --etcd-endpoints there is no local node"),
-            #[cfg(feature = "etcd")]
-            (Backend::Etcd { .. }, Some(name)) => self
+            #[cfg(any(feature = "etcd", feature = "kubernetes"))]
+            (_, None) => anyhow::bail!("name the node: with --etcd-endpoints or --store kubernetes there is no local node"),
+            #[cfg(any(feature = "etcd", feature = "kubernetes"))]
+            (_, Some(name)) => self
                 .nodes()?
                 .into_iter()
                 .find(|n| n.metadata.name == name)
@@ -190,6 +273,19 @@ impl Backend {
                 };
                 Ok(released.len() as u64)
             }
+            #[cfg(feature = "kubernetes")]
+            Backend::Kube { store, rt } => {
+                let store = match grace {
+                    Some(g) => store.with_release_grace(g),
+                    None => store.clone(),
+                };
+                let released = if force {
+                    rt.block_on(store.force_delete_node(name))?
+                } else {
+                    rt.block_on(store.delete_node(name))?
+                };
+                Ok(released.len() as u64)
+            }
         }
     }
 
@@ -201,6 +297,11 @@ impl Backend {
                 let annotations = rt.block_on(store.annotate_namespace(ns, req.set, req.remove))?;
                 Ok(NamespaceResource { metadata: allot_wire::ObjectMeta { name: ns.to_string(), annotations } })
             }
+            #[cfg(feature = "kubernetes")]
+            Backend::Kube { store, rt } => {
+                let annotations = rt.block_on(store.annotate_namespace(ns, req.set, req.remove))?;
+                Ok(NamespaceResource { metadata: allot_wire::ObjectMeta { name: ns.to_string(), annotations } })
+            }
         }
     }
 
@@ -208,11 +309,9 @@ impl Backend {
         match self {
             Backend::Agent(c) => Ok(c.get("/v1/namespaces")?),
             #[cfg(feature = "etcd")]
-            Backend::Etcd { store, rt } => Ok(rt
-                .block_on(store.namespaces())?
-                .into_iter()
-                .map(|(name, annotations)| NamespaceResource { metadata: allot_wire::ObjectMeta { name, annotations } })
-                .collect()),
+            Backend::Etcd { store, rt } => direct_namespaces(store, rt),
+            #[cfg(feature = "kubernetes")]
+            Backend::Kube { store, rt } => direct_namespaces(store, rt),
         }
     }
 
@@ -220,10 +319,66 @@ impl Backend {
     pub fn agent(&self, what: &str) -> anyhow::Result<&Client> {
         match self {
             Backend::Agent(c) => Ok(c),
-            #[cfg(feature = "etcd")]
-            Backend::Etcd { .. } => {
-                anyhow::bail!("{what} lives on each node: leave out --etcd-endpoints and point --socket at that node's agent")
+            #[cfg(any(feature = "etcd", feature = "kubernetes"))]
+            _ => {
+                anyhow::bail!("{what} lives on each node: leave out --etcd-endpoints / --store and point --socket at that node's agent")
             }
         }
+    }
+}
+
+#[cfg(any(feature = "etcd", feature = "kubernetes"))]
+fn direct_apply<S: Store>(store: &S, rt: &tokio::runtime::Runtime, pools: Vec<PoolResource>) -> anyhow::Result<Vec<ApplyResult>> {
+    let pools: Vec<_> = pools.into_iter().map(allot_store::pool_from_resource).collect();
+    let names: Vec<String> = pools.iter().map(|p| p.name.clone()).collect();
+    let actions = rt.block_on(store.apply_pools(pools))?;
+    Ok(names.into_iter().zip(actions).map(|(name, action)| ApplyResult { name, action }).collect())
+}
+
+#[cfg(any(feature = "etcd", feature = "kubernetes"))]
+fn direct_nodes<S: Store>(store: &S, rt: &tokio::runtime::Runtime) -> anyhow::Result<Vec<NodeResource>> {
+    rt.block_on(async {
+        let grants = store.grants().await?;
+        Ok(store.nodes().await?.iter().map(|n| allot_store::node_resource(n, &grants)).collect())
+    })
+}
+
+#[cfg(any(feature = "etcd", feature = "kubernetes"))]
+fn direct_namespaces<S: Store>(store: &S, rt: &tokio::runtime::Runtime) -> anyhow::Result<Vec<NamespaceResource>> {
+    Ok(rt
+        .block_on(store.namespaces())?
+        .into_iter()
+        .map(|(name, annotations)| NamespaceResource { metadata: allot_wire::ObjectMeta { name, annotations } })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(args: &[&str]) -> ClusterFlags {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            f: ClusterFlags,
+        }
+        <Cli as clap::Parser>::try_parse_from(std::iter::once("allot").chain(args.iter().copied())).unwrap().f
+    }
+
+    #[test]
+    fn store_kind_defaults_and_conflicts() {
+        assert_eq!(flags(&[]).store_kind_in(false).unwrap(), StoreKind::Embedded);
+        assert_eq!(flags(&["--etcd-endpoints", "http://127.0.0.1:2379"]).store_kind_in(true).unwrap(), StoreKind::Etcd);
+        let in_pod = if cfg!(feature = "kubernetes") { StoreKind::Kubernetes } else { StoreKind::Embedded };
+        assert_eq!(flags(&[]).store_kind_in(true).unwrap(), in_pod);
+        assert_eq!(flags(&["--store", "embedded"]).store_kind_in(true).unwrap(), StoreKind::Embedded);
+        assert_eq!(flags(&["--store", "kubernetes", "--kubeconfig", "/k"]).store_kind_in(false).unwrap(), StoreKind::Kubernetes);
+        let e = flags(&["--store", "etcd"]).store_kind_in(false).unwrap_err().to_string();
+        assert!(e.contains("--etcd-endpoints"), "{e}");
+        let e = flags(&["--store", "kubernetes", "--etcd-endpoints", "http://x"]).store_kind_in(false).unwrap_err().to_string();
+        assert!(e.contains("drop one of them"), "{e}");
+        assert_eq!(flags(&["--kubeconfig", "/k"]).store_kind_in(false).unwrap(), StoreKind::Kubernetes);
+        let e = flags(&["--store", "embedded", "--kubeconfig", "/k"]).store_kind_in(false).unwrap_err().to_string();
+        assert!(e.contains("--store kubernetes"), "{e}");
     }
 }

@@ -24,10 +24,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent (standalone: embedded store and operator loop in-process; with
-    /// --etcd-endpoints: one node of a cluster).
+    /// --etcd-endpoints or --store kubernetes: one node of a cluster).
     Agent(cmd::agent::Args),
-    /// Run the operator against etcd (leader-elected; run several replicas).
-    #[cfg(feature = "etcd")]
+    /// Run the operator against etcd or Kubernetes (leader-elected; run several replicas).
+    #[cfg(any(feature = "etcd", feature = "kubernetes"))]
     Operator(cmd::operator::Args),
     /// Manage IP pools.
     #[command(subcommand)]
@@ -89,7 +89,7 @@ fn main() {
     let client = allot_client::Client::new(&socket, Duration::from_secs(60));
     let result = match cli.command {
         Command::Agent(args) => cmd::agent::exec(args, cli.socket.as_deref(), &cli.cluster),
-        #[cfg(feature = "etcd")]
+        #[cfg(any(feature = "etcd", feature = "kubernetes"))]
         Command::Operator(args) => cmd::operator::exec(args, &cli.cluster),
         Command::Kkp(c) => std::process::exit(cmd::kkp::exec(c)),
         #[cfg(feature = "webhook")]

@@ -305,6 +305,10 @@ pub fn in_cluster() -> bool {
     std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
 }
 
+// Operator side on Kubernetes: Lease election, releasing the blocks of deleted Nodes.
+pub mod lease;
+pub mod node_gc;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,11 +6,12 @@ use allot_agent::config::{AgentConfig, ConfigFile, parse_pre_allocation};
 use allot_core::{FamilySpec, PoolSpec};
 use anyhow::Context;
 
-use crate::backend::ClusterFlags;
+use crate::backend::{ClusterFlags, StoreKind};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// This node's name (default: the hostname).
+    /// This node's name (default: $NODE_NAME, set from the downward API in allot's
+    /// DaemonSet, else the hostname).
     #[arg(long)]
     node: Option<String>,
     /// Where the agent keeps its files (default /var/lib/allot).
@@ -55,6 +56,10 @@ pub struct Args {
     /// keep rescanning it; no new addresses until it is adopted. Repeatable.
     #[arg(long, value_name = "DIR")]
     adopt_host_local: Vec<PathBuf>,
+    /// On Kubernetes, how long an ADD whose runtime passed no pod annotations waits for the
+    /// pod watch to see the pod (default 5s), before choosing by namespace or the default pool.
+    #[arg(long, value_name = "DURATION")]
+    pod_wait: Option<String>,
 }
 
 /// `10s`, `500ms`, `2m`, or plain seconds.
@@ -121,7 +126,12 @@ pub fn build_config(args: &Args, socket: Option<&str>) -> anyhow::Result<AgentCo
         }
         None => ConfigFile::default(),
     };
-    let node = args.node.clone().or(file.node).unwrap_or_else(hostname);
+    let node = args
+        .node
+        .clone()
+        .or(file.node)
+        .or_else(|| std::env::var("NODE_NAME").ok().filter(|n| !n.trim().is_empty()))
+        .unwrap_or_else(hostname);
     let mut cfg = AgentConfig::new(node);
     if let Some(d) = args.data_dir.clone().or(file.data_dir) {
         cfg.data_dir = d;
@@ -161,6 +171,12 @@ pub fn build_config(args: &Args, socket: Option<&str>) -> anyhow::Result<AgentCo
     cfg.reserve_gateway = args.reserve_gateway.or(file.reserve_gateway).unwrap_or(true);
     cfg.metrics_addr = args.metrics_addr;
     cfg.adopt_host_local = args.adopt_host_local.iter().map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone())).collect();
+    if let Some(secs) = file.pod_wait_seconds {
+        cfg.pod_wait = duration_from_secs(secs).context("podWaitSeconds")?;
+    }
+    if let Some(w) = &args.pod_wait {
+        cfg.pod_wait = parse_duration(w).context("--pod-wait")?;
+    }
     Ok(cfg)
 }
 
@@ -186,19 +202,27 @@ pub fn exec(args: Args, socket: Option<&str>, cluster: &ClusterFlags) -> anyhow:
     init_logging();
     let cfg = build_config(&args, socket)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    if cluster.etcd_endpoints.is_empty() {
-        anyhow::ensure!(!cfg.direct_routes, "--auto-direct-node-routes needs cluster mode (--etcd-endpoints)");
-        rt.block_on(allot_agent::run_standalone(cfg, shutdown_signal()))?;
-        return Ok(());
+    match cluster.store_kind()? {
+        StoreKind::Embedded => {
+            anyhow::ensure!(!cfg.direct_routes, "--auto-direct-node-routes needs cluster mode (--etcd-endpoints or --store kubernetes)");
+            rt.block_on(allot_agent::run_standalone(cfg, shutdown_signal()))?;
+            Ok(())
+        }
+        #[cfg(feature = "etcd")]
+        StoreKind::Etcd => {
+            let etcd = cluster.config()?;
+            rt.block_on(allot_agent::run_cluster(cfg, etcd, shutdown_signal()))?;
+            Ok(())
+        }
+        #[cfg(feature = "kubernetes")]
+        StoreKind::Kubernetes => rt.block_on(async {
+            let client = cluster.kube_client().await?;
+            allot_agent::kube_cluster::run_kubernetes(cfg, client, allot_k8s::KubeStoreOptions::default(), shutdown_signal()).await?;
+            Ok(())
+        }),
+        #[allow(unreachable_patterns)]
+        other => anyhow::bail!("this allot was built without the {other:?} store (cargo feature)"),
     }
-    #[cfg(feature = "etcd")]
-    {
-        let etcd = cluster.config()?;
-        rt.block_on(allot_agent::run_cluster(cfg, etcd, shutdown_signal()))?;
-        Ok(())
-    }
-    #[cfg(not(feature = "etcd"))]
-    anyhow::bail!("this allot was built without the etcd feature")
 }
 
 #[cfg(test)]
@@ -259,6 +283,7 @@ mod tests {
             reserve_gateway: None,
             metrics_addr: None,
             adopt_host_local: vec![],
+            pod_wait: Some("2s".into()),
         };
         let cfg = build_config(&args, Some("/tmp/x.sock")).unwrap();
         assert_eq!(cfg.node, "n1");
@@ -268,6 +293,7 @@ mod tests {
         assert_eq!(cfg.auto_create_pools.len(), 2);
         assert_eq!(cfg.add_wait, Duration::from_millis(1500));
         assert_eq!(cfg.socket, PathBuf::from("/tmp/x.sock"));
+        assert_eq!(cfg.pod_wait, Duration::from_secs(2));
     }
 
     /// Issue 9, point 1: the gateway is reserved unless a flag or the file turns it off.

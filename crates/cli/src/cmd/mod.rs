@@ -9,7 +9,7 @@ pub mod migrate;
 pub mod migrate_run;
 pub mod namespace;
 pub mod node;
-#[cfg(feature = "etcd")]
+#[cfg(any(feature = "etcd", feature = "kubernetes"))]
 pub mod operator;
 pub mod pool;
 pub mod status;

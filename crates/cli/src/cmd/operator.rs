@@ -1,13 +1,12 @@
 use std::time::Duration;
 
-use allot_store::EtcdStore;
-
-use crate::backend::ClusterFlags;
+use crate::backend::{ClusterFlags, StoreKind};
 use crate::cmd::agent::{init_logging, parse_duration, shutdown_signal};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// This replica's name in the leader election (default: hostname and pid).
+    /// This replica's name in the leader election (default: hostname and pid). On Kubernetes
+    /// the election is the Lease `allot-operator` in allot's namespace.
     #[arg(long)]
     id: Option<String>,
     /// Lease TTL: how long a dead leader holds the lead before another replica takes it.
@@ -27,13 +26,37 @@ pub struct Args {
 
 pub fn exec(args: Args, cluster: &ClusterFlags) -> anyhow::Result<()> {
     init_logging();
-    anyhow::ensure!(!cluster.etcd_endpoints.is_empty(), "allot operator needs --etcd-endpoints");
+    let kind = cluster.store_kind()?;
     let ttl = parse_duration(&args.lease_ttl)?;
     anyhow::ensure!(ttl >= Duration::from_secs(2), "--lease-ttl must be at least 2s");
-    let id = args.id.unwrap_or_else(|| format!("{}-{}", crate::cmd::agent::hostname(), std::process::id()));
+    let id = args.id.clone().unwrap_or_else(|| format!("{}-{}", crate::cmd::agent::hostname(), std::process::id()));
     let opts = allot_operator::Options { node_gc_after: parse_duration(&args.node_gc_after)? };
+    let release_grace = parse_duration(&args.release_grace)?;
+    match kind {
+        #[cfg(feature = "etcd")]
+        StoreKind::Etcd => run_etcd(args, cluster, id, ttl, opts, release_grace),
+        #[cfg(feature = "kubernetes")]
+        StoreKind::Kubernetes => run_kubernetes(args, cluster, id, ttl, opts, release_grace),
+        StoreKind::Embedded => anyhow::bail!(
+            "allot operator needs a cluster store: --etcd-endpoints, or --store kubernetes (standalone, the agent runs the operator loop itself)"
+        ),
+        #[allow(unreachable_patterns)]
+        other => anyhow::bail!("this allot was built without the {other:?} store (cargo feature)"),
+    }
+}
+
+#[cfg(feature = "etcd")]
+fn run_etcd(
+    args: Args,
+    cluster: &ClusterFlags,
+    id: String,
+    ttl: Duration,
+    opts: allot_operator::Options,
+    release_grace: Duration,
+) -> anyhow::Result<()> {
+    use allot_store::EtcdStore;
     let mut cfg = cluster.config()?;
-    cfg.release_grace = parse_duration(&args.release_grace)?;
+    cfg.release_grace = release_grace;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let store = std::sync::Arc::new(EtcdStore::connect(&cfg).await?);
@@ -76,6 +99,66 @@ pub fn exec(args: Args, cluster: &ClusterFlags) -> anyhow::Result<()> {
             let _ = worker.await;
             allot_operator::metrics::set_leader(false);
             leadership.resign().await;
+            if quit {
+                tracing::info!("operator stopped");
+                return Ok::<(), anyhow::Error>(());
+            }
+            tracing::warn!("lost leadership");
+        }
+    })
+}
+
+/// On Kubernetes: the store is the API server; replicas elect a leader through the Lease
+/// `allot-operator` in allot's namespace. No write fence is needed for grants: a block is an
+/// `IPBlock` created only if absent, so two leaders at once still cannot grant it twice.
+#[cfg(feature = "kubernetes")]
+fn run_kubernetes(
+    args: Args,
+    cluster: &ClusterFlags,
+    id: String,
+    ttl: Duration,
+    opts: allot_operator::Options,
+    release_grace: Duration,
+) -> anyhow::Result<()> {
+    use allot_k8s::lease::LeaderElector;
+    use allot_k8s::node_gc::{NodeGcOptions, release_deleted_nodes};
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let client = cluster.kube_client().await?;
+        let store_opts = allot_k8s::KubeStoreOptions { release_grace, ..Default::default() };
+        let store = std::sync::Arc::new(allot_k8s::KubeStore::connect(client.clone(), store_opts).await?);
+        let (_web_stop, web_stop_rx) = tokio::sync::watch::channel(false);
+        if let Some(addr) = args.metrics_addr {
+            let listener = allot_agent::web::bind(addr).await?;
+            let site = std::sync::Arc::new(allot_agent::cluster_web::OperatorSite { store: store.clone() });
+            tracing::info!(%addr, "serving /metrics, /healthz, /readyz and the status page");
+            tokio::spawn(allot_agent::web::serve(listener, site, web_stop_rx));
+        }
+        let elector = LeaderElector::new(client.clone(), store.namespace(), "allot-operator", &id, ttl);
+        let shutdown = shutdown_signal();
+        tokio::pin!(shutdown);
+        loop {
+            tracing::info!(%id, namespace = %store.namespace(), "campaigning for operator leadership (Lease allot-operator)");
+            let term = tokio::select! {
+                t = elector.campaign() => t,
+                _ = &mut shutdown => return Ok(()),
+            };
+            tracing::info!(%id, "leading");
+            allot_operator::metrics::set_leader(true);
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let worker = tokio::spawn(allot_operator::run_with(store.clone(), opts, stop_rx.clone()));
+            let gc = tokio::spawn(release_deleted_nodes(client.clone(), store.clone(), NodeGcOptions::default(), stop_rx));
+            let mut lost = term.lost.clone();
+            let quit = tokio::select! {
+                _ = lost.wait_for(|l| *l) => false,
+                _ = &mut shutdown => true,
+            };
+            let _ = stop_tx.send(true);
+            let _ = worker.await;
+            let _ = gc.await;
+            allot_operator::metrics::set_leader(false);
+            // Released only after the work stopped: the next leader starts on a quiet store.
+            term.resign().await;
             if quit {
                 tracing::info!("operator stopped");
                 return Ok::<(), anyhow::Error>(());

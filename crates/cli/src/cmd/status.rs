@@ -30,6 +30,8 @@ pub fn exec(args: Args, backend: &Backend) -> anyhow::Result<()> {
         Backend::Agent(client) => node_status(args.output, &client.get::<Status>("/v1/status")?),
         #[cfg(feature = "etcd")]
         Backend::Etcd { store, rt } => cluster::print_status(args.output, &rt.block_on(cluster::status(store))?),
+        #[cfg(feature = "kubernetes")]
+        Backend::Kube { store, rt } => cluster::print_status(args.output, &rt.block_on(cluster::status(store))?),
     }
 }
 
@@ -39,6 +41,8 @@ fn frame(backend: &Backend) -> anyhow::Result<String> {
         Backend::Agent(client) => render_node(&client.get::<Status>("/v1/status")?),
         #[cfg(feature = "etcd")]
         Backend::Etcd { store, rt } => cluster::render(&rt.block_on(cluster::status(store))?),
+        #[cfg(feature = "kubernetes")]
+        Backend::Kube { store, rt } => cluster::render(&rt.block_on(cluster::status(store))?),
     })
 }
 
@@ -169,10 +173,10 @@ mod tests {
     }
 }
 
-#[cfg(feature = "etcd")]
+#[cfg(any(feature = "etcd", feature = "kubernetes"))]
 mod cluster {
     use allot_core::{Family, cidr};
-    use allot_store::{EtcdStore, Store};
+    use allot_store::Store;
     use serde::Serialize;
 
     use crate::output::{Format, Table, print, usage_bar};
@@ -208,7 +212,7 @@ mod cluster {
         error: Option<String>,
     }
 
-    pub async fn status(store: &EtcdStore) -> anyhow::Result<ClusterStatus> {
+    pub async fn status<S: Store>(store: &S) -> anyhow::Result<ClusterStatus> {
         let pools = store.pools().await?;
         let grants = store.grants().await?;
         let nodes = store.nodes().await?;

@@ -1,0 +1,103 @@
+//! Cluster mode on Kubernetes: the store is the API server (`allot_k8s::KubeStore`), the node
+//! is live by a Lease (`allot-node-<node>` in allot's namespace), and pod annotations come from
+//! a watch of this node's pods when the runtime passes none (`kube_pods`).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use allot_k8s::{AliveLease, KubeStore, KubeStoreOptions};
+use allot_store::StoreError;
+use tokio::sync::watch;
+
+use crate::{AgentConfig, AgentError, Connector};
+
+/// The liveness Lease's duration: a killed agent's node stops being live this long after.
+pub const TTL: Duration = Duration::from_secs(10);
+
+pub struct KubeConnector {
+    client: kube::Client,
+    opts: KubeStoreOptions,
+    // Kept across attempts: its watches keep running while the liveness Lease is retried.
+    store: Option<Arc<KubeStore>>,
+}
+
+impl KubeConnector {
+    pub fn new(client: kube::Client, opts: KubeStoreOptions) -> Self {
+        KubeConnector { client, opts, store: None }
+    }
+}
+
+impl Connector for KubeConnector {
+    type Store = KubeStore;
+    type Live = AliveLease;
+
+    fn target(&self) -> String {
+        format!("the Kubernetes API (allot namespace {})", self.opts.namespace)
+    }
+
+    async fn connect(&mut self, node: &str) -> Result<(Arc<KubeStore>, AliveLease), StoreError> {
+        let store = match &self.store {
+            Some(s) => s.clone(),
+            None => Arc::new(KubeStore::connect(self.client.clone(), self.opts.clone()).await?),
+        };
+        self.store = Some(store.clone());
+        let lease = store.announce_alive(node, TTL).await?;
+        tracing::info!(%node, "connected to the Kubernetes API; node is live");
+        Ok((store, lease))
+    }
+
+    async fn keep_alive(self, store: Arc<KubeStore>, node: String, lease: AliveLease, mut stop: watch::Receiver<bool>) {
+        let mut lease = Some(lease);
+        while !*stop.borrow() {
+            let wait = match &lease {
+                None => match store.announce_alive(&node, TTL).await {
+                    Ok(l) => {
+                        lease = Some(l);
+                        TTL / 3
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "marking the node live failed; retrying");
+                        Duration::from_secs(1)
+                    }
+                },
+                Some(l) => match store.renew_alive(l).await {
+                    Ok(true) => TTL / 3,
+                    Ok(false) => {
+                        tracing::warn!(%node, "liveness Lease ran out or was taken; taking a new one");
+                        lease = None;
+                        Duration::ZERO
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "renewing the liveness Lease failed; retrying");
+                        Duration::from_millis(500)
+                    }
+                },
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => {}
+            }
+        }
+        if let Some(l) = lease
+            && let Err(e) = store.revoke_alive(l).await
+        {
+            tracing::warn!(error = %e, "ending the liveness Lease failed; it runs out by itself");
+        }
+    }
+}
+
+/// Cluster mode on Kubernetes. The pod watch starts at once (it needs no store); namespace
+/// annotations come from the store, which reads Namespaces itself.
+pub async fn run_kubernetes(
+    cfg: AgentConfig,
+    client: kube::Client,
+    opts: KubeStoreOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
+    let (stop_tx, stop) = watch::channel(false);
+    let pods = crate::kube_pods::KubePods::start(client.clone(), &cfg.node, false, stop);
+    let result = crate::run_cluster_with(cfg, KubeConnector::new(client, opts), |node| node.set_pod_annotations(pods), shutdown).await;
+    let _ = stop_tx.send(true);
+    result
+}

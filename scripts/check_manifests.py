@@ -156,7 +156,7 @@ def main():
     # CRDs: what deploy/ renders.
     crds = [o for o in all_objs if o.get("kind") == "CustomResourceDefinition"]
     names = sorted({c["spec"]["names"]["kind"] for c in crds})
-    check("CRDs rendered: AllotNode, IPBlock, IPPool", names == ["AllotNode", "IPBlock", "IPPool"], names)
+    check("CRDs rendered: AllotNode, IPBlock, IPPool, Migration", names == ["AllotNode", "IPBlock", "IPPool", "Migration"], names)
     # kustomize re-serializes (32.0 becomes 32): check the committed file as written too.
     raw = load_all(os.path.join(deploy, "crds", "allot.dev.yaml"))
     for src, crd in [("rendered", c) for c in {c["metadata"]["name"]: c for c in crds}.values()] + [("committed", c) for c in raw]:

@@ -1,8 +1,8 @@
 //! The requests `KubeStore` makes in an agent's role and in an operator's role, recorded by the
 //! fake API server (no Kubernetes API server runs here; the fake has no RBAC of its own), are
 //! each allowed by that component's roles in deploy/rbac/ (evaluated by tests/support/rbac.rs).
-//! The agent's pod watch and the operator's Lease election and Node watch are other code: they
-//! are not exercised here.
+//! The operator's Lease election and its watch of core Nodes (node_gc) run here too; the
+//! agent's pod watch is not exercised here.
 
 #[path = "support/rbac.rs"]
 mod rbac;
@@ -130,7 +130,39 @@ async fn fake_api_kubestore_requests_are_allowed_by_deploy_rbac() {
     denied.extend(check("allot-operator", &reqs, &mut operator_used));
     phases += 1;
 
-    assert_eq!(phases, 4);
+    // Operator: elected through its Lease, releases a node Kubernetes does not list, resigns.
+    let from = api.requests().len();
+    {
+        let store = std::sync::Arc::new(connect(&api).await);
+        store.register_node("gone", None).await.unwrap();
+        let setup_done = api.requests().len();
+        let elector = allot_k8s::lease::LeaderElector::new(api.client(), NAMESPACE, "allot-operator", "op-1", Duration::from_secs(3));
+        let leadership = elector.campaign().await;
+        assert!(!*leadership.lost.borrow());
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let opts = allot_k8s::node_gc::NodeGcOptions { absent_for: Duration::from_millis(200), every: Duration::from_millis(100) };
+        let gc = tokio::spawn(allot_k8s::node_gc::release_deleted_nodes(api.client(), store.clone(), opts, stop));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while store.nodes().await.unwrap().iter().any(|n| n.name == "gone") {
+            assert!(tokio::time::Instant::now() < deadline, "node_gc never removed the node Kubernetes does not list");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = stop_tx.send(true);
+        gc.await.unwrap();
+        leadership.resign().await;
+        // The node's registration above is the test's setup (an agent's call), not the operator's.
+        let reqs = settled(&api, from).await;
+        let (setup, term): (Vec<_>, Vec<_>) = reqs.into_iter().enumerate().partition(|(i, _)| from + i < setup_done);
+        let setup: Vec<Request> = setup.into_iter().map(|(_, r)| r).filter(|r| r.resource == "allotnodes").collect();
+        denied.extend(check("allot-agent", &setup, &mut agent_used));
+        let term: Vec<Request> = term.into_iter().map(|(_, r)| r).collect();
+        assert!(term.iter().any(|r| r.resource == "leases" && r.name.as_deref() == Some("allot-operator")), "the election made its calls: {term:?}");
+        assert!(term.iter().any(|r| r.resource == "nodes" && r.verb == "watch"), "node_gc watched Nodes: {term:?}");
+        denied.extend(check("allot-operator", &term, &mut operator_used));
+    }
+    phases += 1;
+
+    assert_eq!(phases, 5);
     assert!(denied.is_empty(), "requests deploy/rbac does not allow:\n{}", denied.join("\n"));
     // Grants no request here used (other code's calls, or candidates for removal): printed.
     for (role, used) in [("allot-agent", &agent_used), ("allot-operator", &operator_used)] {

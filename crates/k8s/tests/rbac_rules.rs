@@ -95,7 +95,7 @@ fn grants_are_exactly_the_documented_table() {
         verbs("allot.dev", "allotnodes/status", "patch", ""),
         verbs("allot.dev", "ipblocks", "create delete get list update watch", ""),
         verbs("allot.dev", "ippools", "get list watch", ""),
-        verbs("coordination.k8s.io", "leases", "create delete get list patch update watch", " in allot-system"),
+        verbs("coordination.k8s.io", "leases", "create delete get list update watch", " in allot-system"),
     ]
     .concat();
     want_operator.sort();

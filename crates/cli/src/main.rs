@@ -93,7 +93,7 @@ fn main() {
         Command::Operator(args) => cmd::operator::exec(args, &cli.cluster),
         Command::Kkp(c) => std::process::exit(cmd::kkp::exec(c)),
         #[cfg(feature = "webhook")]
-        Command::Webhook(args) => cmd::webhook::exec(args),
+        Command::Webhook(args) => cmd::webhook::exec(args, &cli.cluster),
         Command::Crds(args) => cmd::crds::exec(args),
         Command::InstallCni(args) => cmd::install_cni::exec(args),
         Command::Migrate(c) => cmd::migrate::exec(c),

@@ -24,16 +24,31 @@ pub struct Args {
     /// Time a client gets for the TLS handshake, the request head, and the body, each.
     #[arg(long, default_value = "10s", value_name = "DURATION")]
     read_timeout: String,
+    /// Also serve `POST /validate/ippool`: allot's pool rules for IPPool changes made with
+    /// kubectl, checked against the pools and blocks it follows through the Kubernetes API
+    /// (`--kubeconfig`, or in-cluster config).
+    #[arg(long)]
+    ippools: bool,
 }
 
-pub fn exec(args: Args) -> anyhow::Result<()> {
+pub fn exec(args: Args, cluster: &crate::backend::ClusterFlags) -> anyhow::Result<()> {
     init_logging();
     let timeout = parse_duration(&args.read_timeout)?;
     let limits = allot_webhook::Limits { max_body: args.max_body, handshake_timeout: timeout, header_timeout: timeout, body_timeout: timeout };
     let tls = allot_webhook::server_config(&args.tls_cert, &args.tls_key).context("loading the TLS certificate")?;
-    let routes = allot_webhook::Routes::standard();
+    let mut routes = allot_webhook::Routes::standard();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
+        let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+        if args.ippools {
+            let client = cluster.kube_client().await?;
+            let store = std::sync::Arc::new(
+                allot_k8s::KubeStore::connect(client, allot_k8s::KubeStoreOptions::default()).await.context("following IPPools and IPBlocks")?,
+            );
+            let view = allot_webhook::ippool::PoolView::default();
+            routes = routes.validate(allot_webhook::ippool::PATH, view.validator());
+            tokio::spawn(async move { view.follow(store, stop).await });
+        }
         let listener = allot_webhook::bind(args.listen).await?;
         let addr = listener.local_addr()?;
         let paths: Vec<&str> = routes.paths().collect();

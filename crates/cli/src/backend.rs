@@ -58,9 +58,18 @@ pub struct ClusterFlags {
     /// or ~/.kube/config).
     #[arg(long, global = true, env = "ALLOT_KUBECONFIG", value_name = "PATH")]
     pub kubeconfig: Option<std::path::PathBuf>,
+    /// With --store kubernetes, also read Cilium's `cilium.io/v2alpha1 CiliumPodIPPool` objects
+    /// as pools (read-only; an allot `IPPool` of the same name wins), so a cluster keeps its YAML.
+    #[arg(long, global = true, env = "ALLOT_WATCH_CILIUM_POOLS")]
+    pub watch_cilium_pools: bool,
 }
 
 impl ClusterFlags {
+    /// The Kubernetes store's options these flags ask for.
+    pub fn kube_store_options(&self) -> allot_k8s::KubeStoreOptions {
+        allot_k8s::KubeStoreOptions { watch_cilium_pools: self.watch_cilium_pools, ..Default::default() }
+    }
+
     /// The store to use: `--store`, else etcd when endpoints are given, else Kubernetes when
     /// running in a pod, else embedded.
     pub fn store_kind(&self) -> anyhow::Result<StoreKind> {
@@ -150,7 +159,7 @@ impl Backend {
                 let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
                 let store = rt.block_on(async {
                     let client = flags.kube_client().await?;
-                    Ok::<_, anyhow::Error>(allot_k8s::KubeStore::connect(client, allot_k8s::KubeStoreOptions::default()).await?)
+                    Ok::<_, anyhow::Error>(allot_k8s::KubeStore::connect(client, flags.kube_store_options()).await?)
                 })?;
                 Ok(Backend::Kube { store, rt })
             }
@@ -380,5 +389,11 @@ mod tests {
         assert_eq!(flags(&["--kubeconfig", "/k"]).store_kind_in(false).unwrap(), StoreKind::Kubernetes);
         let e = flags(&["--store", "embedded", "--kubeconfig", "/k"]).store_kind_in(false).unwrap_err().to_string();
         assert!(e.contains("--store kubernetes"), "{e}");
+    }
+
+    #[test]
+    fn watch_cilium_pools_reaches_the_kubernetes_store() {
+        assert!(!flags(&[]).kube_store_options().watch_cilium_pools);
+        assert!(flags(&["--watch-cilium-pools"]).kube_store_options().watch_cilium_pools);
     }
 }

@@ -217,7 +217,7 @@ pub fn exec(args: Args, socket: Option<&str>, cluster: &ClusterFlags) -> anyhow:
         #[cfg(feature = "kubernetes")]
         StoreKind::Kubernetes => rt.block_on(async {
             let client = cluster.kube_client().await?;
-            allot_agent::kube_cluster::run_kubernetes(cfg, client, allot_k8s::KubeStoreOptions::default(), shutdown_signal()).await?;
+            allot_agent::kube_cluster::run_kubernetes(cfg, client, cluster.kube_store_options(), shutdown_signal()).await?;
             Ok(())
         }),
         #[allow(unreachable_patterns)]

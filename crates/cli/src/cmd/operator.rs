@@ -125,7 +125,7 @@ fn run_kubernetes(
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let client = cluster.kube_client().await?;
-        let store_opts = allot_k8s::KubeStoreOptions { release_grace, ..Default::default() };
+        let store_opts = allot_k8s::KubeStoreOptions { release_grace, ..cluster.kube_store_options() };
         let store = std::sync::Arc::new(allot_k8s::KubeStore::connect(client.clone(), store_opts).await?);
         let (_web_stop, web_stop_rx) = tokio::sync::watch::channel(false);
         if let Some(addr) = args.metrics_addr {

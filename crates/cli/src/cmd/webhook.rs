@@ -43,7 +43,7 @@ pub fn exec(args: Args, cluster: &crate::backend::ClusterFlags) -> anyhow::Resul
         if args.ippools {
             let client = cluster.kube_client().await?;
             let store = std::sync::Arc::new(
-                allot_k8s::KubeStore::connect(client, allot_k8s::KubeStoreOptions::default()).await.context("following IPPools and IPBlocks")?,
+                allot_k8s::KubeStore::connect(client, cluster.kube_store_options()).await.context("following IPPools and IPBlocks")?,
             );
             let view = allot_webhook::ippool::PoolView::default();
             routes = routes.validate(allot_webhook::ippool::PATH, view.validator());

@@ -153,6 +153,12 @@ for i in $(seq 0 $((NODES - 1))); do
         count_dups
         sleep 0.5
     done
+    # The agent frees an adopted address at its next rescan (every 2 s) after host-local's DEL
+    # removed the lease file: wait for that, as an operator would, before listing and cleanup.
+    for _ in $(seq 100); do
+        [ "$("$bin/allot" --socket "$work/agent$i.sock" allocations list 2>/dev/null | grep -c adopted:host-local)" = 0 ] && break
+        sleep 0.1
+    done
     "$bin/allot" --socket "$work/agent$i.sock" allocations list | sed 's/^/  /'
 done
 

@@ -15,12 +15,12 @@ use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind,
 use kube::core::Status;
 use serde_json::{Value, json};
 
+use crate::kkp;
 use crate::orchestrate::{Cluster, ClusterError, Cni, Eviction, NodeInfo, PodInfo};
 
 /// The KKP `Cluster` resource (in the seed cluster).
-pub const KKP_API_VERSION: &str = "kubermatic.k8c.io/v1";
-/// The label KKP requires on a `Cluster` whose CNI type changes.
-pub const MIGRATION_LABEL: &str = "unsafe-cni-migration";
+pub use allot_kkp::cluster::API_VERSION as KKP_API_VERSION;
+pub use crate::kkp::{MIGRATION_LABEL, split_cni};
 const FIELD_MANAGER: &str = "allot";
 
 /// How the target is switched on.
@@ -83,11 +83,6 @@ fn cni_workloads(cni_type: &str) -> Vec<ObjectRef> {
         _ => {}
     }
     v
-}
-
-/// `cilium:1.16` → (`cilium`, `1.16`).
-pub fn split_cni(s: &str) -> (&str, &str) {
-    s.split_once(':').unwrap_or((s, ""))
 }
 
 /// Kinds that live outside namespaces (the rest are namespaced).
@@ -225,14 +220,10 @@ impl KubeCluster {
     /// validation wants it on the object the change is made to).
     async fn kkp_set_cni(seed: &kube::Client, cluster: &str, cni: &str) -> Result<(), ClusterError> {
         let api = Self::kkp_api(seed);
-        let (ty, version) = split_cni(cni);
         let what = format!("patching KKP Cluster {cluster}");
-        api.patch(cluster, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {MIGRATION_LABEL: "true"}}})))
-            .await
-            .map_err(|e| err(&what, e))?;
-        api.patch(cluster, &PatchParams::default(), &Patch::Merge(json!({"spec": {"cniPlugin": {"type": ty, "version": version}}})))
-            .await
-            .map_err(|e| err(&what, e))?;
+        for patch in [kkp::label_patch(), kkp::cni_patch(cni)] {
+            api.patch(cluster, &PatchParams::default(), &Patch::Merge(patch)).await.map_err(|e| err(&what, e))?;
+        }
         Ok(())
     }
 
@@ -540,7 +531,7 @@ impl Cluster for KubeCluster {
                 .patch(
                     cluster,
                     &PatchParams::default(),
-                    &Patch::Merge(json!({"metadata": {"labels": {MIGRATION_LABEL: "true"}}, "spec": {"clusterNetwork": {"proxyMode": mode}}})),
+                    &Patch::Merge(kkp::proxy_mode_patch(mode)),
                 )
                 .await
                 .map_err(|e| err(&format!("patching KKP Cluster {cluster}"), e))?;

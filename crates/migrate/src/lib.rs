@@ -3,6 +3,7 @@
 //! machine over the `Cluster` trait, so every step can be crashed and resumed in tests.
 
 pub mod detect;
+pub mod kkp;
 pub mod plan;
 pub mod kube_cluster;
 pub mod orchestrate;

@@ -73,8 +73,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::collections::{BTreeMap, BTreeSet};
 
-/// KKP refuses a CNI type change on a `Cluster` without this label (any value).
-pub const KKP_MIGRATION_LABEL: &str = "unsafe-cni-migration";
+pub use crate::kkp::MIGRATION_LABEL as KKP_MIGRATION_LABEL;
 const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
 /// What `allot migrate plan` was asked.
@@ -92,11 +91,22 @@ pub struct PlanOptions {
     pub self_node: Option<String>,
     /// Plan although nodes are NotReady (their pods are listed at risk).
     pub allow_not_ready: bool,
+    /// kube-proxy's mode after the migration (`apply --kube-proxy-mode`); on KKP it is a
+    /// Cluster patch, checked with KKP's rules like the CNI switch.
+    pub kube_proxy_mode: Option<String>,
 }
 
 impl Default for PlanOptions {
     fn default() -> Self {
-        PlanOptions { to: String::new(), from: None, batch: 1, force_bare: false, self_node: None, allow_not_ready: false }
+        PlanOptions {
+            to: String::new(),
+            from: None,
+            batch: 1,
+            force_bare: false,
+            self_node: None,
+            allow_not_ready: false,
+            kube_proxy_mode: None,
+        }
     }
 }
 
@@ -201,7 +211,23 @@ pub fn plan_with_notes(snap: &ClusterSnapshot, opts: &PlanOptions) -> Result<(Pl
                 ),
             });
         }
-        if to_kind == "cilium" && c.spec.cluster_network.as_ref().and_then(|n| n.proxy_mode.as_deref()) == Some("ipvs") {
+        // KKP's own webhook checks every patch apply sends: refuse now what it would deny then.
+        for (step, d) in crate::kkp::check_steps(c, &crate::kkp::forward_steps(&to_spec, opts.kube_proxy_mode.as_deref())) {
+            refusals.push(Refusal {
+                rule: format!("kkp-{}", d.rule),
+                message: format!(
+                    "KKP would deny the patch of Cluster {} that sets {step}: {}{}",
+                    c.metadata.name,
+                    d.message,
+                    if to_version.is_none() && d.rule == allot_kkp::rule::CNI_VERSION_INVALID {
+                        format!(" (KKP needs the new CNI's version: give it with --to {to_kind}:VERSION)")
+                    } else {
+                        String::new()
+                    }
+                ),
+            });
+        }
+        if to_kind == "cilium" && opts.kube_proxy_mode.is_none() && c.spec.cluster_network.proxy_mode.as_deref() == Some("ipvs") {
             notes.push(format!(
                 "KKP Cluster {} uses kube-proxy mode ipvs, which is not recommended with Cilium: change spec.clusterNetwork.proxyMode \
                  to iptables (or ebpf, with Konnectivity) after the migration and restart kube-proxy",
@@ -214,6 +240,15 @@ pub fn plan_with_notes(snap: &ClusterSnapshot, opts: &PlanOptions) -> Result<(Pl
                  and {to_kind} is installed from its own manifests"
             ));
         }
+    }
+
+    if snap.kkp_cluster.is_none() && opts.kube_proxy_mode.as_deref() == Some("ebpf") {
+        refusals.push(Refusal {
+            rule: "kube-proxy-mode-ebpf".into(),
+            message: "kube-proxy has no ebpf mode: ebpf is KKP's setting for a cluster whose CNI replaces kube-proxy. \
+                      Outside KKP, leave --kube-proxy-mode out and follow the CNI's own kube-proxy replacement procedure"
+                .into(),
+        });
     }
 
     // Nodes: readiness and roles.

@@ -6,9 +6,7 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet}
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::collections::BTreeMap;
 
 /// The kinds `kubectl get nodes,pods,daemonsets,replicasets,deployments,statefulsets,jobs,
 /// poddisruptionbudgets -A -o yaml` prints, plus an optional KKP `Cluster` object.
@@ -28,47 +26,10 @@ pub struct ClusterSnapshot {
     pub notes: Vec<String>,
 }
 
-/// The part of KKP's `kubermatic.k8c.io/v1` `Cluster` a migration plan needs.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct KkpCluster {
-    pub metadata: KkpMetadata,
-    #[serde(default)]
-    pub spec: KkpClusterSpec,
-}
+/// KKP's `kubermatic.k8c.io/v1` `Cluster`, as far as the plan and KKP's rules read it.
+pub use allot_kkp::Cluster as KkpCluster;
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct KkpMetadata {
-    #[serde(default)]
-    pub name: String,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct KkpClusterSpec {
-    #[serde(default)]
-    pub cni_plugin: Option<KkpCniPlugin>,
-    #[serde(default)]
-    pub cluster_network: Option<KkpClusterNetwork>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct KkpCniPlugin {
-    #[serde(rename = "type", default)]
-    pub kind: String,
-    #[serde(default)]
-    pub version: String,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct KkpClusterNetwork {
-    #[serde(default)]
-    pub proxy_mode: Option<String>,
-}
-
-pub const KKP_API_VERSION: &str = "kubermatic.k8c.io/v1";
+pub use allot_kkp::cluster::API_VERSION as KKP_API_VERSION;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {

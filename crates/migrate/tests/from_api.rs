@@ -53,7 +53,7 @@ async fn fake_api_kkp_cluster_is_read_from_the_seed() {
     seed.insert(cluster);
     let c = ClusterSnapshot::kkp_cluster_from_api(seed.client(), "xk7v2qpdm4").await.unwrap();
     assert_eq!(c.spec.cni_plugin.as_ref().map(|p| (p.kind.as_str(), p.version.as_str())), Some(("canal", "v3.27")));
-    assert_eq!(c.spec.cluster_network.as_ref().and_then(|n| n.proxy_mode.as_deref()), Some("ipvs"));
+    assert_eq!(c.spec.cluster_network.proxy_mode.as_deref(), Some("ipvs"));
     assert!(!c.metadata.labels.contains_key("unsafe-cni-migration"));
 
     let e = ClusterSnapshot::kkp_cluster_from_api(seed.client(), "nope").await.unwrap_err().to_string();

@@ -171,6 +171,51 @@ fn with_the_kkp_label_the_plan_has_no_refusals_and_warns_about_ipvs() {
     assert!(notes.iter().any(|n| n.starts_with("current CNI canal:3.27: KKP Cluster xk7v2qpdm4")), "{notes:?}");
 }
 
+/// `apply`'s preflight runs KKP's own rules on the patches it will send (label, CNI, then the
+/// kube-proxy mode): the plan refuses what KKP's webhook would deny mid-run.
+#[test]
+fn kkp_rules_check_the_patches_apply_will_send() {
+    let labelled = KKP.replace("    is-credential-preset: \"false\"\n", "    is-credential-preset: \"false\"\n    unsafe-cni-migration: \"true\"\n");
+    let with = |kkp: &str| {
+        let mut s = ClusterSnapshot::from_yaml(CLUSTER).unwrap();
+        s.add_yaml(kkp, "kkp").unwrap();
+        s
+    };
+    let ebpf = |to: &str| PlanOptions { kube_proxy_mode: Some("ebpf".into()), ..opts(to) };
+
+    // Konnectivity is on in the fixture: cilium with ebpf is what KKP allows.
+    let (p, notes) = plan_with_notes(&with(&labelled), &ebpf("cilium:1.16")).unwrap();
+    assert_eq!(p.refusals, []);
+    assert!(!notes.iter().any(|n| n.contains("not recommended with Cilium")), "the mode is being changed: {notes:?}");
+
+    // Without Konnectivity KKP denies the proxyMode patch: refused before anything is changed.
+    let no_konnectivity = labelled.replace("konnectivityEnabled: true", "konnectivityEnabled: false");
+    assert_ne!(no_konnectivity, labelled);
+    let p = plan(&with(&no_konnectivity), &ebpf("cilium:1.16")).unwrap();
+    assert_eq!(rules(&p), ["kkp-proxy-mode-ebpf-konnectivity"]);
+    assert!(
+        p.refusals[0].message.starts_with("KKP would deny the patch of Cluster xk7v2qpdm4 that sets spec.clusterNetwork.proxyMode ebpf:"),
+        "{}",
+        p.refusals[0].message
+    );
+    assert_eq!(rules(&plan(&with(&no_konnectivity), &opts("cilium:1.16")).unwrap()), Vec::<&str>::new(), "no mode change, no denial");
+
+    // A Cluster KKP already refuses (a mode it does not know) fails at the first patch, the label.
+    let bad_mode = labelled.replace("proxyMode: ipvs", "proxyMode: userspace");
+    let p = plan(&with(&bad_mode), &opts("cilium:1.16")).unwrap();
+    assert_eq!(rules(&p), ["kkp-proxy-mode-invalid"]);
+    assert!(p.refusals[0].message.contains("sets the `unsafe-cni-migration` label"), "{}", p.refusals[0].message);
+
+    // KKP needs a version for the new type: a bare `--to cilium` would be denied mid-run.
+    let p = plan(&with(&labelled), &opts("cilium")).unwrap();
+    assert_eq!(rules(&p), ["kkp-cni-version-invalid"]);
+    assert!(p.refusals[0].message.ends_with("give it with --to cilium:VERSION)"), "{}", p.refusals[0].message);
+
+    // Outside KKP kube-proxy has no ebpf mode.
+    let p = plan(&snapshot(false), &ebpf("cilium:1.16")).unwrap();
+    assert_eq!(rules(&p), ["kube-proxy-mode-ebpf"]);
+}
+
 #[test]
 fn json_has_exactly_the_issues_shape() {
     let p = plan(&snapshot(true), &opts("cilium:1.16")).unwrap();

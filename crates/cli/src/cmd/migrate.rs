@@ -61,6 +61,10 @@ pub struct PlanFlags {
     /// Plan although nodes are NotReady; their pods are listed at risk.
     #[arg(long)]
     pub allow_not_ready: bool,
+    /// Change kube-proxy's mode once every pod is on the new CNI, and restart kube-proxy (on
+    /// KKP: the Cluster's spec.clusterNetwork.proxyMode, checked with KKP's rules).
+    #[arg(long, value_name = "MODE", value_parser = ["ipvs", "iptables", "ebpf"])]
+    pub kube_proxy_mode: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -141,6 +145,7 @@ pub fn plan_options(flags: &PlanFlags) -> PlanOptions {
         force_bare: flags.force_bare,
         self_node: flags.self_node.clone().filter(|s| !s.is_empty()),
         allow_not_ready: flags.allow_not_ready,
+        kube_proxy_mode: flags.kube_proxy_mode.clone(),
     }
 }
 

@@ -49,9 +49,6 @@ pub struct ApplyArgs {
     /// is in one. Repeat for several.
     #[arg(long = "new-pod-cidr", value_name = "CIDR", required = true)]
     pub new_pod_cidrs: Vec<String>,
-    /// Change kube-proxy's mode once every pod is on the new CNI, and restart kube-proxy.
-    #[arg(long, value_name = "MODE", value_parser = ["ipvs", "iptables", "ebpf"])]
-    pub kube_proxy_mode: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -163,7 +160,7 @@ async fn apply(a: ApplyArgs, plan: Plan, pod_timeout: std::time::Duration) -> an
         force_bare: a.plan.force_bare,
         pod_timeout_seconds: pod_timeout.as_secs(),
         new_pod_cidrs: a.new_pod_cidrs.clone(),
-        kube_proxy_mode: a.kube_proxy_mode.clone(),
+        kube_proxy_mode: a.plan.kube_proxy_mode.clone(),
     };
     let k = kube_cluster(a.plan.kubeconfig.as_deref(), a.plan.seed_kubeconfig.as_deref(), &a.switch, &spec).await?;
     let mut view = ProgressView::new(std::io::stdout().is_terminal());

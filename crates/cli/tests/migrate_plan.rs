@@ -125,4 +125,12 @@ fn the_plans_in_docs_migration_md_are_what_the_command_prints() {
         "--self-node", "worker-a",
     ]);
     assert!(docs.contains(&out), "docs/migration.md's KKP plan is stale; paste:\n{out}");
+    // The README shows the KKP plan's summary and first refusal, cut short.
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    for line in out.lines().filter(|l| l.ends_with(" skip") || l.starts_with("At risk:") || l.starts_with("Refusals:")) {
+        assert!(readme.contains(line), "README's KKP plan excerpt is stale: {line:?} missing");
+    }
+    let refusal = out.lines().find(|l| l.trim_start().starts_with("kkp-")).expect("a KKP refusal");
+    let cut = refusal.split_once(" label, ").expect("the refusal names the label").0;
+    assert!(readme.contains(cut), "README's refusal is stale: {cut:?}");
 }

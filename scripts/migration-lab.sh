@@ -134,9 +134,10 @@ wait_replies() {
         sleep 0.02
     done
 }
-pairs_of() { # POD: every pair with POD at one end
+pairs_of() { # POD: every pair with POD at one end, those to it first (their pingers start first)
     local q
-    for q in "${all_pods[@]}"; do [ "$q" = "$1" ] || echo "$q:$1 $1:$q"; done
+    for q in "${all_pods[@]}"; do [ "$q" = "$1" ] || echo "$q:$1"; done
+    for q in "${all_pods[@]}"; do [ "$q" = "$1" ] || echo "$1:$q"; done
 }
 
 declare -A ip0 ip1 gap
@@ -209,12 +210,10 @@ for i in $(seq 0 $((NODES - 1))); do
     for k in $(seq 0 $((PODS - 1))); do
         p=pod$i$k
         read -ra keys <<<"$(pairs_of "$p" | tr '\n' ' ')"
+        declare -A old_log=()
+        for q in "${all_pods[@]}"; do [ "$q" = "$p" ] || old_log[$q]=${ping_log[$q:$p]}; done
         stopped=$(now)
         stop_pings "${keys[@]}"
-        declare -A last=()
-        for q in "${all_pods[@]}"; do
-            [ "$q" = "$p" ] || last[$q]=$(reply_times "${ping_log[$q:$p]}" "${addr[$p]}" | tail -n1)
-        done
         cni "$i" DEL "$p" "$(old_conf "$i")" >/dev/null
         cni "$i" ADD "$p" "$(new_conf "$i")" >/dev/null
         ip1[$p]=$(addr_of "$p")
@@ -229,7 +228,7 @@ for i in $(seq 0 $((NODES - 1))); do
         # Without replies to it: from the last reply before its pingers stopped to the first
         # after the ADD, the longest over its peers.
         gap[$p]=$(for q in "${all_pods[@]}"; do
-            [ "$q" = "$p" ] || echo "${last[$q]} $(reply_times "${ping_log[$q:$p]}" "${addr[$p]}" | awk 'NR == 1')"
+            [ "$q" = "$p" ] || echo "$(reply_times "${old_log[$q]}" "${ip0[$p]}" | tail -n1) $(reply_times "${ping_log[$q:$p]}" "${addr[$p]}" | awk 'NR == 1')"
         done | awk '{ g = ($2 - $1) * 1000; if (g > m) m = g } END { printf "%.0f", m }')
         printf '  %s: %s -> %s, its %s pingers stopped at %s, restarted at %s, all answered\n' "$p" "${ip0[$p]}" \
             "${ip1[$p]}" "${#keys[@]}" "$(date -d "@$stopped" +%T.%3N)" "$(date -d "@$restarted" +%T.%3N)"

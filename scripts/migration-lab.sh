@@ -276,7 +276,7 @@ seg_figures() {
 declare -A lost_to
 replies=0
 lost_total=0
-while read -r from to a end log; do
+while read -r _ to a end log; do
     read -r l n <<<"$(seg_figures "$log" "$a" "$end")"
     lost_to[$to]=$(( ${lost_to[$to]:-0} + l ))
     lost_total=$((lost_total + l))
@@ -292,4 +292,4 @@ done
 echo "  pings lost while neither end of their pair was restarting: $lost_total (of $replies answered)"
 echo "  duplicate addresses seen: $dups"
 echo "  old leftovers after cleanup: $leftovers"
-[ "$dups" = 0 ] && [ "$leftovers" = 0 ] && [ "$lost_total" = 0 ] || fail "a figure that must be 0 is not"
+if [ "$dups" != 0 ] || [ "$leftovers" != 0 ] || [ "$lost_total" != 0 ]; then fail "a figure that must be 0 is not"; fi

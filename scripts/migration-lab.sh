@@ -2,11 +2,12 @@
 # The migration lab (issue 12, point 4): NODES nodes as network namespaces on a bridge (as
 # scripts/lab.sh builds them), etcd on that bridge, PODS pods per node first on the reference
 # `bridge` + `host-local` plugins from the node's pod CIDR (routes between nodes as flannel's
-# host-gw sets them). Every pod is pinged every 20 ms from the node network. Then node by node:
-# the agent adopts host-local's leases (--adopt-host-local), `allot node switch` installs the
-# new conflist, each pod restarts through its new CNI (DEL on the old, ADD on allot's); then
-# `allot node cleanup --from bridge`. Prints, per pod, the milliseconds without replies and
-# whether its address changed, pings lost outside the pod's own restart, duplicate addresses
+# host-gw sets them). Every pod pings every other pod (same node and other nodes) every 20 ms
+# from its own network namespace. Then node by node: the agent adopts host-local's leases
+# (--adopt-host-local), `allot node switch` installs the new conflist, each pod restarts
+# through its new CNI (DEL on the old, ADD on allot's); then `allot node cleanup --from bridge`.
+# Prints, per pod, the milliseconds without replies to it during its restart and whether its
+# address changed, pings lost while neither end of a pair was restarting, duplicate addresses
 # seen, and old leftovers after cleanup. Exits non-zero when a must-be-zero figure is not.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,17 +24,22 @@ tag=mig$$
 fabric=$tag-fab
 etcd_url=http://10.251.0.1:2379
 pids=()
-pingers=()
 namespaces=()
+declare -A ping_pid ping_log ping_to addr
 
+# Signals a process only while it is still this shell's child: a PID that exited and was reaped
+# may belong to someone else by now.
+kill_child() { [ "$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f2)" = "$$" ] && kill -TERM "$1" 2>/dev/null; }
 cleanup() {
     set +e
-    for pid in "${pingers[@]}" "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null; done
-    for pid in "${pingers[@]}" "${pids[@]}"; do wait "$pid" 2>/dev/null; done
+    for pid in "${ping_pid[@]}" "${pids[@]}"; do kill_child "$pid"; done
+    for pid in "${ping_pid[@]}" "${pids[@]}"; do wait "$pid" 2>/dev/null; done
     for ns in "${namespaces[@]}"; do ip netns del "$ns" 2>/dev/null; done
     rm -rf "$work"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM HUP
+fail() { echo "migration lab: $*" >&2; exit 1; }
 
 netns() { ip netns add "$1"; namespaces+=("$1"); ip netns exec "$1" ip link set lo up; }
 in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
@@ -57,9 +63,9 @@ for i in $(seq 0 $((NODES - 1))); do
     in_ns "$ns" ip addr add "10.251.0.1$i/24" dev eth0
     in_ns "$ns" ip link set eth0 up
     in_ns "$ns" sysctl -qw net.ipv4.ip_forward=1
-    in_ns "$fabric" ip route add "10.245.$i.0/24" via "10.251.0.1$i"
     mkdir -p "$work/n$i/net.d" "$work/n$i/cni"
 done
+# Pod to pod across nodes: each node routes the others' pod CIDRs to them (flannel host-gw).
 for i in $(seq 0 $((NODES - 1))); do
     for j in $(seq 0 $((NODES - 1))); do
         [ "$i" = "$j" ] || in_ns "$tag-n$i" ip route add "10.245.$j.0/24" via "10.251.0.1$j"
@@ -88,12 +94,53 @@ cni() {
 }
 addr_of() { in_ns "$tag-$1" ip -4 -br addr show eth0 2>/dev/null | awk '{print $3}' | cut -d/ -f1; }
 
-declare -A ip0 ip1 t0 t1 pinger
-start_pinger() { # POD ADDR LOG
-    ip netns exec "$fabric" ping -n -D -i 0.02 -W 1 "$2" >"$3" 2>/dev/null &
-    pinger[$1]=$!
-    pingers+=($!)
+# The pings. Every ordered pair FROM:TO has one pinger at a time: `ping` in FROM's netns to TO's
+# current address, every 20 ms, each reply timestamped (-D), each unanswered ping noted when
+# the next one goes (-O). A pod's restart ends every pinger of its pairs before the DEL and
+# starts new ones after the ADD (the new address, the new interface), so a pinger's log spans
+# only time in which neither end restarts; each log is one segment of its pair.
+segments=$work/segments # one line per ended pinger: FROM TO ADDRESS END LOG
+nseg=0
+start_ping() { # FROM TO
+    local k=$1:$2
+    nseg=$((nseg + 1))
+    ping_log[$k]=$work/ping-$1-$2-$nseg.log
+    ping_to[$k]=${addr[$2]}
+    ip netns exec "$tag-$1" ping -n -D -O -i 0.02 -W 1 "${addr[$2]}" >"${ping_log[$k]}" 2>&1 &
+    ping_pid[$k]=$!
 }
+stop_pings() { # FROM:TO...
+    local k end
+    end=$(now)
+    for k in "$@"; do kill_child "${ping_pid[$k]}" || true; done
+    for k in "$@"; do
+        wait "${ping_pid[$k]}" 2>/dev/null || true
+        echo "${k%%:*} ${k##*:} ${ping_to[$k]} $end ${ping_log[$k]}" >>"$segments"
+        unset "ping_pid[$k]"
+    done
+}
+# reply_times LOG ADDRESS: the timestamps of the replies from ADDRESS, in order.
+reply_times() { sed -n "s/^\[\([0-9.]*\)\] [0-9]* bytes from ${2//./\\.}: icmp_seq=.*/\1/p" "$1"; }
+# wait_replies FROM:TO...: until each pinger has its first reply (10 s at most, else the route
+# between them is missing).
+wait_replies() {
+    local deadline=$((SECONDS + 10)) k pending
+    while :; do
+        pending=()
+        for k in "$@"; do grep -qF " from ${ping_to[$k]}: icmp_seq=" "${ping_log[$k]}" || pending+=("$k"); done
+        [ ${#pending[@]} = 0 ] && return 0
+        [ "$SECONDS" -lt "$deadline" ] || fail "no reply within 10 s for ${pending[*]} (FROM:TO): no route between them?"
+        set -- "${pending[@]}"
+        sleep 0.02
+    done
+}
+pairs_of() { # POD: every pair with POD at one end, those to it first (their pingers start first)
+    local q
+    for q in "${all_pods[@]}"; do [ "$q" = "$1" ] || echo "$q:$1"; done
+    for q in "${all_pods[@]}"; do [ "$q" = "$1" ] || echo "$1:$q"; done
+}
+
+declare -A ip0 ip1 gap
 echo "== pods on the old CNI (bridge + host-local)"
 all_pods=()
 for i in $(seq 0 $((NODES - 1))); do
@@ -101,12 +148,24 @@ for i in $(seq 0 $((NODES - 1))); do
         p=pod$i$k
         all_pods+=("$p")
         netns "$tag-$p"
+        # Datagram ICMP sockets: the kernel gives each pinger its own echo id.
+        in_ns "$tag-$p" sysctl -qw net.ipv4.ping_group_range="0 2147483647"
         cni "$i" ADD "$p" "$(old_conf "$i")" >/dev/null
         ip0[$p]=$(addr_of "$p")
+        addr[$p]=${ip0[$p]}
         printf '  %-6s node%s  %s\n' "$p" "$i" "${ip0[$p]}"
-        start_pinger "$p" "${ip0[$p]}" "$work/ping-$p-0.log"
     done
 done
+all_pairs=()
+for p in "${all_pods[@]}"; do
+    for q in "${all_pods[@]}"; do
+        [ "$p" = "$q" ] && continue
+        all_pairs+=("$p:$q")
+        start_ping "$p" "$q"
+    done
+done
+wait_replies "${all_pairs[@]}"
+echo "  ${#all_pairs[@]} pingers (every pod to every other pod), each answered"
 
 echo "== etcd, pool mig (10.245.0.0/16, blocks /24), an agent per node adopting host-local's directory"
 for _ in $(seq 50); do
@@ -136,6 +195,13 @@ count_dups() {
     d=$(for p in "${all_pods[@]}"; do addr_of "$p"; done | grep . | sort | uniq -d | wc -l)
     dups=$((dups + d))
 }
+# The only pod CIDR routed to node I is 10.245.I.0/24: allot's blocks for node I must lie in it.
+check_blocks() { # NODE
+    local b
+    b=$(ip netns exec "$fabric" "$bin/allot" --etcd-endpoints "$etcd_url" node list | awk -v n="node$1" '$1 == n {print $4}')
+    echo "  node$1 holds $b"
+    [ "$b" = "10.245.$1.0/24" ] || fail "node$1 holds blocks '$b', not only its routed pod CIDR 10.245.$1.0/24"
+}
 
 for i in $(seq 0 $((NODES - 1))); do
     echo "== node$i: adopt, switch, restart its pods through allot"
@@ -143,13 +209,29 @@ for i in $(seq 0 $((NODES - 1))); do
     "$bin/allot" node switch --conflist "$work/n$i/allot.conflist" --cni-conf-dir "$work/n$i/net.d" | sed "s|$work/||g; s/^/  /"
     for k in $(seq 0 $((PODS - 1))); do
         p=pod$i$k
-        t0[$p]=$(now)
+        read -ra keys <<<"$(pairs_of "$p" | tr '\n' ' ')"
+        declare -A old_log=()
+        for q in "${all_pods[@]}"; do [ "$q" = "$p" ] || old_log[$q]=${ping_log[$q:$p]}; done
+        stopped=$(now)
+        stop_pings "${keys[@]}"
         cni "$i" DEL "$p" "$(old_conf "$i")" >/dev/null
         cni "$i" ADD "$p" "$(new_conf "$i")" >/dev/null
-        t1[$p]=$(now)
         ip1[$p]=$(addr_of "$p")
-        kill "${pinger[$p]}" 2>/dev/null || true
-        start_pinger "$p" "${ip1[$p]}" "$work/ping-$p-1.log"
+        addr[$p]=${ip1[$p]}
+        case ${ip1[$p]} in
+            10.245.$i.*) ;;
+            *) fail "$p got '${ip1[$p]}' from allot, outside node$i's routed pod CIDR 10.245.$i.0/24" ;;
+        esac
+        restarted=$(now)
+        for key in "${keys[@]}"; do start_ping "${key%%:*}" "${key##*:}"; done
+        wait_replies "${keys[@]}"
+        # Without replies to it: from the last reply before its pingers stopped to the first
+        # after the ADD, the longest over its peers.
+        gap[$p]=$(for q in "${all_pods[@]}"; do
+            [ "$q" = "$p" ] || echo "$(reply_times "${old_log[$q]}" "${ip0[$p]}" | tail -n1) $(reply_times "${ping_log[$q:$p]}" "${addr[$p]}" | awk 'NR == 1')"
+        done | awk '{ g = ($2 - $1) * 1000; if (g > m) m = g } END { printf "%.0f", m }')
+        printf '  %s: %s -> %s, its %s pingers stopped at %s, restarted at %s, all answered\n' "$p" "${ip0[$p]}" \
+            "${ip1[$p]}" "${#keys[@]}" "$(date -d "@$stopped" +%T.%3N)" "$(date -d "@$restarted" +%T.%3N)"
         count_dups
         sleep 0.5
     done
@@ -160,6 +242,7 @@ for i in $(seq 0 $((NODES - 1))); do
         sleep 0.1
     done
     "$bin/allot" --socket "$work/agent$i.sock" allocations list | sed 's/^/  /'
+    check_blocks "$i"
 done
 
 echo "== cleanup --from bridge on every node"
@@ -170,28 +253,43 @@ for i in $(seq 0 $((NODES - 1))); do
     leases=$(find "$work/n$i/cni/oldnet" -maxdepth 1 -name '10.*' | wc -l)
     leftovers=$((leftovers + n + leases))
 done
-sleep 0.5
-for p in "${all_pods[@]}"; do kill "${pinger[$p]}" 2>/dev/null || true; done
+# Pings go on past the cleanup: what it broke shows as losses (more than the 1 s grace below).
+sleep 2
+stop_pings "${!ping_pid[@]}"
 
-# reply timestamps and icmp_seq: "[ts] 64 bytes from A: icmp_seq=N ..."
-replies() { sed -n 's/^\[\([0-9.]*\)\].*icmp_seq=\([0-9]*\).*/\1 \2/p' "$1"; }
-# lost LOG FROM TO: sequence numbers missing between replies within [FROM, TO].
-lost() { replies "$1" | awk -v a="$2" -v b="$3" '$1>=a && $1<=b { if (seen && $2>prev+1) n+=$2-prev-1; prev=$2; seen=1 } END { print n+0 }'; }
+# seg_figures LOG ADDRESS END: "LOST REPLIES" of one segment. A ping is lost when its icmp_seq
+# has no reply from ADDRESS while a later one has, or, after the last reply, when -O noted it
+# unanswered more than 1 s (ping -W 1) before the pinger ended: in flight otherwise. Pings
+# before the first reply belong to the restart that started the segment (its window ends at
+# the first reply after the ADD).
+seg_figures() {
+    awk -v a="$2" -v end="$3" '
+        { ts = substr($1, 2, length($1) - 2) + 0; s = $0; sub(/.*icmp_seq=/, "", s); s += 0 }
+        index($0, " bytes from " a ": icmp_seq=") { if (!(s in got)) n++; got[s] = 1; if (n == 1 || s < lo) lo = s; if (s > hi) hi = s; next }
+        /no answer yet for icmp_seq=/ && ts < end - 1 { late[s] = 1 }
+        END {
+            for (s = lo + 1; s < hi; s++) if (!(s in got)) lost++
+            for (s in late) if (s + 0 > hi) lost++
+            print lost + 0, n + 0
+        }' "$1"
+}
+declare -A lost_to
+replies=0
+lost_total=0
+while read -r _ to a end log; do
+    read -r l n <<<"$(seg_figures "$log" "$a" "$end")"
+    lost_to[$to]=$(( ${lost_to[$to]:-0} + l ))
+    lost_total=$((lost_total + l))
+    replies=$((replies + n))
+done <"$segments"
 
-echo "== figures (pings every 20 ms from the node network to every pod)"
-printf '  %-6s %-13s %-13s %-8s %-16s %s\n' pod old new changed "no replies (ms)" "lost outside its restart"
-end=$(now)
-bad=0
+echo "== figures (every pod pings every other pod every 20 ms from its own netns: ${#all_pairs[@]} pairs)"
+printf '  %-6s %-13s %-13s %-8s %-22s %s\n' pod old new changed "no replies to it (ms)" "lost to it, neither end restarting"
 for p in "${all_pods[@]}"; do
-    last=$(replies "$work/ping-$p-0.log" | awk -v t="${t0[$p]}" '$1<t {x=$1} END {print x}')
-    first=$(replies "$work/ping-$p-1.log" | awk 'NR==1 {print $1}')
-    gap=$(awk -v a="${last:-0}" -v b="${first:-0}" 'BEGIN { if (a==0 || b==0) print "none"; else printf "%.0f", (b-a)*1000 }')
-    other=$(( $(lost "$work/ping-$p-0.log" 0 "${t0[$p]}") + $(lost "$work/ping-$p-1.log" "${t1[$p]}" "$end") ))
     changed=no; [ "${ip0[$p]}" = "${ip1[$p]}" ] || changed=yes
-    printf '  %-6s %-13s %-13s %-8s %-16s %s\n' "$p" "${ip0[$p]}" "${ip1[$p]}" "$changed" "$gap" "$other"
-    [ "$gap" != none ] || bad=1
-    [ "$other" = 0 ] || bad=1
+    printf '  %-6s %-13s %-13s %-8s %-22s %s\n' "$p" "${ip0[$p]}" "${ip1[$p]}" "$changed" "${gap[$p]}" "${lost_to[$p]:-0}"
 done
+echo "  pings lost while neither end of their pair was restarting: $lost_total (of $replies answered)"
 echo "  duplicate addresses seen: $dups"
 echo "  old leftovers after cleanup: $leftovers"
-[ "$dups" = 0 ] && [ "$leftovers" = 0 ] && [ "$bad" = 0 ] || { echo "migration lab: a figure that must be 0 is not" >&2; exit 1; }
+if [ "$dups" != 0 ] || [ "$leftovers" != 0 ] || [ "$lost_total" != 0 ]; then fail "a figure that must be 0 is not"; fi

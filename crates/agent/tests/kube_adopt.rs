@@ -143,7 +143,7 @@ async fn fake_api_adoption_claims_ipblocks_for_the_node_and_is_refused_by_anothe
     // Leases in n2's block and in a free one: refused as a whole, naming n2.
     let old2 = tempfile::tempdir().unwrap();
     for id in ["a", "b"] {
-        host_local_add(old2.path(), "other", "10.85.0.16/27", id);
+        host_local_add(old2.path(), "other", "10.85.0.16/28", id);
     }
     let dir2 = old2.path().join("other");
     std::fs::rename(dir2.join("10.85.0.19"), dir2.join("10.85.0.40")).unwrap();

@@ -601,3 +601,33 @@ fn adoption_on_etcd_claims_blocks_for_the_node_and_is_refused_naming_the_holder(
     assert_eq!(held("n1"), ["10.84.0.48/28", "10.84.0.64/28", "10.84.0.80/28"]);
     drop(n2);
 }
+
+/// A pool given with `allot adopt host-local DIR --pool NAME` survives a restart with
+/// `--adopt-host-local DIR` (the flag names no pool): a later lease outside that pool is refused
+/// at the rescan, not adopted into another pool.
+#[test]
+fn adopt_host_local_flag_keeps_the_pool_given_earlier_across_a_restart() {
+    require_root();
+    let old = tempfile::tempdir().unwrap();
+    let (code, r) = host_local("ADD", old.path(), "oldnet", "10.87.0.0/28", "side0");
+    assert_eq!(code, 0, "{r}");
+    let dir = old.path().join("oldnet");
+    let dir_s = dir.to_str().unwrap();
+    let mut agent = Agent::start(
+        "n1",
+        &["--pool", "mig=10.86.0.0/24@28", "--pool", "side=10.87.0.0/24@28", "--default-pool", "mig", "--pre-allocation", "mig=0", "--adopt-host-local", dir_s],
+    );
+    poll("ready", Duration::from_secs(10), || cni_readiness(&agent).ready.then_some(()));
+    let (ok, out, err) = agent.cli(&["adopt", "host-local", dir_s, "--pool", "side"]);
+    assert!(ok && out.contains("1 already adopted"), "{out}{err}");
+    assert!(agent.terminate());
+    agent.spawn();
+    poll("ready after the restart", Duration::from_secs(10), || cni_readiness(&agent).ready.then_some(()));
+    // A lease in mig's CIDR appears: outside pool side, so the rescan refuses it.
+    let (code, r) = host_local("ADD", old.path(), "oldnet", "10.86.0.0/28", "mig0");
+    assert_eq!(code, 0, "{r}");
+    poll("the rescan refuses 10.86.0.2", Duration::from_secs(10), || agent.log().contains("lies in no CIDR of pool \"side\"").then_some(()));
+    let list = listed(&agent);
+    assert!(!list.contains_key("10.86.0.2"), "adopted outside the pool given: {list:?}");
+    assert_eq!(list["10.87.0.2"], ("side0".to_string(), "adopted:host-local".to_string()));
+}

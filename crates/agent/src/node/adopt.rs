@@ -564,7 +564,10 @@ impl<S: Store> Node<S> {
         loop {
             if self.lock().connected {
                 for dir in std::mem::take(&mut startup) {
-                    let req = AdoptHostLocalRequest { dir: dir.display().to_string(), pool: None, dry_run: false };
+                    // The flag names no pool: one given earlier with `allot adopt --pool` stays.
+                    let canonical = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+                    let pool = self.adoptions.lock().unwrap_or_else(|p| p.into_inner()).host_local.iter().find(|h| h.dir == canonical).and_then(|h| h.pool.clone());
+                    let req = AdoptHostLocalRequest { dir: dir.display().to_string(), pool, dry_run: false };
                     match self.adopt_host_local(&req).await {
                         Ok(r) => {
                             last_error.remove(&dir);

@@ -345,3 +345,289 @@ fn cleanup_removes_exactly_the_old_cnis_leftovers() {
     let (ok, again, _) = cleanup(&["--dry-run"]);
     assert!(ok && again.contains("nothing of Flannel left"), "every listed leftover is gone: {again}");
 }
+
+/// The agent's CNI readiness (`cni` in `/v1/status`): whether it serves ADDs now, and why not.
+fn cni_readiness(agent: &Agent) -> allot_wire::Readiness {
+    agent.client().get::<allot_wire::Status>("/v1/status").unwrap().cni.expect("agent reports CNI readiness")
+}
+
+fn adopted_count(agent: &Agent) -> usize {
+    listed(agent).values().filter(|(_, s)| s == "adopted:host-local").count()
+}
+
+/// Issue 12, point 1, at agent start: `--adopt-host-local DIR` adopts host-local's leases with
+/// no `allot adopt` call, before any ADD is served (the first ADD, sent right after start, gets
+/// a free address); allot hands out only the others; host-local's DEL frees one at the rescan;
+/// a restart with the same flag adopts nothing twice and brings back neither the address whose
+/// file is gone nor the one allot's DEL freed while its file stays.
+#[test]
+fn adopt_host_local_flag_adopts_at_start_before_any_add_and_restarts_cleanly() {
+    require_root();
+    let old = tempfile::tempdir().unwrap();
+    let mut leased = Vec::new();
+    for i in 0..5 {
+        let (code, r) = host_local("ADD", old.path(), "oldnet", "10.81.0.0/28", &format!("old{i}"));
+        assert_eq!(code, 0, "host-local ADD: {r}");
+        leased.push(ip_of(&r));
+    }
+    assert_eq!(leased, ["10.81.0.2", "10.81.0.3", "10.81.0.4", "10.81.0.5", "10.81.0.6"]);
+    let dir = old.path().join("oldnet");
+    let dir_s = dir.to_str().unwrap();
+    let mut agent = Agent::start(
+        "n1",
+        &["--pool", "mig=10.81.0.0/28@28", "--default-pool", "mig", "--pre-allocation", "mig=0", "--add-wait", "3s", "--adopt-host-local", dir_s],
+    );
+    // At once: the ADD waits for the adoption, so it cannot get a leased address.
+    let (code, r) = allot_ipam(&agent, "ADD", "newnet", "new0");
+    assert_eq!(code, 0, "{r}\n{}", agent.log());
+    assert_eq!(ip_of(&r), "10.81.0.7", "the first address host-local did not hand out");
+    let list = listed(&agent);
+    for (i, ip) in leased.iter().enumerate() {
+        assert_eq!(list.get(ip), Some(&(format!("old{i}"), "adopted:host-local".to_string())), "{ip}: {list:?}");
+    }
+    assert_eq!(list["10.81.0.7"], ("new0".to_string(), "cni".to_string()));
+    assert!(cni_readiness(&agent).ready);
+    assert!(agent.log().contains("adopted host-local directory (--adopt-host-local)"), "{}", agent.log());
+
+    for i in 1..8 {
+        let (code, r) = allot_ipam(&agent, "ADD", "newnet", &format!("new{i}"));
+        assert_eq!(code, 0, "{r}");
+        assert_eq!(ip_of(&r), format!("10.81.0.{}", 7 + i));
+    }
+    let (code, r) = allot_ipam(&agent, "ADD", "newnet", "full");
+    assert!(code != 0 && r["code"] == 11, "every other address is adopted or handed out: {r}");
+
+    // host-local's DEL removes old0's file: the rescan frees 10.81.0.2. allot's DEL of old1
+    // frees 10.81.0.3 while its file stays.
+    let (code, r) = host_local("DEL", old.path(), "oldnet", "10.81.0.0/28", "old0");
+    assert_eq!(code, 0, "{r}");
+    poll("the rescan frees 10.81.0.2", Duration::from_secs(10), || (!listed(&agent).contains_key("10.81.0.2")).then_some(()));
+    let (code, r) = allot_ipam(&agent, "DEL", "oldnet", "old1");
+    assert_eq!(code, 0, "{r}");
+    assert!(dir.join("10.81.0.3").exists(), "allot never touches host-local's files");
+    assert_eq!(adopted_count(&agent), 3);
+
+    // Restart with the same flag.
+    assert!(agent.terminate());
+    let log_before = agent.log().len();
+    agent.spawn();
+    poll("ready after the restart", Duration::from_secs(10), || cni_readiness(&agent).ready.then_some(()));
+    let list = listed(&agent);
+    let adopted: Vec<&String> = list.iter().filter(|(_, (_, s))| s == "adopted:host-local").map(|(ip, _)| ip).collect();
+    assert_eq!(adopted, ["10.81.0.4", "10.81.0.5", "10.81.0.6"], "neither freed lease comes back: {list:?}");
+    let log = agent.log();
+    let restart_log = &log[log_before..];
+    assert!(
+        restart_log.contains("adopted host-local directory (--adopt-host-local)") && restart_log.contains("adopted=0 unchanged=3"),
+        "the restart adopts nothing twice:\n{restart_log}"
+    );
+    // The freed addresses go to new pods; a rescan after that does not take 10.81.0.3 back.
+    let (code, r) = allot_ipam(&agent, "ADD", "newnet", "new8");
+    assert_eq!((code, ip_of(&r)), (0, "10.81.0.2".to_string()), "{r}");
+    let (code, r) = allot_ipam(&agent, "ADD", "newnet", "new9");
+    assert_eq!((code, ip_of(&r)), (0, "10.81.0.3".to_string()), "{r}");
+    std::thread::sleep(allot_agent::RESCAN_EVERY * 2);
+    let list = listed(&agent);
+    assert_eq!(list["10.81.0.3"], ("new9".to_string(), "cni".to_string()), "{list:?}");
+    assert_eq!(adopted_count(&agent), 3, "{list:?}");
+    let (code, r) = allot_ipam(&agent, "ADD", "newnet", "full");
+    assert!(code != 0 && r["code"] == 11, "{r}");
+}
+
+/// `--adopt-host-local` naming a missing directory, or one with a lease in no pool: the agent
+/// runs (status, DEL) but serves no ADD (code 11) and is not ready, with the reason; it retries
+/// every 2 s and serves once the cause is gone, with the leases adopted first.
+#[test]
+fn adopt_host_local_flag_with_a_missing_dir_or_an_address_in_no_pool_blocks_adds_until_fixed() {
+    require_root();
+    let old = tempfile::tempdir().unwrap();
+    let dir = old.path().join("oldnet");
+    let dir_s = dir.to_str().unwrap();
+    let agent = Agent::start(
+        "n1",
+        &["--pool", "mig=10.82.0.0/28@28", "--default-pool", "mig", "--pre-allocation", "mig=0", "--add-wait", "500ms", "--adopt-host-local", dir_s],
+    );
+    let reason = poll("the missing directory in the readiness", Duration::from_secs(10), || {
+        cni_readiness(&agent).reason.filter(|r| r.contains("does not exist"))
+    });
+    assert!(reason.contains(dir_s) && reason.contains("--adopt-host-local"), "{reason}");
+    assert!(!cni_readiness(&agent).ready);
+    let (code, r) = allot_ipam(&agent, "ADD", "newnet", "new0");
+    assert!(code != 0 && r["code"] == 11 && r.to_string().contains("does not exist"), "no ADD while the directory is not adopted: {r}");
+    assert!(listed(&agent).is_empty());
+    // A few retries pass.
+    std::thread::sleep(allot_agent::RESCAN_EVERY * 2);
+    assert!(!cni_readiness(&agent).ready);
+    // host-local's first ADD creates the directory: the retry adopts it, then ADDs are served.
+    let (code, r) = host_local("ADD", old.path(), "oldnet", "10.82.0.0/28", "old0");
+    assert_eq!(code, 0, "{r}");
+    poll("ready once the directory exists", Duration::from_secs(10), || cni_readiness(&agent).ready.then_some(()));
+    assert_eq!(listed(&agent)["10.82.0.2"], ("old0".to_string(), "adopted:host-local".to_string()));
+    let (code, r) = allot_ipam(&agent, "ADD", "newnet", "new0");
+    assert_eq!((code, ip_of(&r)), (0, "10.82.0.3".to_string()), "{r}");
+    // The error was logged once, not at every retry (every 2 s).
+    assert_eq!(agent.log().matches("retrying every").count(), 1, "{}", agent.log());
+
+    // A lease outside every pool.
+    let old2 = tempfile::tempdir().unwrap();
+    let (code, r) = host_local("ADD", old2.path(), "other", "10.99.0.0/28", "stray");
+    assert_eq!(code, 0, "{r}");
+    let dir2 = old2.path().join("other");
+    let agent2 = Agent::start(
+        "n2",
+        &["--pool", "mig=10.82.0.0/28@28", "--default-pool", "mig", "--pre-allocation", "mig=0", "--add-wait", "3s", "--adopt-host-local", dir2.to_str().unwrap()],
+    );
+    let reason = poll("the stray address in the readiness", Duration::from_secs(10), || {
+        cni_readiness(&agent2).reason.filter(|r| r.contains("10.99.0.2"))
+    });
+    assert!(reason.contains("lies in no pool") && reason.contains("mig (10.82.0.0/28)"), "{reason}");
+    let (code, r) = allot_ipam(&agent2, "ADD", "newnet", "new0");
+    assert!(code != 0 && r["code"] == 11 && r.to_string().contains("10.99.0.2"), "{r}");
+    assert!(listed(&agent2).is_empty(), "nothing adopted");
+    // The operator adds a pool holding it: the next retry adopts, and ADDs are served.
+    let pool = "apiVersion: allot.dev/v1\nkind: IPPool\nmetadata:\n  name: old\nspec:\n  ipv4:\n    cidrs: [10.99.0.0/24]\n    maskSize: 28\n";
+    let (ok, out, err) = agent2.cli_stdin(&["pool", "apply", "-f", "-"], pool);
+    assert!(ok, "{out}{err}");
+    poll("ready once a pool holds the address", Duration::from_secs(10), || cni_readiness(&agent2).ready.then_some(()));
+    assert_eq!(listed(&agent2)["10.99.0.2"], ("stray".to_string(), "adopted:host-local".to_string()));
+    let n2 = agent2.cli_json(&["node", "get", "n2"]);
+    let allocated = &n2["spec"]["ipam"]["pools"]["allocated"];
+    assert!(allocated[0]["pool"] == "old" && allocated[0]["cidrs"] == json!(["10.99.0.0/28"]), "the block is claimed: {n2}");
+    let (code, r) = allot_ipam(&agent2, "ADD", "newnet", "new0");
+    assert_eq!((code, ip_of(&r)), (0, "10.82.0.2".to_string()), "{r}");
+}
+
+/// Issue 12, point 1, on etcd (`--etcd-endpoints`, two agents, no operator): n2 adopts at start
+/// (`--adopt-host-local`) and its block is claimed in etcd for n2, as any other client reads it
+/// (the store, `allot node get` through etcd); n1 is refused, naming the holder, for a lease in
+/// n2's block and for one in a block granted straight through the etcd store to n9, and then
+/// nothing is adopted and no block claimed (not even the free block of another lease); a lease
+/// in a free block and an old pod CIDR are claimed for n1.
+#[cfg(feature = "etcd")]
+#[test]
+fn adoption_on_etcd_claims_blocks_for_the_node_and_is_refused_naming_the_holder() {
+    use allot_store::{EtcdConfig, EtcdStore};
+    require_root();
+    let etcd = allot_testkit::Etcd::start();
+    let ep = etcd.endpoint.as_str();
+    let pool = "apiVersion: allot.dev/v1\nkind: IPPool\nmetadata:\n  name: mig\nspec:\n  ipv4:\n    cidrs: [10.84.0.0/24]\n    maskSize: 28\n";
+    let pool_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(pool_file.path(), pool).unwrap();
+    let (ok, out, err) = allot(None, &["--etcd-endpoints", ep, "pool", "apply", "-f", pool_file.path().to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let store = rt.block_on(EtcdStore::connect(&EtcdConfig::new(vec![etcd.endpoint.clone()]))).unwrap();
+    let held = |node: &str| -> Vec<String> {
+        let mut v: Vec<String> = rt.block_on(store.grants()).unwrap().into_iter().filter(|g| g.node == node).map(|g| g.cidr.to_string()).collect();
+        v.sort();
+        v
+    };
+    let flags = |extra: &[&'static str]| -> Vec<String> {
+        let mut v: Vec<String> = ["--etcd-endpoints", ep, "--default-pool", "mig", "--pre-allocation", "mig=0", "--add-wait", "3s"].map(String::from).to_vec();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let start = |node: &str, args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let agent = Agent::start(node, &args);
+        poll(&format!("{node} ready"), Duration::from_secs(15), || cni_readiness(&agent).ready.then_some(()));
+        agent
+    };
+
+    // n2: host-local leased 10.84.0.2-4; the agent adopts them at start.
+    let old2 = tempfile::tempdir().unwrap();
+    for i in 0..3 {
+        let (code, r) = host_local("ADD", old2.path(), "oldnet", "10.84.0.0/28", &format!("n2-old{i}"));
+        assert_eq!(code, 0, "{r}");
+    }
+    let dir2 = old2.path().join("oldnet");
+    let mut n2_flags = flags(&[]);
+    n2_flags.extend(["--adopt-host-local".to_string(), dir2.to_str().unwrap().to_string()]);
+    let n2 = start("n2", n2_flags);
+    assert_eq!(adopted_count(&n2), 3, "{:?}", listed(&n2));
+    assert_eq!(held("n2"), ["10.84.0.0/28"], "claimed in etcd for n2");
+    let (ok, out, err) = allot(None, &["--etcd-endpoints", ep, "node", "get", "n2", "-o", "json"]);
+    assert!(ok, "{err}");
+    let got: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(got["spec"]["ipam"]["pools"]["allocated"][0]["cidrs"], json!(["10.84.0.0/28"]), "{got}");
+    let (code, r) = allot_ipam(&n2, "ADD", "newnet", "n2-new0");
+    assert_eq!((code, ip_of(&r)), (0, "10.84.0.5".to_string()), "{r}");
+
+    // n9 has no agent: its block is written straight through the etcd store.
+    rt.block_on(store.register_node("n9", None)).unwrap();
+    let g = allot_core::BlockGrant { pool: "mig".into(), cidr: "10.84.0.32/28".parse().unwrap(), node: "n9".into() };
+    assert!(rt.block_on(store.grant_block(&g)).unwrap());
+
+    let n1 = start("n1", flags(&[]));
+    let adopt = |dir: &Path| n1.cli(&["adopt", "host-local", dir.to_str().unwrap()]);
+    // A lease in n2's block.
+    let old1 = tempfile::tempdir().unwrap();
+    let (code, r) = host_local("ADD", old1.path(), "oldnet", "10.84.0.0/28", "n1-old0");
+    assert_eq!(code, 0, "{r}");
+    let (ok, _, err) = adopt(&old1.path().join("oldnet"));
+    assert!(!ok && err.contains("block 10.84.0.0/28 of pool \"mig\" is held by node \"n2\"") && err.contains("nothing was adopted"), "{err}");
+    // Leases in n9's block and in a free one: refused as a whole.
+    let old3 = tempfile::tempdir().unwrap();
+    for id in ["n1-a", "n1-b"] {
+        let (code, r) = host_local("ADD", old3.path(), "other", "10.84.0.32/27", id);
+        assert_eq!(code, 0, "{r}");
+    }
+    let dir3 = old3.path().join("other");
+    std::fs::rename(dir3.join("10.84.0.35"), dir3.join("10.84.0.50")).unwrap();
+    let (ok, _, err) = adopt(&dir3);
+    assert!(!ok && err.contains("held by node \"n9\"") && !err.contains("n2"), "{err}");
+    assert!(listed(&n1).is_empty(), "nothing adopted");
+    assert!(held("n1").is_empty(), "no block claimed for a refused adoption");
+    assert_eq!(held("n2"), ["10.84.0.0/28"]);
+    assert_eq!(held("n9"), ["10.84.0.32/28"]);
+
+    // Only the lease in the free block: claimed for n1, seen through etcd.
+    std::fs::remove_file(dir3.join("10.84.0.34")).unwrap();
+    let (ok, out, err) = adopt(&dir3);
+    assert!(ok, "{err}");
+    assert!(out.contains("1 adopted") && out.contains("claim block 10.84.0.48/28 of pool mig"), "{out}");
+    assert_eq!(held("n1"), ["10.84.0.48/28"]);
+    assert_eq!(listed(&n1)["10.84.0.50"], ("n1-b".to_string(), "adopted:host-local".to_string()));
+
+    // An old pod CIDR: refused while n2 holds part of it, claimed when free.
+    let (ok, _, err) = n1.cli(&["adopt", "pod-cidr", "10.84.0.0/27", "--pool", "mig"]);
+    assert!(!ok && err.contains("held by node \"n2\""), "{err}");
+    assert_eq!(held("n1"), ["10.84.0.48/28"], "10.84.0.16/28 is free but not claimed for a refused adoption");
+    let (ok, _, err) = n1.cli(&["adopt", "pod-cidr", "10.84.0.64/27", "--pool", "mig"]);
+    assert!(ok, "{err}");
+    assert_eq!(held("n1"), ["10.84.0.48/28", "10.84.0.64/28", "10.84.0.80/28"]);
+    // Pinned: still held after a few demand-loop passes.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(held("n1"), ["10.84.0.48/28", "10.84.0.64/28", "10.84.0.80/28"]);
+    drop(n2);
+}
+
+/// A pool given with `allot adopt host-local DIR --pool NAME` survives a restart with
+/// `--adopt-host-local DIR` (the flag names no pool): a later lease outside that pool is refused
+/// at the rescan, not adopted into another pool.
+#[test]
+fn adopt_host_local_flag_keeps_the_pool_given_earlier_across_a_restart() {
+    require_root();
+    let old = tempfile::tempdir().unwrap();
+    let (code, r) = host_local("ADD", old.path(), "oldnet", "10.87.0.0/28", "side0");
+    assert_eq!(code, 0, "{r}");
+    let dir = old.path().join("oldnet");
+    let dir_s = dir.to_str().unwrap();
+    let mut agent = Agent::start(
+        "n1",
+        &["--pool", "mig=10.86.0.0/24@28", "--pool", "side=10.87.0.0/24@28", "--default-pool", "mig", "--pre-allocation", "mig=0", "--adopt-host-local", dir_s],
+    );
+    poll("ready", Duration::from_secs(10), || cni_readiness(&agent).ready.then_some(()));
+    let (ok, out, err) = agent.cli(&["adopt", "host-local", dir_s, "--pool", "side"]);
+    assert!(ok && out.contains("1 already adopted"), "{out}{err}");
+    assert!(agent.terminate());
+    agent.spawn();
+    poll("ready after the restart", Duration::from_secs(10), || cni_readiness(&agent).ready.then_some(()));
+    // A lease in mig's CIDR appears: outside pool side, so the rescan refuses it.
+    let (code, r) = host_local("ADD", old.path(), "oldnet", "10.86.0.0/28", "mig0");
+    assert_eq!(code, 0, "{r}");
+    poll("the rescan refuses 10.86.0.2", Duration::from_secs(10), || agent.log().contains("lies in no CIDR of pool \"side\"").then_some(()));
+    let list = listed(&agent);
+    assert!(!list.contains_key("10.86.0.2"), "adopted outside the pool given: {list:?}");
+    assert_eq!(list["10.87.0.2"], ("side0".to_string(), "adopted:host-local".to_string()));
+}

@@ -564,12 +564,22 @@ impl<S: Store> Node<S> {
         loop {
             if self.lock().connected {
                 for dir in std::mem::take(&mut startup) {
-                    let req = AdoptHostLocalRequest { dir: dir.display().to_string(), pool: None, dry_run: false };
+                    // The flag names no pool: one given earlier with `allot adopt --pool` stays.
+                    let canonical = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+                    let pool = self.adoptions.lock().unwrap_or_else(|p| p.into_inner()).host_local.iter().find(|h| h.dir == canonical).and_then(|h| h.pool.clone());
+                    let req = AdoptHostLocalRequest { dir: dir.display().to_string(), pool, dry_run: false };
                     match self.adopt_host_local(&req).await {
-                        Ok(r) => tracing::info!(dir = %dir.display(), adopted = r.adopted.len(), unchanged = r.unchanged.len(), "adopted host-local directory (--adopt-host-local)"),
+                        Ok(r) => {
+                            last_error.remove(&dir);
+                            tracing::info!(dir = %dir.display(), adopted = r.adopted.len(), unchanged = r.unchanged.len(), "adopted host-local directory (--adopt-host-local)")
+                        }
                         Err(e) => {
                             let why = format!("adopting host-local directory {} (--adopt-host-local) failed: {e}", dir.display());
-                            tracing::error!("{why}; retrying every {RESCAN_EVERY:?}, no new addresses meanwhile");
+                            // Once per distinct error, not every retry; the readiness reason keeps it visible.
+                            if last_error.get(&dir) != Some(&why) {
+                                tracing::error!("{why}; retrying every {RESCAN_EVERY:?}, no new addresses meanwhile");
+                                last_error.insert(dir.clone(), why.clone());
+                            }
                             self.lock().adoption_blocked = Some(why);
                             startup.push(dir);
                         }

@@ -1,6 +1,7 @@
-//! deploy/rbac/ read as the apiserver's RBAC authorizer would (tests/support/rbac.rs): each
-//! component may make the calls its code makes and is refused others. The comparison with the
-//! requests the code actually makes on the fake API server uses the same evaluator.
+//! deploy/rbac/ and the IPPool webhook's roles read as the apiserver's RBAC authorizer would
+//! (tests/support/rbac.rs): each component may make the calls its code makes and is refused
+//! others. The comparison with the requests the code actually makes on the fake API server
+//! uses the same evaluator.
 
 #[path = "support/rbac.rs"]
 mod rbac;
@@ -65,7 +66,33 @@ fn operator_role_allows_its_calls_and_nothing_else_tried_here() {
     }
 }
 
-/// The whole grant set, so that a change to deploy/rbac/ is a deliberate change here too.
+#[test]
+fn ippool_webhook_role_reads_what_the_store_follows_and_writes_nothing() {
+    let w = Rbac::for_service_account("allot-ippool-webhook");
+    for (verb, av, res, ns) in [
+        ("list", "allot.dev/v1", "ippools", None),
+        ("watch", "allot.dev/v1", "ipblocks", None),
+        ("watch", "allot.dev/v1", "allotnodes", None),
+        ("watch", "v1", "namespaces", None),
+        ("watch", "coordination.k8s.io/v1", "leases", Some(NAMESPACE)),
+    ] {
+        assert!(w.allows(verb, av, res, None, ns), "webhook may not {verb} {av} {res} in {ns:?}");
+    }
+    for (verb, av, res, ns) in [
+        ("create", "allot.dev/v1", "ippools", None),
+        ("update", "allot.dev/v1", "ippools", None),
+        ("delete", "allot.dev/v1", "ipblocks", None),
+        ("get", "allot.dev/v1", "ippools", None),
+        ("create", "coordination.k8s.io/v1", "leases", Some(NAMESPACE)),
+        ("list", "coordination.k8s.io/v1", "leases", None),
+        ("get", "v1", "secrets", Some(NAMESPACE)),
+        ("list", "v1", "pods", None),
+    ] {
+        assert!(!w.allows(verb, av, res, None, ns), "webhook may {verb} {av} {res} in {ns:?}");
+    }
+}
+
+/// The whole grant set, so that a change to the roles is a deliberate change here too.
 #[test]
 fn grants_are_exactly_the_documented_table() {
     let fmt = |sa: &str| -> Vec<String> {
@@ -99,6 +126,16 @@ fn grants_are_exactly_the_documented_table() {
     ]
     .concat();
     want_operator.sort();
+    let mut want_webhook: Vec<String> = [
+        verbs("", "namespaces", "list watch", ""),
+        verbs("allot.dev", "allotnodes", "list watch", ""),
+        verbs("allot.dev", "ipblocks", "list watch", ""),
+        verbs("allot.dev", "ippools", "list watch", ""),
+        verbs("coordination.k8s.io", "leases", "list watch", " in allot-system"),
+    ]
+    .concat();
+    want_webhook.sort();
     assert_eq!(agent, want_agent);
     assert_eq!(operator, want_operator);
+    assert_eq!(fmt("allot-ippool-webhook"), want_webhook);
 }

@@ -68,7 +68,7 @@ fn run_etcd(
             tracing::info!(%id, "campaigning for operator leadership");
             Ok::<_, anyhow::Error>(store.lead("operator", &id, ttl).await?)
         };
-        lead_terms(&id, campaign, |leadership, stop| {
+        lead_terms(&id, shutdown_signal(), campaign, |leadership, stop| {
             // Every write of this term carries the leader compare: a term that ended unnoticed
             // (this process frozen or partitioned) cannot write.
             let fenced = Arc::new(store.fenced(leadership));
@@ -103,7 +103,7 @@ fn run_kubernetes(
             tracing::info!(%id, namespace = %store.namespace(), "campaigning for operator leadership (Lease allot-operator)");
             Ok::<_, anyhow::Error>(elector.campaign().await)
         };
-        lead_terms(&id, campaign, |_, stop| {
+        lead_terms(&id, shutdown_signal(), campaign, |_, stop| {
             vec![
                 tokio::spawn(allot_operator::run_with(store.clone(), opts, stop.clone())),
                 tokio::spawn(release_deleted_nodes(client.clone(), store.clone(), NodeGcOptions::default(), stop)),
@@ -159,16 +159,16 @@ impl Term for allot_k8s::lease::Leadership {
     }
 }
 
-/// Campaigns until shutdown; a failed campaign is retried after a second. While a term holds,
+/// Campaigns until `shutdown`; a failed campaign is retried after a second. While a term holds,
 /// the tasks `start` spawns do the work (told to stop through the receiver it is given); when
 /// the term is lost or the process stops, they are stopped and awaited, then the term resigned.
 #[cfg(any(feature = "etcd", feature = "kubernetes"))]
 async fn lead_terms<T: Term>(
     id: &str,
+    shutdown: impl Future<Output = ()>,
     mut campaign: impl AsyncFnMut() -> anyhow::Result<T>,
     mut start: impl FnMut(&T, watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<()> {
-    let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         let campaigned = tokio::select! {
@@ -204,5 +204,77 @@ async fn lead_terms<T: Term>(
             return Ok(());
         }
         tracing::warn!("lost leadership");
+    }
+}
+
+#[cfg(all(test, any(feature = "etcd", feature = "kubernetes")))]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    /// A term the test ends by sending on its `lost`; resigning is logged.
+    struct FakeTerm {
+        n: usize,
+        lost: watch::Receiver<bool>,
+        log: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Term for FakeTerm {
+        fn lost(&self) -> watch::Receiver<bool> {
+            self.lost.clone()
+        }
+        async fn resign(self) {
+            self.log.lock().unwrap().push(format!("resign {}", self.n));
+        }
+    }
+
+    async fn until(log: &Mutex<Vec<String>>, entry: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !log.lock().unwrap().iter().any(|e| e == entry) {
+            assert!(tokio::time::Instant::now() < deadline, "no {entry:?} in {:?}", log.lock().unwrap());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_term_stops_its_work_before_it_resigns_and_a_lost_term_campaigns_again() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (lose1, lost1) = watch::channel(false);
+        let (_lose2, lost2) = watch::channel(false);
+        let mut results: VecDeque<anyhow::Result<FakeTerm>> = VecDeque::from([
+            Err(anyhow::anyhow!("store unreachable")),
+            Ok(FakeTerm { n: 1, lost: lost1, log: log.clone() }),
+            Ok(FakeTerm { n: 2, lost: lost2, log: log.clone() }),
+        ]);
+        let (quit_tx, quit_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut campaigns = 0;
+        let campaign = async || {
+            campaigns += 1;
+            match results.pop_front() {
+                Some(r) => r,
+                None => std::future::pending().await,
+            }
+        };
+        let start = |t: &FakeTerm, mut stop: watch::Receiver<bool>| {
+            log.lock().unwrap().push(format!("start {}", t.n));
+            let (log, n) = (log.clone(), t.n);
+            // Slow to stop: a resign that did not wait for it would be logged first.
+            vec![tokio::spawn(async move {
+                let _ = stop.wait_for(|s| *s).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                log.lock().unwrap().push(format!("stopped {n}"));
+            })]
+        };
+        let drive = async {
+            until(&log, "start 1").await;
+            lose1.send(true).unwrap();
+            until(&log, "start 2").await;
+            quit_tx.send(()).unwrap();
+        };
+        let (result, ()) = tokio::join!(lead_terms("op-1", async { let _ = quit_rx.await; }, campaign, start), drive);
+        result.unwrap();
+        assert_eq!(campaigns, 3, "the failed campaign was retried");
+        assert_eq!(*log.lock().unwrap(), ["start 1", "stopped 1", "resign 1", "start 2", "stopped 2", "resign 2"]);
     }
 }

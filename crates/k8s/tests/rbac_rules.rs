@@ -102,40 +102,37 @@ fn grants_are_exactly_the_documented_table() {
             .map(|(g, r, v, ns)| format!("{g}/{r} {v}{}", ns.as_deref().map(|n| format!(" in {n}")).unwrap_or_default()))
             .collect()
     };
-    let agent = fmt("allot-agent");
-    let operator = fmt("allot-operator");
-    let verbs = |g: &str, r: &str, vs: &str, ns: &str| -> Vec<String> { vs.split(' ').map(|v| format!("{g}/{r} {v}{ns}")).collect() };
-    let mut want_agent: Vec<String> = [
-        verbs("", "namespaces", "list watch", ""),
-        verbs("", "pods", "get list watch", ""),
-        verbs("allot.dev", "allotnodes", "create get list patch watch", ""),
-        verbs("allot.dev", "ipblocks", "delete get list watch", ""),
-        verbs("allot.dev", "ippools", "get list watch", ""),
-        verbs("coordination.k8s.io", "leases", "create delete get list update watch", " in allot-system"),
-    ]
-    .concat();
-    want_agent.sort();
-    let mut want_operator: Vec<String> = [
-        verbs("", "namespaces", "list watch", ""),
-        verbs("", "nodes", "get list watch", ""),
-        verbs("allot.dev", "allotnodes", "delete get list watch", ""),
-        verbs("allot.dev", "allotnodes/status", "patch", ""),
-        verbs("allot.dev", "ipblocks", "create delete get list update watch", ""),
-        verbs("allot.dev", "ippools", "get list watch", ""),
-        verbs("coordination.k8s.io", "leases", "create delete get list update watch", " in allot-system"),
-    ]
-    .concat();
-    want_operator.sort();
-    let mut want_webhook: Vec<String> = [
-        verbs("", "namespaces", "list watch", ""),
-        verbs("allot.dev", "allotnodes", "list watch", ""),
-        verbs("allot.dev", "ipblocks", "list watch", ""),
-        verbs("allot.dev", "ippools", "list watch", ""),
-        verbs("coordination.k8s.io", "leases", "list watch", " in allot-system"),
-    ]
-    .concat();
-    want_webhook.sort();
-    assert_eq!(agent, want_agent);
-    assert_eq!(operator, want_operator);
-    assert_eq!(fmt("allot-ippool-webhook"), want_webhook);
+    // Rows of (group, resource, verbs, scope): one grant per verb, sorted.
+    let table = |rows: &[(&str, &str, &str, &str)]| -> Vec<String> {
+        let mut v: Vec<String> = rows.iter().flat_map(|(g, r, vs, ns)| vs.split(' ').map(move |v| format!("{g}/{r} {v}{ns}"))).collect();
+        v.sort();
+        v
+    };
+    let agent = table(&[
+        ("", "namespaces", "list watch", ""),
+        ("", "pods", "get list watch", ""),
+        ("allot.dev", "allotnodes", "create get list patch watch", ""),
+        ("allot.dev", "ipblocks", "delete get list watch", ""),
+        ("allot.dev", "ippools", "get list watch", ""),
+        ("coordination.k8s.io", "leases", "create delete get list update watch", " in allot-system"),
+    ]);
+    let operator = table(&[
+        ("", "namespaces", "list watch", ""),
+        ("", "nodes", "get list watch", ""),
+        ("allot.dev", "allotnodes", "delete get list watch", ""),
+        ("allot.dev", "allotnodes/status", "patch", ""),
+        ("allot.dev", "ipblocks", "create delete get list update watch", ""),
+        ("allot.dev", "ippools", "get list watch", ""),
+        ("coordination.k8s.io", "leases", "create delete get list update watch", " in allot-system"),
+    ]);
+    let webhook = table(&[
+        ("", "namespaces", "list watch", ""),
+        ("allot.dev", "allotnodes", "list watch", ""),
+        ("allot.dev", "ipblocks", "list watch", ""),
+        ("allot.dev", "ippools", "list watch", ""),
+        ("coordination.k8s.io", "leases", "list watch", " in allot-system"),
+    ]);
+    assert_eq!(fmt("allot-agent"), agent);
+    assert_eq!(fmt("allot-operator"), operator);
+    assert_eq!(fmt("allot-ippool-webhook"), webhook);
 }

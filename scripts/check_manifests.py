@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Offline checks of deploy/ (issue 10): no API server needed.
 
-- `kubectl kustomize` renders deploy/ and deploy/overlays/chained/; every rendered object
-  validates with kubernetes-validate --strict against Kubernetes 1.32 and the newest schemas
-  it has.
+- `kubectl kustomize` renders deploy/, deploy/overlays/chained/ and the webhooks; every
+  rendered object validates with kubernetes-validate --strict against Kubernetes 1.32 and the
+  newest schemas it has.
 - CRDs are structural (a `type` on every schema node), have exactly one storage version, integer
   bounds and only formats Kubernetes knows.
 - deploy/examples/ objects of allot's kinds validate against the CRDs' openAPIV3Schema (Python
@@ -11,6 +11,8 @@
   rejected; built-in kinds validate with kubernetes-validate.
 - RBAC: no "*", no secrets, no escalation verbs, no nonResourceURLs.
 - Images: a tag or digest on every one, never `latest`.
+- Webhooks: each ValidatingWebhookConfiguration calls a rendered Service port that leads to a
+  container port of the pods it selects; failurePolicy and sideEffects are set.
 
 Usage: check_manifests.py DEPLOY_DIR RENDERED.yaml [RENDERED.yaml ...]
 Prints one line per check and `N passed, N failed`; exits 1 on any failure.
@@ -190,6 +192,36 @@ def main():
         if obj.get("kind") in ("Deployment", "DaemonSet"):
             want = obj["spec"]["template"]["spec"].get("serviceAccountName")
             check(f"{ident(obj)} runs as its own ServiceAccount", want in sa, f"{want!r} not among {sorted(sa)}")
+
+    # Webhooks: each configuration calls a rendered Service on one of its ports, and that port
+    # leads to a container port of the pods the Service selects.
+    services = {(o["metadata"].get("namespace"), o["metadata"]["name"]): o for o in all_objs if o.get("kind") == "Service"}
+    workloads = [o for o in all_objs if o.get("kind") in ("Deployment", "DaemonSet")]
+    for obj in all_objs:
+        if obj.get("kind") != "ValidatingWebhookConfiguration":
+            continue
+        for hook in obj.get("webhooks", []):
+            ref = hook["clientConfig"].get("service")
+            name = f"{ident(obj)} webhook {hook['name']}"
+            if ref is None:
+                check(f"{name}: calls a Service", False, "clientConfig has no service")
+                continue
+            svc = services.get((ref["namespace"], ref["name"]))
+            check(f"{name}: Service {ref['namespace']}/{ref['name']} rendered beside it", svc is not None, sorted(services))
+            if svc is None:
+                continue
+            port = next((p for p in svc["spec"]["ports"] if p["port"] == ref.get("port", 443)), None)
+            check(f"{name}: Service port {ref.get('port', 443)}", port is not None, svc["spec"]["ports"])
+            if port is None:
+                continue
+            target = port.get("targetPort", port["port"])
+            selector = svc["spec"]["selector"].items()
+            pods = [w for w in workloads if w["metadata"].get("namespace") == svc["metadata"].get("namespace")
+                    and selector <= w["spec"]["template"]["metadata"].get("labels", {}).items()]
+            served = [c for w in pods for c in containers(w)
+                      if any(target in (cp.get("name"), cp["containerPort"]) for cp in c.get("ports", []))]
+            check(f"{name}: targetPort {target} is a container port of the selected pods", bool(served), [ident(w) for w in pods])
+            check(f"{name}: failurePolicy and sideEffects set", "failurePolicy" in hook and "sideEffects" in hook, hook)
 
     # Images.
     for obj in all_objs + load_examples(deploy):

@@ -47,43 +47,8 @@ impl Connector for KubeConnector {
         Ok((store, lease))
     }
 
-    async fn keep_alive(self, store: Arc<KubeStore>, node: String, lease: AliveLease, mut stop: watch::Receiver<bool>) {
-        let mut lease = Some(lease);
-        while !*stop.borrow() {
-            let wait = match &lease {
-                None => match store.announce_alive(&node, TTL).await {
-                    Ok(l) => {
-                        lease = Some(l);
-                        TTL / 3
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "marking the node live failed; retrying");
-                        Duration::from_secs(1)
-                    }
-                },
-                Some(l) => match store.renew_alive(l).await {
-                    Ok(true) => TTL / 3,
-                    Ok(false) => {
-                        tracing::warn!(%node, "liveness Lease ran out or was taken; taking a new one");
-                        lease = None;
-                        Duration::ZERO
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "renewing the liveness Lease failed; retrying");
-                        Duration::from_millis(500)
-                    }
-                },
-            };
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = stop.changed() => {}
-            }
-        }
-        if let Some(l) = lease
-            && let Err(e) = store.revoke_alive(l).await
-        {
-            tracing::warn!(error = %e, "ending the liveness Lease failed; it runs out by itself");
-        }
+    async fn keep_alive(self, store: Arc<KubeStore>, node: String, lease: AliveLease, stop: watch::Receiver<bool>) {
+        store.keep_alive(&node, TTL, Some(lease), stop).await;
     }
 }
 

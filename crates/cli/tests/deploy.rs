@@ -66,11 +66,15 @@ fn manifest_commands_parse_with_this_allot() {
     let dep = yaml("deploy/base/operator/deployment.yaml");
     let comp = yaml("deploy/components/conflist/kustomization.yaml");
     let comp_patch: Value = serde_saphyr::from_str(comp["patches"][0]["patch"].as_str().unwrap()).unwrap();
+    let kkp_webhook = yaml("deploy/webhook/deployment.yaml");
+    let ippool_webhook = yaml("deploy/ippool-webhook/deployment.yaml");
     for (what, obj, list, name) in [
         ("agent", &ds, "containers", "agent"),
         ("install-cni (chained)", &ds, "initContainers", "install-cni"),
         ("install-cni (conflist)", &comp_patch, "initContainers", "install-cni"),
         ("operator", &dep, "containers", "operator"),
+        ("webhook (KKP)", &kkp_webhook, "containers", "webhook"),
+        ("webhook (IPPool)", &ippool_webhook, "containers", "webhook"),
     ] {
         let c = container(obj, list, name);
         if c.get("command").is_some() {
@@ -108,5 +112,36 @@ fn probes_hit_the_metrics_addr_and_mounts_are_the_agents_paths() {
         let vol = c["volumeMounts"].as_array().unwrap().iter().find(|m| m["mountPath"] == want).unwrap()["name"].clone();
         let host = ds["spec"]["template"]["spec"]["volumes"].as_array().unwrap().iter().find(|v| v["name"] == vol).unwrap();
         assert_eq!(host["hostPath"]["path"], want, "{want} is the same path on the host");
+    }
+}
+
+/// Each webhook configuration calls a route its Deployment's `allot webhook` serves (the IPPool
+/// route only with --ippools), on the port it listens on, and the probes ask it over HTTPS.
+#[cfg(feature = "webhook")]
+#[test]
+fn webhook_configurations_call_routes_their_deployment_serves() {
+    for dir in ["deploy/webhook", "deploy/ippool-webhook"] {
+        let vwc = yaml(&format!("{dir}/validatingwebhookconfiguration.yaml"));
+        let dep = yaml(&format!("{dir}/deployment.yaml"));
+        let c = container(&dep, "containers", "webhook");
+        let args = strings(&c["args"]);
+        let listen: std::net::SocketAddr = args.iter().find_map(|a| a.strip_prefix("--listen=")).expect("--listen").parse().unwrap();
+        let port = c["ports"].as_array().unwrap().iter().find(|p| p["name"] == "https").expect("a port named https");
+        assert_eq!(port["containerPort"].as_u64(), Some(listen.port() as u64), "{dir}: containerPort https is --listen's");
+        for probe in ["readinessProbe", "livenessProbe"] {
+            let get = &c[probe]["httpGet"];
+            assert!(get["port"] == "https" && get["scheme"] == "HTTPS", "{dir} {probe}: {get}");
+            assert!(["/readyz", "/healthz"].contains(&get["path"].as_str().unwrap()), "{dir} {probe}: a path the server answers");
+        }
+        let hooks = vwc["webhooks"].as_array().unwrap();
+        assert!(!hooks.is_empty(), "{dir}: no webhooks");
+        for hook in hooks {
+            let path = hook["clientConfig"]["service"]["path"].as_str().unwrap();
+            match path {
+                allot_webhook::kkp::PATH => {}
+                allot_webhook::ippool::PATH => assert!(args.iter().any(|a| a == "--ippools"), "{dir}: {path} is served only with --ippools"),
+                other => panic!("{dir}: allot webhook serves no {other}"),
+            }
+        }
     }
 }

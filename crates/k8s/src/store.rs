@@ -622,9 +622,9 @@ impl KubeStore {
     }
 
     /// Keeps `node` live until `stop` turns true, then ends its Lease at once. With the API
-    /// unreachable it keeps trying; a Lease that ran out is replaced.
-    pub async fn keep_alive(&self, node: &str, ttl: Duration, mut stop: watch::Receiver<bool>) {
-        let mut lease: Option<AliveLease> = None;
+    /// unreachable it keeps trying; a Lease that ran out is replaced. `lease` is one already
+    /// announced (the agent goes live before it serves), else the first is taken here.
+    pub async fn keep_alive(&self, node: &str, ttl: Duration, mut lease: Option<AliveLease>, mut stop: watch::Receiver<bool>) {
         while !*stop.borrow() {
             let wait = match &lease {
                 None => match self.announce_alive(node, ttl).await {

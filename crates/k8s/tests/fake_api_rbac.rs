@@ -1,6 +1,7 @@
-//! The requests `KubeStore` makes in an agent's role and in an operator's role, recorded by the
-//! fake API server (no Kubernetes API server runs here; the fake has no RBAC of its own), are
-//! each allowed by that component's roles in deploy/rbac/ (evaluated by tests/support/rbac.rs).
+//! The requests `KubeStore` makes in an agent's role, an operator's role and the IPPool
+//! webhook's, recorded by the fake API server (no Kubernetes API server runs here; the fake has
+//! no RBAC of its own), are each allowed by that component's roles in deploy/rbac/ and
+//! deploy/ippool-webhook/rbac.yaml (evaluated by tests/support/rbac.rs).
 //! The operator's Lease election and its watch of core Nodes (node_gc) run here too; the
 //! agent's pod watch is not exercised here.
 
@@ -162,8 +163,28 @@ async fn fake_api_kubestore_requests_are_allowed_by_deploy_rbac() {
     }
     phases += 1;
 
-    assert_eq!(phases, 5);
+    // The IPPool webhook (`allot webhook --ippools`): a store with the CLI's options and its
+    // probe, followed as `PoolView::follow` does (events, then a snapshot).
+    let from = api.requests().len();
+    let mut webhook_used = BTreeSet::new();
+    {
+        let opts = KubeStoreOptions { namespace: NAMESPACE.into(), probe_every: Duration::from_millis(200), ..Default::default() };
+        let store = KubeStore::connect(api.client(), opts).await.unwrap();
+        let _events = store.events();
+        assert_eq!(store.snapshot().await.unwrap().pools.len(), 1);
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    }
+    let reqs = settled(&api, from).await;
+    let pool_lists = reqs.iter().filter(|r| r.verb == "list" && r.resource == "ippools").count();
+    assert!(pool_lists >= 2, "the watch's list and at least one probe: {reqs:?}");
+    denied.extend(check("allot-ippool-webhook", &reqs, &mut webhook_used));
+    phases += 1;
+
+    assert_eq!(phases, 6);
     assert!(denied.is_empty(), "requests deploy/rbac does not allow:\n{}", denied.join("\n"));
+    // The webhook's roles are exactly what it uses: nothing to spare.
+    let unused: Vec<_> = Rbac::for_service_account("allot-ippool-webhook").grants().difference(&webhook_used).cloned().collect();
+    assert!(unused.is_empty(), "allot-ippool-webhook grants no request used: {unused:?}");
     // Grants no request here used (other code's calls, or candidates for removal): printed.
     for (role, used) in [("allot-agent", &agent_used), ("allot-operator", &operator_used)] {
         let unused: Vec<_> = Rbac::for_service_account(role).grants().difference(used).cloned().collect();

@@ -388,7 +388,7 @@ async fn fake_api_liveness_lease_expires_and_then_the_node_may_be_deleted() {
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let keeper = {
         let s = s.clone();
-        tokio::spawn(async move { s.keep_alive("n2", Duration::from_secs(2), stop).await })
+        tokio::spawn(async move { s.keep_alive("n2", Duration::from_secs(2), None, stop).await })
     };
     eventually(5, "n2 live", async || s.live_nodes().await.unwrap().unwrap().contains("n2")).await;
     tokio::time::sleep(Duration::from_secs(3)).await;

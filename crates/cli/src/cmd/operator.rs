@@ -1,4 +1,7 @@
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::watch;
 
 use crate::backend::{ClusterFlags, StoreKind};
 use crate::cmd::agent::{init_logging, parse_duration, shutdown_signal};
@@ -59,52 +62,19 @@ fn run_etcd(
     cfg.release_grace = release_grace;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
-        let store = std::sync::Arc::new(EtcdStore::connect(&cfg).await?);
-        let (_web_stop, web_stop_rx) = tokio::sync::watch::channel(false);
-        if let Some(addr) = args.metrics_addr {
-            let listener = allot_agent::web::bind(addr).await?;
-            let site = std::sync::Arc::new(allot_agent::cluster_web::OperatorSite { store: store.clone() });
-            tracing::info!(%addr, "serving /metrics, /healthz, /readyz and the status page");
-            tokio::spawn(allot_agent::web::serve(listener, site, web_stop_rx));
-        }
-        let shutdown = shutdown_signal();
-        tokio::pin!(shutdown);
-        loop {
+        let store = Arc::new(EtcdStore::connect(&cfg).await?);
+        let _web_stop = serve_status(args.metrics_addr, &store).await?;
+        let campaign = async || {
             tracing::info!(%id, "campaigning for operator leadership");
-            let lead = tokio::select! {
-                l = store.lead("operator", &id, ttl) => l,
-                _ = &mut shutdown => return Ok(()),
-            };
-            let leadership = match lead {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(error = %e, "campaign failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            };
-            tracing::info!(%id, "leading");
-            allot_operator::metrics::set_leader(true);
+            Ok::<_, anyhow::Error>(store.lead("operator", &id, ttl).await?)
+        };
+        lead_terms(&id, shutdown_signal(), campaign, |leadership, stop| {
             // Every write of this term carries the leader compare: a term that ended unnoticed
             // (this process frozen or partitioned) cannot write.
-            let fenced = std::sync::Arc::new(store.fenced(&leadership));
-            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            let worker = tokio::spawn(allot_operator::run_with(fenced, opts, stop_rx));
-            let mut lost = leadership.lost.clone();
-            let quit = tokio::select! {
-                _ = lost.wait_for(|l| *l) => false,
-                _ = &mut shutdown => true,
-            };
-            let _ = stop_tx.send(true);
-            let _ = worker.await;
-            allot_operator::metrics::set_leader(false);
-            leadership.resign().await;
-            if quit {
-                tracing::info!("operator stopped");
-                return Ok::<(), anyhow::Error>(());
-            }
-            tracing::warn!("lost leadership");
-        }
+            let fenced = Arc::new(store.fenced(leadership));
+            vec![tokio::spawn(allot_operator::run_with(fenced, opts, stop))]
+        })
+        .await
     })
 }
 
@@ -126,44 +96,185 @@ fn run_kubernetes(
     rt.block_on(async move {
         let client = cluster.kube_client().await?;
         let store_opts = allot_k8s::KubeStoreOptions { release_grace, ..cluster.kube_store_options() };
-        let store = std::sync::Arc::new(allot_k8s::KubeStore::connect(client.clone(), store_opts).await?);
-        let (_web_stop, web_stop_rx) = tokio::sync::watch::channel(false);
-        if let Some(addr) = args.metrics_addr {
-            let listener = allot_agent::web::bind(addr).await?;
-            let site = std::sync::Arc::new(allot_agent::cluster_web::OperatorSite { store: store.clone() });
-            tracing::info!(%addr, "serving /metrics, /healthz, /readyz and the status page");
-            tokio::spawn(allot_agent::web::serve(listener, site, web_stop_rx));
-        }
+        let store = Arc::new(allot_k8s::KubeStore::connect(client.clone(), store_opts).await?);
+        let _web_stop = serve_status(args.metrics_addr, &store).await?;
         let elector = LeaderElector::new(client.clone(), store.namespace(), "allot-operator", &id, ttl);
-        let shutdown = shutdown_signal();
-        tokio::pin!(shutdown);
-        loop {
+        let campaign = async || {
             tracing::info!(%id, namespace = %store.namespace(), "campaigning for operator leadership (Lease allot-operator)");
-            let term = tokio::select! {
-                t = elector.campaign() => t,
-                _ = &mut shutdown => return Ok(()),
-            };
-            tracing::info!(%id, "leading");
-            allot_operator::metrics::set_leader(true);
-            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            let worker = tokio::spawn(allot_operator::run_with(store.clone(), opts, stop_rx.clone()));
-            let gc = tokio::spawn(release_deleted_nodes(client.clone(), store.clone(), NodeGcOptions::default(), stop_rx));
-            let mut lost = term.lost.clone();
-            let quit = tokio::select! {
-                _ = lost.wait_for(|l| *l) => false,
-                _ = &mut shutdown => true,
-            };
-            let _ = stop_tx.send(true);
-            let _ = worker.await;
-            let _ = gc.await;
-            allot_operator::metrics::set_leader(false);
-            // Released only after the work stopped: the next leader starts on a quiet store.
-            term.resign().await;
-            if quit {
-                tracing::info!("operator stopped");
-                return Ok::<(), anyhow::Error>(());
-            }
-            tracing::warn!("lost leadership");
-        }
+            Ok::<_, anyhow::Error>(elector.campaign().await)
+        };
+        lead_terms(&id, shutdown_signal(), campaign, |_, stop| {
+            vec![
+                tokio::spawn(allot_operator::run_with(store.clone(), opts, stop.clone())),
+                tokio::spawn(release_deleted_nodes(client.clone(), store.clone(), NodeGcOptions::default(), stop)),
+            ]
+        })
+        .await
     })
+}
+
+/// `--metrics-addr`: serves the operator's metrics and status page until the returned sender
+/// is dropped.
+#[cfg(any(feature = "etcd", feature = "kubernetes"))]
+async fn serve_status<S: allot_store::Store + Send + Sync + 'static>(
+    addr: Option<std::net::SocketAddr>,
+    store: &Arc<S>,
+) -> anyhow::Result<watch::Sender<bool>> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some(addr) = addr {
+        let listener = allot_agent::web::bind(addr).await?;
+        let site = Arc::new(allot_agent::cluster_web::OperatorSite { store: store.clone() });
+        tracing::info!(%addr, "serving /metrics, /healthz, /readyz and the status page");
+        tokio::spawn(allot_agent::web::serve(listener, site, stop_rx));
+    }
+    Ok(stop_tx)
+}
+
+/// A term of leadership: etcd's lease or the Kubernetes Lease.
+#[cfg(any(feature = "etcd", feature = "kubernetes"))]
+trait Term {
+    /// Turns true when the term is lost.
+    fn lost(&self) -> watch::Receiver<bool>;
+    /// Ends the term so another replica may lead at once.
+    async fn resign(self);
+}
+
+#[cfg(feature = "etcd")]
+impl Term for allot_store::etcd::Leadership {
+    fn lost(&self) -> watch::Receiver<bool> {
+        self.lost.clone()
+    }
+    async fn resign(self) {
+        allot_store::etcd::Leadership::resign(self).await
+    }
+}
+
+#[cfg(feature = "kubernetes")]
+impl Term for allot_k8s::lease::Leadership {
+    fn lost(&self) -> watch::Receiver<bool> {
+        self.lost.clone()
+    }
+    async fn resign(self) {
+        allot_k8s::lease::Leadership::resign(self).await
+    }
+}
+
+/// Campaigns until `shutdown`; a failed campaign is retried after a second. While a term holds,
+/// the tasks `start` spawns do the work (told to stop through the receiver it is given); when
+/// the term is lost or the process stops, they are stopped and awaited, then the term resigned.
+#[cfg(any(feature = "etcd", feature = "kubernetes"))]
+async fn lead_terms<T: Term>(
+    id: &str,
+    shutdown: impl Future<Output = ()>,
+    mut campaign: impl AsyncFnMut() -> anyhow::Result<T>,
+    mut start: impl FnMut(&T, watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<()> {
+    tokio::pin!(shutdown);
+    loop {
+        let campaigned = tokio::select! {
+            t = campaign() => t,
+            _ = &mut shutdown => return Ok(()),
+        };
+        let term = match campaigned {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "campaign failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        tracing::info!(%id, "leading");
+        allot_operator::metrics::set_leader(true);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let workers = start(&term, stop_rx);
+        let mut lost = term.lost();
+        let quit = tokio::select! {
+            _ = lost.wait_for(|l| *l) => false,
+            _ = &mut shutdown => true,
+        };
+        let _ = stop_tx.send(true);
+        for w in workers {
+            let _ = w.await;
+        }
+        allot_operator::metrics::set_leader(false);
+        // Released only after the work stopped: the next leader starts on a quiet store.
+        term.resign().await;
+        if quit {
+            tracing::info!("operator stopped");
+            return Ok(());
+        }
+        tracing::warn!("lost leadership");
+    }
+}
+
+#[cfg(all(test, any(feature = "etcd", feature = "kubernetes")))]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    /// A term the test ends by sending on its `lost`; resigning is logged.
+    struct FakeTerm {
+        n: usize,
+        lost: watch::Receiver<bool>,
+        log: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Term for FakeTerm {
+        fn lost(&self) -> watch::Receiver<bool> {
+            self.lost.clone()
+        }
+        async fn resign(self) {
+            self.log.lock().unwrap().push(format!("resign {}", self.n));
+        }
+    }
+
+    async fn until(log: &Mutex<Vec<String>>, entry: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !log.lock().unwrap().iter().any(|e| e == entry) {
+            assert!(tokio::time::Instant::now() < deadline, "no {entry:?} in {:?}", log.lock().unwrap());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_term_stops_its_work_before_it_resigns_and_a_lost_term_campaigns_again() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (lose1, lost1) = watch::channel(false);
+        let (_lose2, lost2) = watch::channel(false);
+        let mut results: VecDeque<anyhow::Result<FakeTerm>> = VecDeque::from([
+            Err(anyhow::anyhow!("store unreachable")),
+            Ok(FakeTerm { n: 1, lost: lost1, log: log.clone() }),
+            Ok(FakeTerm { n: 2, lost: lost2, log: log.clone() }),
+        ]);
+        let (quit_tx, quit_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut campaigns = 0;
+        let campaign = async || {
+            campaigns += 1;
+            match results.pop_front() {
+                Some(r) => r,
+                None => std::future::pending().await,
+            }
+        };
+        let start = |t: &FakeTerm, mut stop: watch::Receiver<bool>| {
+            log.lock().unwrap().push(format!("start {}", t.n));
+            let (log, n) = (log.clone(), t.n);
+            // Slow to stop: a resign that did not wait for it would be logged first.
+            vec![tokio::spawn(async move {
+                let _ = stop.wait_for(|s| *s).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                log.lock().unwrap().push(format!("stopped {n}"));
+            })]
+        };
+        let drive = async {
+            until(&log, "start 1").await;
+            lose1.send(true).unwrap();
+            until(&log, "start 2").await;
+            quit_tx.send(()).unwrap();
+        };
+        let (result, ()) = tokio::join!(lead_terms("op-1", async { let _ = quit_rx.await; }, campaign, start), drive);
+        result.unwrap();
+        assert_eq!(campaigns, 3, "the failed campaign was retried");
+        assert_eq!(*log.lock().unwrap(), ["start 1", "stopped 1", "resign 1", "start 2", "stopped 2", "resign 2"]);
+    }
 }

@@ -1,5 +1,5 @@
-//! What deploy/rbac/ grants a ServiceAccount, evaluated as the apiserver's RBAC authorizer
-//! would: for comparing the requests the code makes (e.g. `allot_kube_fake` `Request`s) with
+//! What deploy/rbac/ (and the IPPool webhook's deploy/ippool-webhook/rbac.yaml) grants a
+//! ServiceAccount, evaluated as the apiserver's RBAC authorizer would: for comparing the requests the code makes (e.g. `allot_kube_fake` `Request`s) with
 //! the roles. Include with `#[path = "support/rbac.rs"] mod rbac;`.
 #![allow(dead_code)]
 
@@ -19,15 +19,18 @@ pub struct Rbac {
     grants: BTreeSet<Grant>,
 }
 
-fn deploy_rbac() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/rbac")
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy")
 }
 
 fn docs() -> Vec<Value> {
     let mut out = Vec::new();
-    let mut paths: Vec<_> = std::fs::read_dir(deploy_rbac()).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut paths: Vec<_> = std::fs::read_dir(deploy().join("rbac")).unwrap().map(|e| e.unwrap().path()).collect();
+    paths.retain(|p| p.extension().is_some_and(|e| e == "yaml") && !p.ends_with("kustomization.yaml"));
     paths.sort();
-    for path in paths.into_iter().filter(|p| p.extension().is_some_and(|e| e == "yaml") && !p.ends_with("kustomization.yaml")) {
+    // The IPPool webhook's roles ship with it (a kustomization of its own), not in the base.
+    paths.push(deploy().join("ippool-webhook/rbac.yaml"));
+    for path in paths {
         let text = std::fs::read_to_string(&path).unwrap();
         for doc in text.split("\n---\n") {
             let v: Value = serde_saphyr::from_str(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -45,7 +48,7 @@ fn strs(v: &Value) -> Vec<String> {
 
 impl Rbac {
     /// What the ServiceAccount `allot-system/<sa>` may do, through every (Cluster)RoleBinding in
-    /// deploy/rbac/.
+    /// those files.
     pub fn for_service_account(sa: &str) -> Rbac {
         let docs = docs();
         let role = |kind: &str, name: &str, ns: Option<&str>| {

@@ -301,28 +301,35 @@ fn measure_point(live: usize, ops: usize, agent: &AgentProc, hl_dir: &Path, roun
     .to_string();
     // Wrapped the way a main plugin hands its config to the ipam plugin: the ipam plugin reads it whole.
     let ipam = bin_dir().join("allot-ipam");
-    let run = |plugin: &Path, conf: &str, cmd: &str| -> Vec<Duration> {
-        (0..ops)
-            .map(|i| {
-                let id = format!("m{round}x{i}");
-                let (d, ok, out) = exec(plugin, cmd, &id, conf.as_bytes());
-                assert!(ok, "{} {cmd} failed: {}", plugin.display(), String::from_utf8_lossy(&out));
-                d
-            })
-            .collect()
+    let once = |plugin: &Path, conf: &str, cmd: &str, id: &str| -> Duration {
+        let (d, ok, out) = exec(plugin, cmd, id, conf.as_bytes());
+        assert!(ok, "{} {cmd} failed: {}", plugin.display(), String::from_utf8_lossy(&out));
+        d
     };
-    let allot_add = run(&ipam, &allot_conf, "ADD");
-    let allot_del = run(&ipam, &allot_conf, "DEL");
-    let hl_add = run(Path::new(HOST_LOCAL), &hl_conf, "ADD");
-    let hl_del = run(Path::new(HOST_LOCAL), &hl_conf, "DEL");
-    let floor = run(Path::new(TRUE), &allot_conf, "ADD");
     let trivial = TrivialServer::start();
     let trivial_conf = json!({"cniVersion": "1.0.0", "name": "bench", "type": "bridge",
         "ipam": {"type": "allot-ipam", "socket": trivial.socket}})
     .to_string();
-    let round_trip: Vec<Duration> = (0..ops)
-        .map(|i| exec(&ipam, "CHECK", &format!("t{round}x{i}"), trivial_conf.as_bytes()).0)
-        .collect();
+    // Interleaved, one call of each kind in turn: a slow moment of a shared machine (another
+    // VM's disk flush) lands on every column alike, so the ratios between them hold.
+    let mut allot_add = Vec::with_capacity(ops);
+    let mut hl_add = Vec::with_capacity(ops);
+    let mut floor = Vec::with_capacity(ops);
+    let mut round_trip = Vec::with_capacity(ops);
+    for i in 0..ops {
+        let id = format!("m{round}x{i}");
+        allot_add.push(once(&ipam, &allot_conf, "ADD", &id));
+        hl_add.push(once(Path::new(HOST_LOCAL), &hl_conf, "ADD", &id));
+        floor.push(once(Path::new(TRUE), &allot_conf, "ADD", &id));
+        round_trip.push(exec(&ipam, "CHECK", &format!("t{round}x{i}"), trivial_conf.as_bytes()).0);
+    }
+    let mut allot_del = Vec::with_capacity(ops);
+    let mut hl_del = Vec::with_capacity(ops);
+    for i in 0..ops {
+        let id = format!("m{round}x{i}");
+        allot_del.push(once(&ipam, &allot_conf, "DEL", &id));
+        hl_del.push(once(Path::new(HOST_LOCAL), &hl_conf, "DEL", &id));
+    }
     ExecPoint {
         live,
         allot_add: latency(allot_add),

@@ -58,6 +58,15 @@ impl PoolView {
         }
     }
 
+    /// For `Routes::ready_when`: not ready until the pools and blocks were read once.
+    pub fn ready(&self) -> impl Fn() -> Result<(), String> + Send + Sync + 'static {
+        let view = self.clone();
+        move || match view.0.lock().unwrap().is_some() {
+            true => Ok(()),
+            false => Err("not ready: the cluster's pools and blocks have not been read yet".into()),
+        }
+    }
+
     /// The validator for `Routes::validate(PATH, ...)`.
     pub fn validator(&self) -> impl Fn(&AdmissionRequest<DynamicObject>) -> AdmissionResponse + Send + Sync + 'static {
         let view = self.clone();

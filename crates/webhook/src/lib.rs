@@ -42,10 +42,14 @@ pub enum Error {
 /// A validator: one admission request in, its answer out. Pure and quick: the apiserver waits.
 pub type Validator = Arc<dyn Fn(&AdmissionRequest<DynamicObject>) -> AdmissionResponse + Send + Sync>;
 
+/// What `/readyz` asks: `Err(reason)` while a validator cannot answer yet.
+pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
 /// Paths to validators. Unknown paths answer 404.
 #[derive(Clone, Default)]
 pub struct Routes {
     routes: Vec<(String, Validator)>,
+    ready: Vec<ReadyCheck>,
 }
 
 impl Routes {
@@ -63,6 +67,18 @@ impl Routes {
         self.routes.retain(|(p, _)| p != path);
         self.routes.push((path.to_string(), Arc::new(f)));
         self
+    }
+
+    /// `/readyz` answers 503 with the reason while `check` fails (e.g. before the cluster was
+    /// read), so a Service sends reviews only to replicas that can answer them.
+    pub fn ready_when(mut self, check: impl Fn() -> Result<(), String> + Send + Sync + 'static) -> Routes {
+        self.ready.push(Arc::new(check));
+        self
+    }
+
+    /// Why `/readyz` answers 503 now, if it does.
+    pub fn not_ready(&self) -> Option<String> {
+        self.ready.iter().find_map(|c| c().err())
     }
 
     pub fn paths(&self) -> impl Iterator<Item = &str> {
@@ -132,7 +148,10 @@ async fn handle(req: Request<Incoming>, routes: Arc<Routes>, limits: Limits) -> 
     let path = req.uri().path().to_string();
     if path == "/healthz" || path == "/readyz" {
         return Ok(match *req.method() {
-            Method::GET | Method::HEAD => text(StatusCode::OK, "ok"),
+            Method::GET | Method::HEAD => match routes.not_ready().filter(|_| path == "/readyz") {
+                Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, why),
+                None => text(StatusCode::OK, "ok"),
+            },
             _ => with_allow(text(StatusCode::METHOD_NOT_ALLOWED, format!("{path} answers GET only")), "GET, HEAD"),
         });
     }

@@ -50,9 +50,12 @@ async fn fake_api_ippool_reviews_follow_the_pools_and_blocks_nodes_hold() {
     let view = PoolView::default();
     let v: Validator = Arc::new(view.validator());
 
-    // Before the first read every review is refused: failurePolicy Fail, never a blind allow.
+    // Before the first read every review is refused: failurePolicy Fail, never a blind allow;
+    // and /readyz says not ready, so the Service sends reviews to a replica that has read.
     let (allowed, code, msg) = answer(&v, body("CREATE", "a", Some(ippool("a", &["10.0.0.0/24"], 28)), None));
     assert!(!allowed && code == 503 && msg.contains("retry"), "{code} {msg}");
+    let ready = view.ready();
+    assert!(ready().is_err_and(|e| e.contains("not been read")));
 
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
     tokio::spawn({
@@ -62,6 +65,11 @@ async fn fake_api_ippool_reviews_follow_the_pools_and_blocks_nodes_hold() {
     });
     let a = Pool { name: "a".into(), spec: serde_json::from_value(json!({"ipv4": {"cidrs": ["10.0.0.0/24", "10.1.0.0/24"], "maskSize": 28}})).unwrap() };
     store.apply_pools(vec![a]).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while ready().is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "ready once the store was read");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     store.register_node("n1", None).await.unwrap();
     assert!(store.grant_block(&BlockGrant { pool: "a".into(), cidr: "10.0.0.16/28".parse().unwrap(), node: "n1".into() }).await.unwrap());
 

@@ -90,3 +90,16 @@ fn the_kkp_validator_on_a_typed_request() {
     let msg = r["status"]["message"].as_str().unwrap();
     assert!(msg.contains("[cni-type-change]") && msg.contains("unsafe-cni-migration"), "{msg}");
 }
+
+#[test]
+fn readiness_is_the_first_failing_check() {
+    assert_eq!(Routes::standard().not_ready(), None, "no checks: ready");
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let f = flag.clone();
+    let routes = Routes::standard().ready_when(|| Ok(())).ready_when(move || {
+        if f.load(std::sync::atomic::Ordering::SeqCst) { Ok(()) } else { Err("not read yet".into()) }
+    });
+    assert_eq!(routes.not_ready().as_deref(), Some("not read yet"));
+    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(routes.not_ready(), None);
+}

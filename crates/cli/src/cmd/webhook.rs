@@ -46,7 +46,7 @@ pub fn exec(args: Args, cluster: &crate::backend::ClusterFlags) -> anyhow::Resul
                 allot_k8s::KubeStore::connect(client, cluster.kube_store_options()).await.context("following IPPools and IPBlocks")?,
             );
             let view = allot_webhook::ippool::PoolView::default();
-            routes = routes.validate(allot_webhook::ippool::PATH, view.validator());
+            routes = routes.validate(allot_webhook::ippool::PATH, view.validator()).ready_when(view.ready());
             tokio::spawn(async move { view.follow(store, stop).await });
         }
         let listener = allot_webhook::bind(args.listen).await?;

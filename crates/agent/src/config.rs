@@ -41,6 +41,9 @@ pub struct AgentConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// host-local network directories to adopt at start (`--adopt-host-local`).
     pub adopt_host_local: Vec<PathBuf>,
+    /// A missing `adopt_host_local` directory holds nothing yet (`--adopt-host-local-missing-ok`);
+    /// otherwise it stops ADDs like any other adoption failure.
+    pub adopt_missing_ok: bool,
     /// On Kubernetes, how long an ADD without pod annotations waits for the pod watch to see
     /// the pod before choosing by namespace annotation or the default pool.
     pub pod_wait: Duration,
@@ -63,6 +66,7 @@ impl AgentConfig {
             reserve_gateway: true,
             metrics_addr: None,
             adopt_host_local: Vec::new(),
+            adopt_missing_ok: false,
             pod_wait: Duration::from_secs(5),
         }
     }

@@ -29,7 +29,7 @@ fn apply_refuses_bad_input_before_touching_the_cluster() {
         (&["--install", not_k8s, "--pod-timeout", "5x"], "duration \"5x\": unit must be ms, s or m"),
         (&["--install", not_k8s, "--kkp-cluster", "c", "--seed-kubeconfig", "s"], "--install and --kkp-cluster both switch the CNI"),
         (&["--install", not_k8s, "--snapshot", "dump.yaml"], "apply works on the live cluster: drop --snapshot"),
-        (&["--install", not_k8s, "--kube-proxy-mode", "userspace"], "possible values: ipvs, iptables, ebpf"),
+        (&["--install", not_k8s, "--kube-proxy-mode", "userspace"], "possible values: ipvs, iptables, nftables, ebpf"),
     ];
     for (extra, want) in cases {
         let args: Vec<&str> = base.iter().chain(extra.iter()).copied().collect();

@@ -434,40 +434,51 @@ fn adopt_host_local_flag_adopts_at_start_before_any_add_and_restarts_cleanly() {
     assert!(code != 0 && r["code"] == 11, "{r}");
 }
 
-/// `--adopt-host-local` naming a missing directory: the agent serves, warns once, and adopts
-/// the directory when host-local creates it. One with a lease in no pool: the agent runs
-/// (status, DEL) but serves no ADD (code 11) and is not ready, with the reason; it retries
-/// every 2 s and serves once the cause is gone, with the leases adopted first.
+/// `--adopt-host-local` naming a missing directory: no ADD (code 11, not ready, the reason)
+/// until host-local creates it, then adopted first; with `--adopt-host-local-missing-ok` the
+/// agent serves at once, warns once, and adopts the directory when it appears. One with a lease
+/// in no pool: the agent runs (status, DEL) but serves no ADD until a pool covers it.
 #[test]
-fn adopt_host_local_flag_with_a_missing_dir_serves_and_adopts_it_later_and_a_stray_address_blocks_adds_until_fixed() {
+fn adopt_host_local_flag_missing_dir_and_stray_address_block_adds_until_fixed_unless_missing_is_ok() {
     require_root();
     let old = tempfile::tempdir().unwrap();
     let dir = old.path().join("oldnet");
     let dir_s = dir.to_str().unwrap();
-    // No directory: the old CNI made no pod on this node (a node that joined mid-migration).
-    // ADDs are served; the directory is watched and adopted when it appears.
-    let agent = Agent::start(
-        "n1",
-        &["--pool", "mig=10.82.0.0/28@28", "--default-pool", "mig", "--pre-allocation", "mig=0", "--add-wait", "500ms", "--adopt-host-local", dir_s],
-    );
+    let base = ["--pool", "mig=10.82.0.0/28@28", "--default-pool", "mig", "--pre-allocation", "mig=0", "--add-wait", "500ms"];
+    let agent = Agent::start("n1", &[&base[..], &["--adopt-host-local", dir_s]].concat());
+    let reason = poll("the missing directory in the readiness", Duration::from_secs(10), || {
+        cni_readiness(&agent).reason.filter(|r| r.contains("does not exist"))
+    });
+    assert!(reason.contains(dir_s) && reason.contains("--adopt-host-local"), "{reason}");
+    let (code, r) = allot_ipam(&agent, "ADD", "newnet", "new0");
+    assert!(code != 0 && r["code"] == 11 && r.to_string().contains("does not exist"), "no ADD while the directory is missing: {r}");
+    std::thread::sleep(allot_agent::RESCAN_EVERY * 2);
+    assert!(!cni_readiness(&agent).ready, "still waiting");
+    let (code, r) = host_local("ADD", old.path(), "oldnet", "10.82.0.0/28", "old0");
+    assert_eq!(code, 0, "{r}");
+    poll("ready once the directory exists", Duration::from_secs(10), || cni_readiness(&agent).ready.then_some(()));
+    assert_eq!(listed(&agent)["10.82.0.2"], ("old0".to_string(), "adopted:host-local".to_string()));
+    let (code, r) = allot_ipam(&agent, "ADD", "newnet", "new0");
+    assert_eq!((code, ip_of(&r)), (0, "10.82.0.3".to_string()), "{r}");
+    assert_eq!(agent.log().matches("retrying every").count(), 1, "logged once, not at every retry: {}", agent.log());
+    drop(agent);
+
+    // Missing is fine when said so: a node that never ran the old CNI serves at once.
+    let old_ok = tempfile::tempdir().unwrap();
+    let dir_ok = old_ok.path().join("oldnet");
+    let agent = Agent::start("n1", &[&base[..], &["--adopt-host-local", dir_ok.to_str().unwrap(), "--adopt-host-local-missing-ok"]].concat());
     poll("ready without the directory", Duration::from_secs(10), || cni_readiness(&agent).ready.then_some(()));
     assert!(agent.log().contains("the directory does not exist"), "{}", agent.log());
-    assert!(listed(&agent).is_empty());
-    // host-local's first ADD creates the directory: the next rescan adopts it.
-    let (code, r) = host_local("ADD", old.path(), "oldnet", "10.82.0.0/28", "old0");
+    let (code, r) = host_local("ADD", old_ok.path(), "oldnet", "10.82.0.0/28", "old0");
     assert_eq!(code, 0, "{r}");
     poll("the lease adopted once the directory exists", Duration::from_secs(10), || listed(&agent).get("10.82.0.2").cloned());
     assert_eq!(listed(&agent)["10.82.0.2"], ("old0".to_string(), "adopted:host-local".to_string()));
     let (code, r) = allot_ipam(&agent, "ADD", "newnet", "new0");
     assert_eq!((code, ip_of(&r)), (0, "10.82.0.3".to_string()), "{r}");
-    // Later leases in it are adopted by the rescan too.
-    let (code, r) = host_local("ADD", old.path(), "oldnet", "10.82.0.0/28", "old1");
-    assert_eq!(code, 0, "{r}");
-    let late = ip_of(&r);
-    poll("a later lease adopted", Duration::from_secs(10), || listed(&agent).get(&late).cloned());
-    // Said once, not at every rescan (every 2 s).
     std::thread::sleep(allot_agent::RESCAN_EVERY * 2);
     assert_eq!(agent.log().matches("the directory does not exist").count(), 1, "{}", agent.log());
+    let (ok, _, err) = allot(None, &["agent", "--node", "x", "--adopt-host-local-missing-ok"]);
+    assert!(!ok && err.contains("--adopt-host-local"), "the flag needs a directory: {err}");
 
     // A lease outside every pool.
     let old2 = tempfile::tempdir().unwrap();

@@ -536,15 +536,23 @@ impl KubeStore {
             .filter(|(g, released)| released.is_none() && g.pool == name)
             .map(|(g, _)| g)
             .collect();
-        if let Err(e) = rules::validate_delete(name, &racing) {
+        // A refused deletion takes the mark back: a marked pool reads as gone.
+        let unmark = || async {
             let mut unmarked = marked.clone();
             unmarked.annotations_mut().remove(DELETING);
             if let Err(f) = self.req("unmarking an IPPool", api.replace(name, &PostParams::default(), &unmarked)).await {
                 tracing::error!(pool = name, error = %f.err, "unmarking a pool whose deletion was refused failed");
             }
+        };
+        if let Err(e) = rules::validate_delete(name, &racing) {
+            unmark().await;
             return Err(e.into());
         }
-        self.req("deleting an IPPool", api.delete(name, &preconditions(marked.uid(), marked.resource_version()))).await?;
+        // The DELETE itself can be refused (an admission webhook, a lost precondition).
+        if let Err(e) = self.req("deleting an IPPool", api.delete(name, &preconditions(marked.uid(), marked.resource_version()))).await {
+            unmark().await;
+            return Err(e.into());
+        }
         self.settle_gone(Kind::Pool, name, &marked.uid().unwrap_or_default()).await;
         Ok(())
     }

@@ -651,3 +651,22 @@ async fn fake_api_grant_blocks_many_at_once() {
     assert_eq!(s.grant_blocks(&batch).await.unwrap(), vec![false; 512]);
     println!("512 grants through the fake API in {took:?}");
 }
+
+/// A DELETE the API server refuses (an admission webhook, here a 403) after the pool was
+/// marked deleting takes the mark back: the pool stays usable, and a later delete works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_api_a_refused_pool_delete_takes_its_mark_back() {
+    let (api, s) = store().await;
+    s.apply_pools(vec![contract::pool("p", &["10.0.0.0/24"], 28)]).await.unwrap();
+    api.fail_next("delete", "ippools", 403, 1);
+    let err = s.delete_pool("p").await.unwrap_err();
+    assert!(err.to_string().contains("403") || err.to_string().to_lowercase().contains("forbidden"), "{err}");
+    let stored = api.objects("allot.dev/v1", "IPPool");
+    assert_eq!(stored.len(), 1, "the pool is still there");
+    assert!(stored[0]["metadata"]["annotations"].get("allot.dev/deleting").is_none(), "unmarked: {}", stored[0]);
+    eventually(5, "the pool reads as present again", async || s.pools().await.unwrap().len() == 1).await;
+    assert!(s.grant_block(&contract::grant("p", "10.0.0.0/28", "n1")).await.unwrap(), "the pool is usable");
+    s.release_block(&contract::grant("p", "10.0.0.0/28", "n1")).await.unwrap();
+    s.delete_pool("p").await.unwrap();
+    assert!(api.objects("allot.dev/v1", "IPPool").is_empty());
+}

@@ -21,10 +21,20 @@ pub fn label_patch() -> Value {
     json!({"metadata": {"labels": {MIGRATION_LABEL: "true"}}})
 }
 
-/// Second patch of a switch: the CNI, `TYPE[:VERSION]`.
+/// Second patch of a switch: the CNI, `TYPE[:VERSION]`, the version spelled as KKP lists it.
 pub fn cni_patch(cni: &str) -> Value {
     let (ty, version) = split_cni(cni);
-    json!({"spec": {"cniPlugin": {"type": ty, "version": version}}})
+    json!({"spec": {"cniPlugin": {"type": ty, "version": kkp_version(ty, version)}}})
+}
+
+/// KKP accepts only the exact strings of its version list: canal's carry a `v` (`v3.28`),
+/// cilium's do not (`1.16.9`). allot's CNI specs drop the `v`, so it is put back here.
+pub fn kkp_version(ty: &str, version: &str) -> String {
+    let bare = version.strip_prefix(['v', 'V']).unwrap_or(version);
+    match ty {
+        "canal" if !bare.is_empty() => format!("v{bare}"),
+        _ => bare.to_string(),
+    }
 }
 
 /// kube-proxy's mode (KKP writes kube-proxy's configuration from the Cluster); the label goes
@@ -104,6 +114,15 @@ mod tests {
 
     fn cluster(v: Value) -> KkpCluster {
         serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn versions_are_spelled_as_kkp_lists_them() {
+        assert_eq!(cni_patch("canal:3.27")["spec"]["cniPlugin"], json!({"type": "canal", "version": "v3.27"}));
+        assert_eq!(cni_patch("canal:v3.28")["spec"]["cniPlugin"]["version"], "v3.28");
+        assert_eq!(cni_patch("cilium:v1.16.9")["spec"]["cniPlugin"]["version"], "1.16.9");
+        assert_eq!(cni_patch("cilium:1.16.9")["spec"]["cniPlugin"]["version"], "1.16.9");
+        assert_eq!(cni_patch("cilium")["spec"]["cniPlugin"]["version"], "");
     }
 
     #[test]

@@ -211,8 +211,21 @@ pub fn plan_with_notes(snap: &ClusterSnapshot, opts: &PlanOptions) -> Result<(Pl
                 ),
             });
         }
+        let kkp_types = ["canal", "cilium"];
+        if !kkp_types.contains(&to_kind.as_str()) {
+            refusals.push(Refusal {
+                rule: "kkp-cni-type-unsupported".into(),
+                message: format!(
+                    "KKP deploys only canal and cilium, so Cluster {} cannot be switched to {to_kind} through KKP: set its \
+                     spec.cniPlugin.type to none in the seed (KKP stops managing the CNI), then plan without the Cluster object and \
+                     apply with --install ({to_kind}'s manifests)",
+                    c.metadata.name
+                ),
+            });
+        }
         // KKP's own webhook checks every patch apply sends: refuse now what it would deny then.
-        for (step, d) in crate::kkp::check_steps(c, &crate::kkp::forward_steps(&to_spec, opts.kube_proxy_mode.as_deref())) {
+        let steps = crate::kkp::forward_steps(&to_spec, opts.kube_proxy_mode.as_deref());
+        for (step, d) in crate::kkp::check_steps(c, &steps).into_iter().filter(|_| kkp_types.contains(&to_kind.as_str())) {
             refusals.push(Refusal {
                 rule: format!("kkp-{}", d.rule),
                 message: format!(
@@ -227,17 +240,12 @@ pub fn plan_with_notes(snap: &ClusterSnapshot, opts: &PlanOptions) -> Result<(Pl
                 ),
             });
         }
-        if to_kind == "cilium" && opts.kube_proxy_mode.is_none() && c.spec.cluster_network.proxy_mode.as_deref() == Some("ipvs") {
+        let mode_after = opts.kube_proxy_mode.as_deref().or(c.spec.cluster_network.proxy_mode.as_deref());
+        if to_kind == "cilium" && mode_after == Some("ipvs") {
             notes.push(format!(
                 "KKP Cluster {} uses kube-proxy mode ipvs, which is not recommended with Cilium: change spec.clusterNetwork.proxyMode \
                  to iptables (or ebpf, with Konnectivity) after the migration and restart kube-proxy",
                 c.metadata.name
-            ));
-        }
-        if !["canal", "cilium"].contains(&to_kind.as_str()) {
-            notes.push(format!(
-                "KKP deploys only canal and cilium: for {to_kind}, KKP must stop managing the CNI (spec.cniPlugin.type none) \
-                 and {to_kind} is installed from its own manifests"
             ));
         }
     }

@@ -148,6 +148,12 @@ impl ClusterView {
     }
 
     /// Every block that is taken: held, or reserved to a deleted node.
+    /// Blocks nodes hold (not those released and still reserved): what the stores' own pool
+    /// rules check against.
+    pub fn held(&self) -> Vec<BlockGrant> {
+        self.blocks.iter().map(|((pool, cidr), node)| BlockGrant { pool: pool.clone(), cidr: *cidr, node: node.clone() }).collect()
+    }
+
     pub fn taken(&self) -> Vec<BlockGrant> {
         self.blocks
             .iter()

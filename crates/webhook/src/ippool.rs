@@ -84,7 +84,9 @@ impl PoolView {
         let Some(view) = guard.as_ref() else {
             return deny(req, 503, "ServiceUnavailable", "allot's webhook has not read the cluster's pools and blocks yet: retry in a few seconds".into());
         };
-        let (pools, grants) = (view.pool_list(), view.taken());
+        // Held blocks only, as the store's own checks: a stricter webhook would refuse the
+        // DELETE after the store had marked the pool deleting.
+        let (pools, grants) = (view.pool_list(), view.held());
         drop(guard);
         let verdict = match req.operation {
             Operation::Create | Operation::Update => (|| {

@@ -557,22 +557,23 @@ impl<S: Store> Node<S> {
 
     /// Rescans every adopted host-local directory (and those of `--adopt-host-local`) every
     /// `RESCAN_EVERY`. Until the directories given at start are adopted, ADDs wait: an address
-    /// of theirs must not be handed out first. One that does not exist holds nothing and does
-    /// not make ADDs wait; it is adopted when it appears.
+    /// of theirs must not be handed out first. With `adopt_missing_ok` one that does not exist
+    /// holds nothing and does not make ADDs wait; it is adopted when it appears.
     pub async fn adopt_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut startup: Vec<PathBuf> = self.cfg.adopt_host_local.clone();
-        // Directories that do not exist (yet): the old CNI made no pod on this node. They do not
-        // hold ADDs back (a node that joins mid-migration must work) and are adopted once they
-        // appear.
+        // With --adopt-host-local-missing-ok, directories that do not exist (yet): the old CNI
+        // made no pod on this node. They do not hold ADDs back (a node that joins mid-migration
+        // must work) and are adopted once they appear.
         let mut missing: Vec<PathBuf> = Vec::new();
         let mut last_error: BTreeMap<PathBuf, String> = BTreeMap::new();
         loop {
             if self.lock().connected {
                 for dir in std::mem::take(&mut missing) {
-                    if dir.exists() { startup.push(dir) } else { missing.push(dir) }
+                    // An error other than "not found" goes to the startup path, which reports it.
+                    if matches!(dir.try_exists(), Ok(false)) { missing.push(dir) } else { startup.push(dir) }
                 }
                 for dir in std::mem::take(&mut startup) {
-                    if !dir.exists() {
+                    if self.cfg.adopt_missing_ok && matches!(dir.try_exists(), Ok(false)) {
                         tracing::warn!(
                             dir = %dir.display(),
                             "--adopt-host-local: the directory does not exist, so the old CNI holds no address on this node; \

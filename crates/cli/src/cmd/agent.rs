@@ -56,6 +56,12 @@ pub struct Args {
     /// keep rescanning it; no new addresses until it is adopted. Repeatable.
     #[arg(long, value_name = "DIR")]
     adopt_host_local: Vec<PathBuf>,
+    /// A --adopt-host-local directory that does not exist holds no address (host-local makes it
+    /// at its first lease): serve, and adopt it when it appears. For a DaemonSet whose nodes may
+    /// never have run the old CNI. Without it a missing directory stops ADDs (a wrong path or a
+    /// missing mount must not pass for "nothing to adopt").
+    #[arg(long, requires = "adopt_host_local")]
+    adopt_host_local_missing_ok: bool,
     /// On Kubernetes, how long an ADD whose runtime passed no pod annotations waits for the
     /// pod watch to see the pod (default 5s), before choosing by namespace or the default pool.
     #[arg(long, value_name = "DURATION")]
@@ -171,6 +177,7 @@ pub fn build_config(args: &Args, socket: Option<&str>) -> anyhow::Result<AgentCo
     cfg.reserve_gateway = args.reserve_gateway.or(file.reserve_gateway).unwrap_or(true);
     cfg.metrics_addr = args.metrics_addr;
     cfg.adopt_host_local = args.adopt_host_local.iter().map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone())).collect();
+    cfg.adopt_missing_ok = args.adopt_host_local_missing_ok;
     if let Some(secs) = file.pod_wait_seconds {
         cfg.pod_wait = duration_from_secs(secs).context("podWaitSeconds")?;
     }
@@ -283,6 +290,7 @@ mod tests {
             reserve_gateway: None,
             metrics_addr: None,
             adopt_host_local: vec![],
+            adopt_host_local_missing_ok: false,
             pod_wait: Some("2s".into()),
         };
         let cfg = build_config(&args, Some("/tmp/x.sock")).unwrap();

@@ -63,7 +63,7 @@ pub struct PlanFlags {
     pub allow_not_ready: bool,
     /// Change kube-proxy's mode once every pod is on the new CNI, and restart kube-proxy (on
     /// KKP: the Cluster's spec.clusterNetwork.proxyMode, checked with KKP's rules).
-    #[arg(long, value_name = "MODE", value_parser = ["ipvs", "iptables", "ebpf"])]
+    #[arg(long, value_name = "MODE", value_parser = ["ipvs", "iptables", "nftables", "ebpf"])]
     pub kube_proxy_mode: Option<String>,
 }
 

@@ -211,6 +211,11 @@ fn kkp_rules_check_the_patches_apply_will_send() {
     assert_eq!(rules(&p), ["kkp-cni-version-invalid"]);
     assert!(p.refusals[0].message.ends_with("give it with --to cilium:VERSION)"), "{}", p.refusals[0].message);
 
+    // KKP deploys only canal and cilium: another target is refused, not sent to KKP.
+    let p = plan(&with(&labelled), &opts("allot")).unwrap();
+    assert_eq!(rules(&p), ["kkp-cni-type-unsupported"]);
+    assert!(p.refusals[0].message.contains("spec.cniPlugin.type to none"), "{}", p.refusals[0].message);
+
     // Outside KKP kube-proxy has no ebpf mode.
     let p = plan(&snapshot(false), &ebpf("cilium:1.16")).unwrap();
     assert_eq!(rules(&p), ["kube-proxy-mode-ebpf"]);

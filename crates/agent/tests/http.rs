@@ -270,11 +270,8 @@ fn the_connection_cap_closes_idle_connections_first_and_never_a_running_request(
     let newest = UnixStream::connect(&agent.socket).unwrap();
     assert!(closed_within(&idle[0], Duration::from_secs(2)), "the oldest idle connection was kept past the cap");
     assert!(!closed_within(&idle[1], Duration::from_millis(200)), "more than one connection closed for one new one");
-    drop((idle, newest, agent));
+    drop((idle, newest));
 
-    // A fresh agent: none of the 257 connections above can still be in its table while every
-    // slot fills (on a loaded machine the old agent notices their EOFs late).
-    let agent = InProcess::start("10.9.0.0/30", 30, Duration::from_secs(2));
     // Fill the pool (a /30 block: two addresses), then make every slot wait in a handler.
     let client = allot_client::Client::new(&agent.socket, Duration::from_secs(10));
     for id in ["f1", "f2"] {
@@ -290,7 +287,9 @@ fn the_connection_cap_closes_idle_connections_first_and_never_a_running_request(
         .collect();
     std::thread::sleep(Duration::from_millis(500));
     let mut refused = UnixStream::connect(&agent.socket).unwrap();
-    refused.write_all(&add_request("late")).unwrap();
+    // The agent refuses at accept, maybe before the request is written: then the write gets
+    // EPIPE (CI saw it once), and the 503 it sent first is still there to read.
+    let _ = refused.write_all(&add_request("late"));
     let started = std::time::Instant::now();
     let (status, err) = read_answer(&refused);
     assert_eq!(status, 503, "{err:?}");

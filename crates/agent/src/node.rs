@@ -568,7 +568,7 @@ impl<S: Store> Node<S> {
         if let (Some(source), Some(ns), Some(name)) = (self.pods.get(), &req.pod.namespace, &req.pod.name) {
             // The runtime's annotations win; a retried ADD of a known owner does not wait.
             let need_pod = !passed;
-            let known = self.check(&req.owner).is_some();
+            let known = self.lock().owners.contains_key(&req.owner);
             let wait = if known { Duration::ZERO } else { self.cfg.pod_wait };
             let found = crate::pods::lookup(&**source, ns, name, need_pod, wait).await;
             match found.pod {

@@ -990,13 +990,8 @@ impl Store for KubeStore {
             return Err(StoreError::NotFound(format!("namespace {ns:?} not found: allot annotates existing namespaces (kubectl create namespace {ns})")));
         };
         let old = namespace_annotations(&cur);
-        let mut new = old.clone();
-        for k in &remove {
-            new.remove(k);
-        }
-        new.extend(set.clone());
-        if new == old {
-            return Ok(new);
+        if allot_store::annotated(&old, &set, &remove).is_none() {
+            return Ok(old);
         }
         // A JSON merge patch: null removes a key, other annotations are left alone.
         let mut changes = serde_json::Map::new();

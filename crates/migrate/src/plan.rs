@@ -211,8 +211,7 @@ pub fn plan_with_notes(snap: &ClusterSnapshot, opts: &PlanOptions) -> Result<(Pl
                 ),
             });
         }
-        let kkp_types = ["canal", "cilium"];
-        if !kkp_types.contains(&to_kind.as_str()) {
+        if !["canal", "cilium"].contains(&to_kind.as_str()) {
             refusals.push(Refusal {
                 rule: "kkp-cni-type-unsupported".into(),
                 message: format!(
@@ -222,23 +221,20 @@ pub fn plan_with_notes(snap: &ClusterSnapshot, opts: &PlanOptions) -> Result<(Pl
                     c.metadata.name
                 ),
             });
-        }
-        // KKP's own webhook checks every patch apply sends: refuse now what it would deny then.
-        let steps = crate::kkp::forward_steps(&to_spec, opts.kube_proxy_mode.as_deref());
-        for (step, d) in crate::kkp::check_steps(c, &steps).into_iter().filter(|_| kkp_types.contains(&to_kind.as_str())) {
-            refusals.push(Refusal {
-                rule: format!("kkp-{}", d.rule),
-                message: format!(
-                    "KKP would deny the patch of Cluster {} that sets {step}: {}{}",
-                    c.metadata.name,
-                    d.message,
-                    if to_version.is_none() && d.rule == allot_kkp::rule::CNI_VERSION_INVALID {
-                        format!(" (KKP needs the new CNI's version: give it with --to {to_kind}:VERSION)")
-                    } else {
-                        String::new()
-                    }
-                ),
-            });
+        } else {
+            // KKP's own webhook checks every patch apply sends: refuse now what it would deny then.
+            let steps = crate::kkp::forward_steps(&to_spec, opts.kube_proxy_mode.as_deref());
+            for (step, d) in crate::kkp::check_steps(c, &steps) {
+                let hint = if to_version.is_none() && d.rule == allot_kkp::rule::CNI_VERSION_INVALID {
+                    format!(" (KKP needs the new CNI's version: give it with --to {to_kind}:VERSION)")
+                } else {
+                    String::new()
+                };
+                refusals.push(Refusal {
+                    rule: format!("kkp-{}", d.rule),
+                    message: format!("KKP would deny the patch of Cluster {} that sets {step}: {}{hint}", c.metadata.name, d.message),
+                });
+            }
         }
         let mode_after = opts.kube_proxy_mode.as_deref().or(c.spec.cluster_network.proxy_mode.as_deref());
         if to_kind == "cilium" && mode_after == Some("ipvs") {

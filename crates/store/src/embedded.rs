@@ -266,14 +266,9 @@ impl EmbeddedStore {
             let mut table = txn.open_table(NAMESPACES).map_err(backend)?;
             let old: Annotations =
                 table.get(ns).map_err(backend)?.map(|v| decode("namespace", ns, v.value())).transpose()?.unwrap_or_default();
-            let mut new = old.clone();
-            for k in &remove {
-                new.remove(k);
-            }
-            new.extend(set);
-            if new == old {
-                return Ok(Outcome::Unchanged(new));
-            }
+            let Some(new) = crate::annotated(&old, &set, &remove) else {
+                return Ok(Outcome::Unchanged(old));
+            };
             if new.is_empty() {
                 table.remove(ns).map_err(backend)?;
             } else {

@@ -888,14 +888,9 @@ impl Store for EtcdStore {
         for _ in 0..RETRIES {
             let read = self.get_one("namespaces", ns).await?;
             let old: Annotations = read.as_ref().map(|kv| decode("namespace", ns, &kv.value)).transpose()?.unwrap_or_default();
-            let mut new = old.clone();
-            for k in &remove {
-                new.remove(k);
-            }
-            new.extend(set.clone());
-            if new == old {
-                return Ok(new);
-            }
+            let Some(new) = crate::annotated(&old, &set, &remove) else {
+                return Ok(old);
+            };
             let op = if new.is_empty() {
                 TxnOp::delete(self.key("namespaces", ns), None)
             } else {

@@ -56,6 +56,17 @@ pub struct NodeRecord {
 
 pub type Annotations = BTreeMap<String, String>;
 
+/// `old` with `remove` taken out, then `set` put in (what `annotate_namespace` writes); None
+/// when that changes nothing.
+pub fn annotated(old: &Annotations, set: &Annotations, remove: &[String]) -> Option<Annotations> {
+    let mut new = old.clone();
+    for k in remove {
+        new.remove(k);
+    }
+    new.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+    (new != *old).then_some(new)
+}
+
 /// One change as the store's event stream reports it: the new value, or None when deleted.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Change {

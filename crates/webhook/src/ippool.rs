@@ -61,9 +61,8 @@ impl PoolView {
     /// For `Routes::ready_when`: not ready until the pools and blocks were read once.
     pub fn ready(&self) -> impl Fn() -> Result<(), String> + Send + Sync + 'static {
         let view = self.clone();
-        move || match view.0.lock().unwrap().is_some() {
-            true => Ok(()),
-            false => Err("not ready: the cluster's pools and blocks have not been read yet".into()),
+        move || {
+            if view.0.lock().unwrap().is_some() { Ok(()) } else { Err("not ready: the cluster's pools and blocks have not been read yet".into()) }
         }
     }
 

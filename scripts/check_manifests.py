@@ -13,8 +13,12 @@
 - Images: a tag or digest on every one, never `latest`.
 - Webhooks: each ValidatingWebhookConfiguration calls a rendered Service port that leads to a
   container port of the pods it selects; failurePolicy and sideEffects are set.
+- cert-manager (the renders given after --cert-manager): each webhook configuration's
+  inject-ca-from names a rendered Certificate whose issuer is rendered beside it, whose dnsNames
+  hold the name the apiserver calls (SERVICE.NAMESPACE.svc) and whose Secret the Service's pods
+  mount. cert-manager's kinds have no schema here, so these renders are not schema-validated.
 
-Usage: check_manifests.py DEPLOY_DIR RENDERED.yaml [RENDERED.yaml ...]
+Usage: check_manifests.py DEPLOY_DIR RENDERED.yaml [...] [--cert-manager RENDERED.yaml ...]
 Prints one line per check and `N passed, N failed`; exits 1 on any failure.
 """
 
@@ -139,8 +143,58 @@ def containers(obj):
     return list(spec.get("initContainers", [])) + list(spec.get("containers", []))
 
 
+def selected_workloads(objs, svc):
+    """The Deployments and DaemonSets whose pods a Service selects."""
+    selector = svc["spec"]["selector"].items()
+    return [w for w in objs if w.get("kind") in ("Deployment", "DaemonSet")
+            and w["metadata"].get("namespace") == svc["metadata"].get("namespace")
+            and selector <= w["spec"]["template"]["metadata"].get("labels", {}).items()]
+
+
+def check_cert_manager(path):
+    objs = load_all(path)
+    base = os.path.basename(path)
+    by_kind = lambda kind: {(o["metadata"].get("namespace"), o["metadata"]["name"]): o for o in objs if o.get("kind") == kind}
+    certs, services = by_kind("Certificate"), by_kind("Service")
+    issuers = {("Issuer",) + k for k in by_kind("Issuer")} | {("ClusterIssuer", None, n) for _, n in by_kind("ClusterIssuer")}
+    hooks = [o for o in objs if o.get("kind") == "ValidatingWebhookConfiguration"]
+    check(f"{base}: renders a ValidatingWebhookConfiguration", bool(hooks), "none")
+    for obj in hooks:
+        ref = obj["metadata"].get("annotations", {}).get("cert-manager.io/inject-ca-from", "")
+        ns, _, name = ref.partition("/")
+        cert = certs.get((ns, name))
+        check(f"{base}: {ident(obj)} inject-ca-from {ref!r} is a rendered Certificate", cert is not None, sorted(certs))
+        if cert is None:
+            continue
+        issuer = cert["spec"].get("issuerRef", {})
+        kind = issuer.get("kind", "Issuer")
+        key = (kind, ns if kind == "Issuer" else None, issuer.get("name"))
+        check(f"{base}: Certificate {ref} issuer {kind}/{issuer.get('name')} rendered", key in issuers, sorted(issuers, key=str))
+        dns = cert["spec"].get("dnsNames", [])
+        for hook in obj.get("webhooks", []):
+            svc_ref = hook["clientConfig"].get("service") or {}
+            host = f"{svc_ref.get('name')}.{svc_ref.get('namespace')}.svc"
+            check(f"{base}: Certificate {ref} is valid for {host}, which the apiserver calls", host in dns, dns)
+            svc = services.get((svc_ref.get("namespace"), svc_ref.get("name")))
+            if svc is None:
+                check(f"{base}: Service {host} rendered", False, sorted(services))
+                continue
+            secret = cert["spec"].get("secretName")
+            serving = selected_workloads(objs, svc)
+            check(f"{base}: Service {host} selects a workload", bool(serving), "none")
+            for w in serving:
+                mounted = [v["secret"]["secretName"] for v in w["spec"]["template"]["spec"].get("volumes", []) if "secret" in v]
+                check(f"{base}: {ident(w)} mounts the Certificate's Secret {secret}",
+                      w["metadata"].get("namespace") == ns and secret in mounted, mounted)
+
+
 def main():
-    deploy, rendered = sys.argv[1], sys.argv[2:]
+    args = sys.argv[1:]
+    cert_manager = []
+    if "--cert-manager" in args:
+        i = args.index("--cert-manager")
+        args, cert_manager = args[:i], args[i + 1:]
+    deploy, rendered = args[0], args[1:]
     newest = kubernetes_validate.utils.latest_version()
     versions = [OLDEST, newest]
     print(f"kubernetes-validate {kubernetes_validate.__version__ if hasattr(kubernetes_validate, '__version__') else ''}: Kubernetes {OLDEST} and {newest}")
@@ -215,13 +269,14 @@ def main():
             if port is None:
                 continue
             target = port.get("targetPort", port["port"])
-            selector = svc["spec"]["selector"].items()
-            pods = [w for w in workloads if w["metadata"].get("namespace") == svc["metadata"].get("namespace")
-                    and selector <= w["spec"]["template"]["metadata"].get("labels", {}).items()]
+            pods = selected_workloads(workloads, svc)
             served = [c for w in pods for c in containers(w)
                       if any(target in (cp.get("name"), cp["containerPort"]) for cp in c.get("ports", []))]
             check(f"{name}: targetPort {target} is a container port of the selected pods", bool(served), [ident(w) for w in pods])
             check(f"{name}: failurePolicy and sideEffects set", "failurePolicy" in hook and "sideEffects" in hook, hook)
+
+    for path in cert_manager:
+        check_cert_manager(path)
 
     # Images.
     for obj in all_objs + load_examples(deploy):

@@ -7,13 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use allot_k8s::{AliveLease, KubeStore, KubeStoreOptions};
-use allot_store::StoreError;
+use allot_store::{Liveness, StoreError};
 use tokio::sync::watch;
 
 use crate::{AgentConfig, AgentError, Connector};
-
-/// The liveness Lease's duration: a killed agent's node stops being live this long after.
-pub const TTL: Duration = Duration::from_secs(10);
 
 pub struct KubeConnector {
     client: kube::Client,
@@ -30,7 +27,8 @@ impl KubeConnector {
 
 impl Connector for KubeConnector {
     type Store = KubeStore;
-    type Live = AliveLease;
+    /// The liveness Lease's duration: a killed agent's node stops being live this long after.
+    const LIVENESS_TTL: Duration = Duration::from_secs(10);
 
     fn target(&self) -> String {
         format!("the Kubernetes API (allot namespace {})", self.opts.namespace)
@@ -42,13 +40,9 @@ impl Connector for KubeConnector {
             None => Arc::new(KubeStore::connect(self.client.clone(), self.opts.clone()).await?),
         };
         self.store = Some(store.clone());
-        let lease = store.announce_alive(node, TTL).await?;
+        let lease = store.announce_alive(node, Self::LIVENESS_TTL).await?;
         tracing::info!(%node, "connected to the Kubernetes API; node is live");
         Ok((store, lease))
-    }
-
-    async fn keep_alive(self, store: Arc<KubeStore>, node: String, lease: AliveLease, stop: watch::Receiver<bool>) {
-        store.keep_alive(&node, TTL, Some(lease), stop).await;
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use allot_core::Pool;
-use allot_store::{EmbeddedStore, Store, StoreError};
+use allot_store::{EmbeddedStore, Liveness, Store, StoreError};
 use allot_wire::{ApiError, ErrorKind};
 use tokio::net::UnixListener;
 use tokio::sync::watch;
@@ -20,8 +20,6 @@ pub mod datadir;
 pub mod hostlocal;
 pub mod lazy_store;
 pub mod metrics;
-#[cfg(feature = "etcd")]
-pub mod liveness;
 mod node;
 pub mod page;
 pub mod pods;
@@ -198,18 +196,20 @@ pub async fn run_standalone(
 /// How cluster mode reaches its store: connects (and marks the node live), then keeps the
 /// node live until stop. One per backend: etcd, and the Kubernetes API (`kube_cluster`).
 pub trait Connector: Send + 'static {
-    type Store: Store + Send + Sync + 'static;
-    /// What the node is live by (a lease), handed from `connect` to `keep_alive`.
-    type Live: Send + 'static;
+    type Store: Store + Liveness + Send + Sync + 'static;
+    /// How long the node stays live after its agent stops renewing (killed, cut off).
+    const LIVENESS_TTL: std::time::Duration;
     /// Names the store in logs and in `allot status` ("etcd at ...").
     fn target(&self) -> String;
-    /// One attempt: connect (a client kept across attempts may be reused) and mark `node` live.
-    fn connect(&mut self, node: &str) -> impl Future<Output = Result<(Arc<Self::Store>, Self::Live), StoreError>> + Send;
-    /// Keeps `node` live until `stop` turns true; then ends its liveness (a clean stop is a departure).
-    fn keep_alive(self, store: Arc<Self::Store>, node: String, live: Self::Live, stop: watch::Receiver<bool>) -> impl Future<Output = ()> + Send;
+    /// One attempt: connect (a client kept across attempts may be reused) and mark `node` live
+    /// for `LIVENESS_TTL`; `connect_loop` keeps it live from there.
+    fn connect(&mut self, node: &str) -> impl Future<Output = Result<Connected<Self::Store>, StoreError>> + Send;
 }
 
-/// etcd: liveness is a lease-bound key (`liveness`).
+/// A connected store and the lease its node is live by.
+pub type Connected<S> = (Arc<S>, <S as Liveness>::Lease);
+
+/// etcd: liveness is a lease-bound key `alive/<node>`.
 #[cfg(feature = "etcd")]
 pub struct EtcdConnector {
     cfg: allot_store::EtcdConfig,
@@ -227,7 +227,8 @@ impl EtcdConnector {
 #[cfg(feature = "etcd")]
 impl Connector for EtcdConnector {
     type Store = allot_store::EtcdStore;
-    type Live = i64;
+    /// A killed agent's node stops being live this long after.
+    const LIVENESS_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
     fn target(&self) -> String {
         format!("etcd at {}", self.cfg.endpoints.join(","))
@@ -239,13 +240,9 @@ impl Connector for EtcdConnector {
             None => Arc::new(allot_store::EtcdStore::connect(&self.cfg).await?),
         };
         self.client = Some(store.clone());
-        let lease = store.announce_alive(node, liveness::TTL).await?;
+        let lease = store.announce_alive(node, Self::LIVENESS_TTL).await?;
         tracing::info!(%node, lease = format!("{lease:x}"), "connected to etcd; node is live");
         Ok((store, lease))
-    }
-
-    async fn keep_alive(self, store: Arc<Self::Store>, node: String, lease: i64, stop: watch::Receiver<bool>) {
-        liveness::run(store, node, Some(lease), stop).await;
     }
 }
 
@@ -318,7 +315,7 @@ async fn connect_loop<C: Connector>(
         match connector.connect(&node).await {
             Ok((store, live)) => {
                 lazy.set(store.clone());
-                connector.keep_alive(store, node, live, stop).await;
+                allot_store::keep_alive(&*store, &node, C::LIVENESS_TTL, Some(live), stop).await;
                 return;
             }
             Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, store = %connector.target(), "connecting to the cluster store failed; serving from this node's journal and saved view"),

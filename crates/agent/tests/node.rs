@@ -1,6 +1,7 @@
 //! The agent's node logic in process, on the embedded store.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
 use allot_agent::{AgentConfig, Node};
@@ -96,10 +97,13 @@ async fn reserved_gateways_are_counted_in_requested() {
     let _ = stop_tx.send(true);
 }
 
-/// The embedded store with grants that fail on demand, as a store outage fails them.
+/// The embedded store with grants that fail on demand, as a store outage fails them, and reads
+/// of grants that lag behind other nodes' claims, as a watched copy (the Kubernetes store) does.
 struct FlakyGrants {
     inner: EmbeddedStore,
     fail: std::sync::atomic::AtomicBool,
+    /// This many more reads of `grants` leave out every grant of a node other than n1.
+    stale_reads: std::sync::atomic::AtomicUsize,
 }
 
 impl Store for FlakyGrants {
@@ -113,7 +117,12 @@ impl Store for FlakyGrants {
         self.inner.delete_pool(name).await
     }
     async fn grants(&self) -> Result<Vec<BlockGrant>, StoreError> {
-        self.inner.grants().await
+        let mut grants = self.inner.grants().await?;
+        let stale = self.stale_reads.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok();
+        if stale {
+            grants.retain(|g| g.node == "n1");
+        }
+        Ok(grants)
     }
     async fn grant_block(&self, grant: &BlockGrant) -> Result<bool, StoreError> {
         if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
@@ -169,6 +178,7 @@ async fn a_failed_reclaim_of_a_lost_block_is_retried() {
     let store = Arc::new(FlakyGrants {
         inner: EmbeddedStore::open(&dir.path().join("cluster.redb")).unwrap(),
         fail: false.into(),
+        stale_reads: 0.into(),
     });
     store.apply_pools(vec![pool("10.0.0.0/24", 28)]).await.unwrap();
     let block: ipnet::IpNet = "10.0.0.0/28".parse().unwrap();
@@ -185,6 +195,39 @@ async fn a_failed_reclaim_of_a_lost_block_is_retried() {
     store.fail.store(false, std::sync::atomic::Ordering::SeqCst);
     node.refresh().await.unwrap();
     assert_eq!(store.grants().await.unwrap(), vec![grant], "claimed back on the next refresh");
+}
+
+/// Adoption whose claim loses a race to another node names that node, even when the store's
+/// copy of the grants has not shown the winner yet at the first look.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adoption_that_loses_its_block_to_another_node_names_it_when_the_copy_lags() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FlakyGrants {
+        inner: EmbeddedStore::open(&dir.path().join("cluster.redb")).unwrap(),
+        fail: false.into(),
+        stale_reads: 0.into(),
+    });
+    store.apply_pools(vec![pool("10.0.0.0/24", 28)]).await.unwrap();
+    let node = Node::start(config(dir.path()), store.clone()).await.unwrap();
+    node.refresh().await.unwrap();
+    store.register_node("n2", None).await.unwrap();
+    let theirs = BlockGrant { pool: "default".into(), cidr: "10.0.0.16/28".parse().unwrap(), node: "n2".into() };
+    assert!(store.grant_block(&theirs).await.unwrap());
+    // A lease of the old CNI's host-local in n2's block: one file per address, "ID\r\nIFNAME".
+    let old = dir.path().join("oldnet");
+    std::fs::create_dir(&old).unwrap();
+    std::fs::write(old.join("10.0.0.18"), "c1\r\neth0").unwrap();
+    let mine_before = node.allocations();
+    // The pre-check and the first look after the refused claim see only n1's grants.
+    store.stale_reads.store(2, SeqCst);
+    let req = allot_wire::AdoptHostLocalRequest { dir: old.display().to_string(), pool: None, dry_run: false };
+    let err = node.adopt_host_local(&req).await.unwrap_err().to_string();
+    assert!(err.contains("block 10.0.0.16/28 of pool \"default\" was just taken by node \"n2\""), "{err}");
+    assert!(err.contains("nothing was adopted"), "{err}");
+    assert_eq!(store.stale_reads.load(SeqCst), 0, "both stale reads were used");
+    assert_eq!(node.allocations(), mine_before, "nothing adopted");
+    let grants = store.grants().await.unwrap();
+    assert!(grants.contains(&theirs) && grants.iter().all(|g| g.node == "n1" || g == &theirs), "{grants:?}");
 }
 
 /// A block given back leaves the saved view before the store hears of it, so an agent that

@@ -557,119 +557,6 @@ impl KubeStore {
         Ok(())
     }
 
-    /// Marks `node` live with a Lease of `ttl` (`allot-node-<node>` in allot's namespace);
-    /// a Lease left by an earlier run of the agent is taken over.
-    pub async fn announce_alive(&self, node: &str, ttl: Duration) -> Result<AliveLease, StoreError> {
-        let api = self.leases_api();
-        let name = format!("allot-node-{node}");
-        let spec = LeaseSpec {
-            holder_identity: Some(node.into()),
-            lease_duration_seconds: Some(ttl.as_secs().clamp(1, i32::MAX as u64) as i32),
-            acquire_time: Some(micro_now()),
-            renew_time: Some(micro_now()),
-            ..Default::default()
-        };
-        for _ in 0..RETRIES {
-            let lease = match self.req("reading a liveness Lease", api.get_opt(&name)).await? {
-                None => {
-                    let lease = Lease {
-                        metadata: kube::api::ObjectMeta {
-                            name: Some(name.clone()),
-                            labels: Some([(LIVENESS_LABEL.to_string(), "node".to_string()), (NODE_LABEL.to_string(), node.to_string())].into()),
-                            ..Default::default()
-                        },
-                        spec: Some(spec.clone()),
-                    };
-                    self.req("creating a liveness Lease", api.create(&PostParams::default(), &lease)).await
-                }
-                Some(mut old) => {
-                    old.spec = Some(spec.clone());
-                    self.req("taking over a liveness Lease", api.replace(&name, &PostParams::default(), &old)).await
-                }
-            };
-            match lease {
-                Ok(l) => {
-                    self.settle(Kind::Lease, rv_of(&l)).await;
-                    return Ok(AliveLease { node: node.into(), ttl, uid: l.uid().unwrap_or_default() });
-                }
-                Err(Fail { code: Some(409), .. }) => continue,
-                Err(f) => return Err(f.err),
-            }
-        }
-        Err(StoreError::Backend(format!("liveness Lease of {node:?}: too many concurrent writers; try again")))
-    }
-
-    /// One renewal of a liveness Lease: Ok(false) when it already ran out or is gone.
-    pub async fn renew_alive(&self, lease: &AliveLease) -> Result<bool, StoreError> {
-        let api = self.leases_api();
-        let name = format!("allot-node-{}", lease.node);
-        let Some(mut cur) = self.req("reading a liveness Lease", api.get_opt(&name)).await? else { return Ok(false) };
-        if cur.uid().as_deref() != Some(lease.uid.as_str()) || lease_expiry_ms(&cur).is_none_or(|t| t <= now_ms()) {
-            return Ok(false);
-        }
-        if let Some(spec) = cur.spec.as_mut() {
-            spec.renew_time = Some(micro_now());
-        }
-        match self.req("renewing a liveness Lease", api.replace(&name, &PostParams::default(), &cur)).await {
-            Ok(_) => Ok(true),
-            Err(Fail { code: Some(404 | 409), .. }) => Ok(false),
-            Err(f) => Err(f.err),
-        }
-    }
-
-    /// Ends a liveness Lease at once (a clean stop): the node is no longer live.
-    pub async fn revoke_alive(&self, lease: AliveLease) -> Result<(), StoreError> {
-        let name = format!("allot-node-{}", lease.node);
-        match self.req("deleting a liveness Lease", self.leases_api().delete(&name, &preconditions(Some(lease.uid.clone()), None))).await {
-            Ok(_) | Err(Fail { code: Some(404 | 409), .. }) => {
-                self.settle_gone(Kind::Lease, &name, &lease.uid).await;
-                Ok(())
-            }
-            Err(f) => Err(f.err),
-        }
-    }
-
-    /// Keeps `node` live until `stop` turns true, then ends its Lease at once. With the API
-    /// unreachable it keeps trying; a Lease that ran out is replaced. `lease` is one already
-    /// announced (the agent goes live before it serves), else the first is taken here.
-    pub async fn keep_alive(&self, node: &str, ttl: Duration, mut lease: Option<AliveLease>, mut stop: watch::Receiver<bool>) {
-        while !*stop.borrow() {
-            let wait = match &lease {
-                None => match self.announce_alive(node, ttl).await {
-                    Ok(l) => {
-                        lease = Some(l);
-                        ttl / 3
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "marking the node live failed; retrying");
-                        Duration::from_secs(1)
-                    }
-                },
-                Some(l) => match self.renew_alive(l).await {
-                    Ok(true) => ttl / 3,
-                    Ok(false) => {
-                        tracing::warn!(%node, "liveness Lease ran out or was taken; taking a new one");
-                        lease = None;
-                        Duration::ZERO
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "renewing the liveness Lease failed; retrying");
-                        Duration::from_millis(500)
-                    }
-                },
-            };
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = stop.changed() => {}
-            }
-        }
-        if let Some(l) = lease
-            && let Err(e) = self.revoke_alive(l).await
-        {
-            tracing::warn!(error = %e, "ending the liveness Lease failed; it runs out by itself");
-        }
-    }
-
     /// Deletes a node even while its agent is live (`allot node delete --force`).
     pub async fn force_delete_node(&self, name: &str) -> Result<Vec<BlockGrant>, StoreError> {
         self.delete_node_inner(name, true).await
@@ -824,6 +711,83 @@ impl PoolLock {
     async fn release(self) {
         if let Err(e) = self.api.delete(POOL_LOCK, &preconditions(self.uid, None)).await {
             tracing::warn!(error = %e, "releasing the pool lock failed; it runs out by itself");
+        }
+    }
+}
+
+/// Liveness is a Lease `allot-node-<node>` in allot's namespace.
+impl allot_store::Liveness for KubeStore {
+    type Lease = AliveLease;
+
+    /// Marks `node` live with a Lease of `ttl` (`allot-node-<node>` in allot's namespace);
+    /// a Lease left by an earlier run of the agent is taken over.
+    async fn announce_alive(&self, node: &str, ttl: Duration) -> Result<AliveLease, StoreError> {
+        let api = self.leases_api();
+        let name = format!("allot-node-{node}");
+        let spec = LeaseSpec {
+            holder_identity: Some(node.into()),
+            lease_duration_seconds: Some(ttl.as_secs().clamp(1, i32::MAX as u64) as i32),
+            acquire_time: Some(micro_now()),
+            renew_time: Some(micro_now()),
+            ..Default::default()
+        };
+        for _ in 0..RETRIES {
+            let lease = match self.req("reading a liveness Lease", api.get_opt(&name)).await? {
+                None => {
+                    let lease = Lease {
+                        metadata: kube::api::ObjectMeta {
+                            name: Some(name.clone()),
+                            labels: Some([(LIVENESS_LABEL.to_string(), "node".to_string()), (NODE_LABEL.to_string(), node.to_string())].into()),
+                            ..Default::default()
+                        },
+                        spec: Some(spec.clone()),
+                    };
+                    self.req("creating a liveness Lease", api.create(&PostParams::default(), &lease)).await
+                }
+                Some(mut old) => {
+                    old.spec = Some(spec.clone());
+                    self.req("taking over a liveness Lease", api.replace(&name, &PostParams::default(), &old)).await
+                }
+            };
+            match lease {
+                Ok(l) => {
+                    self.settle(Kind::Lease, rv_of(&l)).await;
+                    return Ok(AliveLease { node: node.into(), ttl, uid: l.uid().unwrap_or_default() });
+                }
+                Err(Fail { code: Some(409), .. }) => continue,
+                Err(f) => return Err(f.err),
+            }
+        }
+        Err(StoreError::Backend(format!("liveness Lease of {node:?}: too many concurrent writers; try again")))
+    }
+
+    /// One renewal of a liveness Lease: Ok(false) when it already ran out or is gone.
+    async fn renew_alive(&self, lease: &AliveLease) -> Result<bool, StoreError> {
+        let api = self.leases_api();
+        let name = format!("allot-node-{}", lease.node);
+        let Some(mut cur) = self.req("reading a liveness Lease", api.get_opt(&name)).await? else { return Ok(false) };
+        if cur.uid().as_deref() != Some(lease.uid.as_str()) || lease_expiry_ms(&cur).is_none_or(|t| t <= now_ms()) {
+            return Ok(false);
+        }
+        if let Some(spec) = cur.spec.as_mut() {
+            spec.renew_time = Some(micro_now());
+        }
+        match self.req("renewing a liveness Lease", api.replace(&name, &PostParams::default(), &cur)).await {
+            Ok(_) => Ok(true),
+            Err(Fail { code: Some(404 | 409), .. }) => Ok(false),
+            Err(f) => Err(f.err),
+        }
+    }
+
+    /// Ends a liveness Lease at once (a clean stop): the node is no longer live.
+    async fn revoke_alive(&self, lease: AliveLease) -> Result<(), StoreError> {
+        let name = format!("allot-node-{}", lease.node);
+        match self.req("deleting a liveness Lease", self.leases_api().delete(&name, &preconditions(Some(lease.uid.clone()), None))).await {
+            Ok(_) | Err(Fail { code: Some(404 | 409), .. }) => {
+                self.settle_gone(Kind::Lease, &name, &lease.uid).await;
+                Ok(())
+            }
+            Err(f) => Err(f.err),
         }
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use allot_core::{BlockGrant, FamilySpec, Pool, PoolSpec};
 use allot_k8s::{KubeStore, KubeStoreOptions};
 use allot_kube_fake::{FakeApiServer, Request};
-use allot_store::Store;
+use allot_store::{Liveness, Store};
 use allot_wire::{Needed, PoolRequest};
 use rbac::{NAMESPACE, Rbac};
 use serde_json::json;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use allot_k8s::{KubeStore, KubeStoreOptions, RELEASED_UNTIL};
 use allot_kube_fake::FakeApiServer;
-use allot_store::{Change, Store, StoreError, StoreEvent};
+use allot_store::{Change, Liveness, Store, StoreError, StoreEvent};
 use serde_json::json;
 
 const NS: &str = "allot-system";
@@ -388,7 +388,7 @@ async fn fake_api_liveness_lease_expires_and_then_the_node_may_be_deleted() {
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let keeper = {
         let s = s.clone();
-        tokio::spawn(async move { s.keep_alive("n2", Duration::from_secs(2), None, stop).await })
+        tokio::spawn(async move { allot_store::keep_alive(&s, "n2", Duration::from_secs(2), None, stop).await })
     };
     eventually(5, "n2 live", async || s.live_nodes().await.unwrap().unwrap().contains("n2")).await;
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -537,35 +537,6 @@ impl EtcdStore {
         Ok(self.get_one("leader", role).await?.map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
     }
 
-    /// Marks `node` live with a fresh lease of `ttl` (`alive/<node>`); returns the lease for
-    /// `renew_alive` and `revoke_alive`.
-    pub async fn announce_alive(&self, node: &str, ttl: Duration) -> Result<i64, StoreError> {
-        let mut c = self.client.clone();
-        let lease = self.timed(c.lease_grant(ttl.as_secs().max(2) as i64, None)).await?.id();
-        let put = TxnOp::put(self.key("alive", node), node, Some(PutOptions::new().with_lease(lease)));
-        self.txn(Txn::new().and_then([put])).await?;
-        Ok(lease)
-    }
-
-    /// One keep-alive of a liveness lease: Ok(false) when it has already expired.
-    pub async fn renew_alive(&self, lease: i64) -> Result<bool, StoreError> {
-        let mut c = self.client.clone();
-        let ttl = self
-            .timed(async {
-                let (mut keeper, mut responses) = c.lease_keep_alive(lease).await?;
-                keeper.keep_alive().await?;
-                Ok(responses.message().await?.map_or(0, |r| r.ttl()))
-            })
-            .await?;
-        Ok(ttl > 0)
-    }
-
-    /// Ends a liveness lease at once (a clean stop): the node is no longer live.
-    pub async fn revoke_alive(&self, lease: i64) -> Result<(), StoreError> {
-        let mut c = self.client.clone();
-        self.timed(c.lease_revoke(lease)).await.map(|_| ())
-    }
-
     /// Deletes a node even while its agent is live (`allot node delete --force`).
     pub async fn force_delete_node(&self, name: &str) -> Result<Vec<BlockGrant>, StoreError> {
         self.delete_node_inner(name, true).await
@@ -738,6 +709,39 @@ impl Drop for Leadership {
     fn drop(&mut self) {
         self.keeper.abort();
         self.lost_tx.send_replace(true);
+    }
+}
+
+/// Liveness is a lease-bound key `alive/<node>`: it goes with the lease.
+impl crate::Liveness for EtcdStore {
+    type Lease = i64;
+
+    /// A fresh lease of `ttl` bound to the key `alive/<node>`.
+    async fn announce_alive(&self, node: &str, ttl: Duration) -> Result<i64, StoreError> {
+        let mut c = self.client.clone();
+        let lease = self.timed(c.lease_grant(ttl.as_secs().max(2) as i64, None)).await?.id();
+        let put = TxnOp::put(self.key("alive", node), node, Some(PutOptions::new().with_lease(lease)));
+        self.txn(Txn::new().and_then([put])).await?;
+        Ok(lease)
+    }
+
+    /// One keep-alive of the lease: Ok(false) when it has already expired.
+    async fn renew_alive(&self, lease: &i64) -> Result<bool, StoreError> {
+        let lease = *lease;
+        let mut c = self.client.clone();
+        let ttl = self
+            .timed(async {
+                let (mut keeper, mut responses) = c.lease_keep_alive(lease).await?;
+                keeper.keep_alive().await?;
+                Ok(responses.message().await?.map_or(0, |r| r.ttl()))
+            })
+            .await?;
+        Ok(ttl > 0)
+    }
+
+    async fn revoke_alive(&self, lease: i64) -> Result<(), StoreError> {
+        let mut c = self.client.clone();
+        self.timed(c.lease_revoke(lease)).await.map(|_| ())
     }
 }
 

@@ -21,9 +21,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
 mod embedded;
+mod liveness;
 mod view;
 pub use view::ClusterView;
 pub use embedded::EmbeddedStore;
+pub use liveness::{Liveness, keep_alive};
 #[cfg(feature = "etcd")]
 pub mod etcd;
 #[cfg(feature = "etcd")]

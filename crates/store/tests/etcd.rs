@@ -7,7 +7,7 @@ mod contract;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use allot_store::{EtcdConfig, EtcdStore, EtcdTls, Store, StoreError};
+use allot_store::{EtcdConfig, EtcdStore, EtcdTls, Liveness, Store, StoreError};
 use allot_testkit::{Etcd, TcpProxy, make_certs};
 
 async fn connect(etcd: &Etcd) -> EtcdStore {

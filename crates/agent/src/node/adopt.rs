@@ -121,6 +121,20 @@ struct Plan {
 }
 
 impl<S: Store> Node<S> {
+    /// Who holds a block that a claim was just refused for. A store that reads grants from a
+    /// watched copy (Kubernetes) may not show the winner yet: look again for a moment, so the
+    /// refusal can name it.
+    async fn holder_of(&self, pool: &str, block: &IpNet) -> Option<BlockGrant> {
+        for _ in 0..10 {
+            let found = self.store.grants().await.ok().and_then(|gs| gs.into_iter().find(|g| g.pool == pool && g.cidr == *block));
+            if found.is_some() {
+                return found;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        None
+    }
+
     /// Checks `wanted` against the node's state and the allocator (on a copy): every address in
     /// a pool, none held by another owner or by the node's gateway. Changes nothing.
     fn plan_adoption(
@@ -264,8 +278,7 @@ impl<S: Store> Node<S> {
             match self.store.grant_block(&grant).await {
                 Ok(true) => claimed.push(grant),
                 Ok(false) => {
-                    let holder = self.store.grants().await.ok().and_then(|gs| gs.into_iter().find(|g| g.pool == *pool && g.cidr == *block));
-                    match holder {
+                    match self.holder_of(pool, block).await {
                         Some(g) if g.node == self.cfg.node => {}
                         Some(g) => {
                             failure = Some(AgentError::Conflict(format!(

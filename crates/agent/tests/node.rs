@@ -106,6 +106,19 @@ struct FlakyGrants {
     stale_reads: std::sync::atomic::AtomicUsize,
 }
 
+impl FlakyGrants {
+    /// Working normally, with the pool default (10.0.0.0/24 in /28 blocks).
+    async fn open(dir: &std::path::Path) -> Arc<Self> {
+        let store = Arc::new(FlakyGrants {
+            inner: EmbeddedStore::open(&dir.join("cluster.redb")).unwrap(),
+            fail: false.into(),
+            stale_reads: 0.into(),
+        });
+        store.apply_pools(vec![pool("10.0.0.0/24", 28)]).await.unwrap();
+        store
+    }
+}
+
 impl Store for FlakyGrants {
     async fn pools(&self) -> Result<Vec<Pool>, StoreError> {
         self.inner.pools().await
@@ -175,12 +188,7 @@ impl Store for FlakyGrants {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_reclaim_of_a_lost_block_is_retried() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(FlakyGrants {
-        inner: EmbeddedStore::open(&dir.path().join("cluster.redb")).unwrap(),
-        fail: false.into(),
-        stale_reads: 0.into(),
-    });
-    store.apply_pools(vec![pool("10.0.0.0/24", 28)]).await.unwrap();
+    let store = FlakyGrants::open(dir.path()).await;
     let block: ipnet::IpNet = "10.0.0.0/28".parse().unwrap();
     let grant = BlockGrant { pool: "default".into(), cidr: block, node: "n1".into() };
     store.register_node("n1", None).await.unwrap();
@@ -202,12 +210,7 @@ async fn a_failed_reclaim_of_a_lost_block_is_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_adoption_that_loses_its_block_to_another_node_names_it_when_the_copy_lags() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(FlakyGrants {
-        inner: EmbeddedStore::open(&dir.path().join("cluster.redb")).unwrap(),
-        fail: false.into(),
-        stale_reads: 0.into(),
-    });
-    store.apply_pools(vec![pool("10.0.0.0/24", 28)]).await.unwrap();
+    let store = FlakyGrants::open(dir.path()).await;
     let node = Node::start(config(dir.path()), store.clone()).await.unwrap();
     node.refresh().await.unwrap();
     store.register_node("n2", None).await.unwrap();

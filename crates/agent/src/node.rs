@@ -230,6 +230,9 @@ impl<S: Store> Node<S> {
         }
         let reserve = held_by_pod.is_none() && (self.cfg.reserve_gateway || given_as_gateway);
         st.alloc.add_block_with(pool, block, reserve);
+        if st.pinned.contains(&(pool.to_string(), block)) {
+            st.alloc.set_reserved(pool, &block, true);
+        }
         for (owner, ip, _) in &inside {
             if let Err(e) = st.alloc.mark_used(pool, *ip) {
                 tracing::error!(%owner, error = %e, "two stored allocations hold one address");
@@ -825,6 +828,9 @@ impl<S: Store> Node<S> {
                     needed += pods.div_ceil((per_block - 1).min(u128::from(u64::MAX)) as u64);
                 }
             }
+            // Pinned pod-CIDR blocks serve no new pod: the demand is on top of all their
+            // addresses, which the operator counts as held.
+            needed += st.alloc.usage(&pool, family).reserved.min(u128::from(u64::MAX)) as u64;
             if needed == 0 {
                 continue;
             }
@@ -933,7 +939,7 @@ impl<S: Store> Node<S> {
             let free: u128 = st
                 .alloc
                 .block_list()
-                .filter(|(_, b)| !b.draining)
+                .filter(|(_, b)| !b.draining && !b.reserved)
                 .map(|(_, b)| b.pod_capacity().saturating_sub(b.pods()))
                 .sum();
             if free == 0 {

@@ -186,6 +186,19 @@ fn adoption_is_refused_when_another_node_holds_the_block_or_no_pool_has_the_addr
     std::thread::sleep(Duration::from_secs(3));
     let n1 = agent.cli_json(&["node", "get", "n1"]);
     assert_eq!(n1["spec"]["ipam"]["pools"]["allocated"][0]["cidrs"], json!(["10.78.0.64/28", "10.78.0.80/28"]), "{n1}");
+    // Which addresses of a pinned pod CIDR the old pods hold is not known: no ADD gets one.
+    // The node asks for more than the pinned blocks, and new pods land in another block.
+    let pinned: ipnet::IpNet = "10.78.0.64/27".parse().unwrap();
+    for i in 0..3 {
+        let (code, r) = allot_ipam(&agent, "ADD", "newnet", &format!("new{i}"));
+        assert_eq!(code, 0, "{r}\n{}", agent.log());
+        let ip: std::net::IpAddr = ip_of(&r).parse().unwrap();
+        assert!(!pinned.contains(&ip), "{ip} lies in the pinned old pod CIDR {pinned}");
+    }
+    let (ok, _, err) = agent.cli(&["adopt", "pod-cidr", "10.78.0.64/27", "--pool", "mig", "--release"]);
+    assert!(ok, "{err}");
+    let (code, r) = allot_ipam(&agent, "ADD", "newnet", "new3");
+    assert_eq!(code, 0, "released: ADDs are served as before: {r}");
 }
 
 fn parse_pool(cidr: &str, mask: u8) -> (String, allot_core::PoolSpec) {

@@ -93,6 +93,9 @@ pub struct Block {
     cursor: u128,
     /// Set while the block is being given back: nothing new is allocated from it.
     pub draining: bool,
+    /// Held for addresses this node does not know (an old CNI's pod CIDR): nothing new is
+    /// allocated from it, and it counts in no capacity.
+    pub reserved: bool,
     /// The node's own address in this block (its bridge gateway), counted in `in_use`.
     pub gateway: Option<IpAddr>,
 }
@@ -108,6 +111,7 @@ impl Block {
             used: Used::new(capacity),
             cursor: 0,
             draining: false,
+            reserved: false,
             gateway: None,
         };
         // Point-to-point and host blocks have no address to spare for a gateway.
@@ -136,7 +140,7 @@ impl Block {
     }
 
     fn take(&mut self) -> Option<u128> {
-        if self.draining || self.in_use >= self.capacity {
+        if self.draining || self.reserved || self.in_use >= self.capacity {
             return None;
         }
         let off = self
@@ -159,12 +163,14 @@ pub enum MarkError {
 }
 
 /// Use of one family of one pool on this node, in pod addresses: a reserved gateway counts
-/// neither in `capacity` nor in `in_use`.
+/// neither in `capacity` nor in `in_use`, nor do reserved blocks. `reserved` is their usable
+/// addresses, gateways included, as the operator counts a node's blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Usage {
     pub blocks: usize,
     pub capacity: u128,
     pub in_use: u128,
+    pub reserved: u128,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -210,6 +216,12 @@ impl NodeAllocator {
                 true
             }
             None => true,
+        }
+    }
+
+    pub fn set_reserved(&mut self, pool: &str, net: &IpNet, reserved: bool) {
+        if let Some(b) = self.blocks_mut(pool, Family::of(net)).and_then(|v| v.iter_mut().find(|b| b.net == *net)) {
+            b.reserved = reserved;
         }
     }
 
@@ -290,8 +302,9 @@ impl NodeAllocator {
     pub fn usage(&self, pool: &str, family: Family) -> Usage {
         self.blocks(pool, family).map_or(Usage::default(), |v| Usage {
             blocks: v.len(),
-            capacity: v.iter().filter(|b| !b.draining).map(Block::pod_capacity).sum(),
-            in_use: v.iter().map(Block::pods).sum(),
+            capacity: v.iter().filter(|b| !b.draining && !b.reserved).map(Block::pod_capacity).sum(),
+            in_use: v.iter().filter(|b| !b.reserved).map(Block::pods).sum(),
+            reserved: v.iter().filter(|b| b.reserved).map(|b| b.capacity).sum(),
         })
     }
 
@@ -303,9 +316,9 @@ impl NodeAllocator {
     /// the last ones first, so the low blocks stay in use.
     pub fn releasable(&self, pool: &str, family: Family, needed: u128) -> Vec<IpNet> {
         let Some(blocks) = self.blocks(pool, family) else { return Vec::new() };
-        let mut capacity: u128 = blocks.iter().filter(|b| !b.draining).map(Block::pod_capacity).sum();
+        let mut capacity: u128 = blocks.iter().filter(|b| !b.draining && !b.reserved).map(Block::pod_capacity).sum();
         let mut out = Vec::new();
-        for b in blocks.iter().rev().filter(|b| !b.draining) {
+        for b in blocks.iter().rev().filter(|b| !b.draining && !b.reserved) {
             if b.pods() == 0 && capacity - b.pod_capacity() >= needed {
                 capacity -= b.pod_capacity();
                 out.push(b.net);
@@ -419,6 +432,26 @@ mod tests {
         assert_eq!(a.usage("p", Family::V4).capacity, 12);
     }
 
+    /// A reserved block (an old CNI's pod CIDR) gives no address, counts in no capacity and is
+    /// never offered back; marked addresses in it still count as used; unreserved, it serves.
+    #[test]
+    fn reserved_blocks_give_no_address_until_unreserved() {
+        let mut a = NodeAllocator::new();
+        let old: IpNet = "10.0.0.0/29".parse().unwrap();
+        a.add_block("p", old);
+        a.add_block("p", "10.0.0.8/29".parse().unwrap());
+        a.set_reserved("p", &old, true);
+        a.mark_used("p", ip("10.0.0.3")).unwrap();
+        assert_eq!(a.usage("p", Family::V4), Usage { blocks: 2, capacity: 6, in_use: 0, reserved: 6 });
+        let got: Vec<_> = std::iter::from_fn(|| a.allocate("p", Family::V4)).collect();
+        assert_eq!(got.len(), 6);
+        assert!(got.iter().all(|i| !old.contains(i)), "{got:?}");
+        assert!(a.releasable("p", Family::V4, 0).is_empty(), "the other block is full; the reserved one is never offered");
+        a.set_reserved("p", &old, false);
+        assert_eq!(a.allocate("p", Family::V4), Some(ip("10.0.0.1")));
+        assert_eq!(a.usage("p", Family::V4), Usage { blocks: 2, capacity: 12, in_use: 8, reserved: 0 });
+    }
+
     #[test]
     fn a_reserved_gateway_is_never_handed_out_nor_freed() {
         let mut a = NodeAllocator::new();
@@ -434,7 +467,7 @@ mod tests {
             assert!(a.release("p", *ip));
         }
         // Only the gateway is left: the block counts as empty and may be given back.
-        assert_eq!(a.usage("p", Family::V4), Usage { blocks: 2, capacity: 5 + 2, in_use: 0 });
+        assert_eq!(a.usage("p", Family::V4), Usage { blocks: 2, capacity: 5 + 2, in_use: 0, reserved: 0 });
         assert_eq!(a.releasable("p", Family::V4, 0).len(), 2);
         assert!(a.remove_block("p", &"10.0.0.0/29".parse().unwrap()));
     }

@@ -476,7 +476,9 @@ impl<S: Store> Node<S> {
     }
 
     /// `allot adopt pod-cidr CIDR --pool NAME`: claims the blocks of `cidr` for this node and
-    /// keeps them (never given back while pinned), or with `release`, stops keeping them.
+    /// keeps them (never given back while pinned), or with `release`, stops keeping them. While
+    /// pinned, no ADD gets an address in them: which ones the old pods hold is not known here
+    /// (host-local adoption knows, this does not), so new pods take the pool's other blocks.
     pub async fn adopt_pod_cidr(&self, req: &AdoptPodCidrRequest) -> Result<AdoptResponse, AgentError> {
         let cidr = req.cidr;
         if cidr.trunc() != cidr {
@@ -494,6 +496,7 @@ impl<S: Store> Node<S> {
                 let mut st = self.lock();
                 for b in &pinned.blocks {
                     st.pinned.remove(&(pinned.pool.clone(), *b));
+                    st.alloc.set_reserved(&pinned.pool, b, false);
                 }
                 drop(st);
                 self.demand_changed.notify_one();
@@ -537,7 +540,11 @@ impl<S: Store> Node<S> {
             Vec::new()
         } else {
             let mut st = self.lock();
-            extra.iter().filter(|k| st.pinned.insert((*k).clone())).cloned().collect()
+            let newly: Vec<_> = extra.iter().filter(|k| st.pinned.insert((*k).clone())).cloned().collect();
+            for (pool, block) in &newly {
+                st.alloc.set_reserved(pool, block, true);
+            }
+            newly
         };
         let result = self.adopt(Vec::new(), Some(&req.pool), AllocationSource::Cni, extra, req.dry_run).await;
         let saved = match &result {
@@ -556,6 +563,7 @@ impl<S: Store> Node<S> {
             let mut st = self.lock();
             for k in &newly {
                 st.pinned.remove(k);
+                st.alloc.set_reserved(&k.0, &k.1, false);
             }
         }
         saved?;

@@ -252,16 +252,19 @@ fn switch_installs_first_and_rollback_restores_byte_for_byte() {
 
     let (ok, out, err) = allot(None, &["node", "switch", "--conflist", new.to_str().unwrap(), "--cni-conf-dir", conf_s]);
     assert!(ok, "{err}");
+    // The runtime's choice so far (00-aaa.conf) moves aside; configs that sort after allot's
+    // (another tool's network, a loopback) stay: the runtime no longer picks them.
     let files: Vec<String> = dir_bytes(&conf).into_keys().collect();
-    assert_eq!(files, vec!["00-allot.conflist", "README"], "only allot's config is left for libcni: {out}");
+    assert_eq!(files, vec!["00-allot.conflist", "10-flannel.conflist", "99-loopback.json", "README"], "{out}");
     assert_eq!(std::fs::read(conf.join("00-allot.conflist")).unwrap(), body.as_bytes());
-    assert!(conf.join(".allot-rollback/state.json").exists());
+    assert!(conf.join(".allot-rollback/00-aaa.conf").exists() && conf.join(".allot-rollback/state.json").exists());
 
-    // The old CNI's installer writes its config again: a second switch moves it aside too.
-    std::fs::write(conf.join("10-flannel.conflist"), "rewritten").unwrap();
+    // The old CNI's installer writes its config again, under a name that sorts first: a second
+    // switch moves it aside too (beside the first copy, which rollback restores).
+    std::fs::write(conf.join("00-aaa.conf"), "rewritten").unwrap();
     let (ok, _, err) = allot(None, &["node", "switch", "--conflist", new.to_str().unwrap(), "--cni-conf-dir", conf_s]);
     assert!(ok, "{err}");
-    assert!(!conf.join("10-flannel.conflist").exists());
+    assert!(!conf.join("00-aaa.conf").exists());
 
     let (ok, out, err) = allot(None, &["node", "switch", "--rollback", "--cni-conf-dir", conf_s]);
     assert!(ok, "{err}");
@@ -269,6 +272,25 @@ fn switch_installs_first_and_rollback_restores_byte_for_byte() {
     assert!(!conf.join(".allot-rollback").exists());
     let (ok, _, err) = allot(None, &["node", "switch", "--rollback", "--cni-conf-dir", conf_s]);
     assert!(!ok && err.contains("no switch to roll back"), "{err}");
+
+    // A switch killed after recording its moves and before making one: the file is still in
+    // place, and the rollback keeps it there.
+    let (ok, _, err) = allot(None, &["node", "switch", "--conflist", new.to_str().unwrap(), "--cni-conf-dir", conf_s]);
+    assert!(ok, "{err}");
+    std::fs::rename(conf.join(".allot-rollback/00-aaa.conf"), conf.join("00-aaa.conf")).unwrap();
+    let (ok, out, err) = allot(None, &["node", "switch", "--rollback", "--cni-conf-dir", conf_s]);
+    assert!(ok && out.contains("never moved"), "{out}{err}");
+    assert_eq!(dir_bytes(&conf), before, "{out}");
+
+    // A file under allot's name that allot did not write is kept aside and comes back.
+    std::fs::write(conf.join("00-allot.conflist"), "someone else's").unwrap();
+    let before = dir_bytes(&conf);
+    let (ok, _, err) = allot(None, &["node", "switch", "--conflist", new.to_str().unwrap(), "--cni-conf-dir", conf_s]);
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read(conf.join("00-allot.conflist")).unwrap(), body.as_bytes());
+    let (ok, out, err) = allot(None, &["node", "switch", "--rollback", "--cni-conf-dir", conf_s]);
+    assert!(ok, "{err}");
+    assert_eq!(dir_bytes(&conf), before, "{out}");
 }
 
 fn sh(ns: &str, cmd: &str) {
@@ -357,6 +379,17 @@ fn cleanup_removes_exactly_the_old_cnis_leftovers() {
     assert!(conf.path().join("05-cilium.conf").exists() && conf.path().join("00-allot.conflist").exists());
     let (ok, again, _) = cleanup(&["--dry-run"]);
     assert!(ok && again.contains("nothing of Flannel left"), "every listed leftover is gone: {again}");
+
+    // `--from bridge`: only a bridge config `node switch` moved aside is the old CNI's; another
+    // tool's bridge network in the directory (podman's) and its bridge stay.
+    sh(n, "ip link add cni-podman0 type bridge && ip link add oldbr0 type bridge");
+    std::fs::write(conf.path().join("87-podman-bridge.conflist"), r#"{"cniVersion":"0.4.0","name":"podman","plugins":[{"type":"bridge","bridge":"cni-podman0"}]}"#).unwrap();
+    std::fs::create_dir(conf.path().join(".allot-rollback")).unwrap();
+    std::fs::write(conf.path().join(".allot-rollback/10-old.conflist"), r#"{"cniVersion":"1.0.0","name":"oldnet","plugins":[{"type":"bridge","bridge":"oldbr0"}]}"#).unwrap();
+    let (ok, listing, err) = allot(Some(n), &["node", "cleanup", "--from", "bridge", "--no-agent", "--cni-conf-dir", conf_s, "--dry-run"]);
+    assert!(ok, "{err}");
+    assert!(listing.contains("oldbr0") && listing.contains("10-old.conflist"), "{listing}");
+    assert!(!listing.contains("podman"), "another tool's bridge network listed:\n{listing}");
 }
 
 /// The agent's CNI readiness (`cni` in `/v1/status`): whether it serves ADDs now, and why not.

@@ -176,7 +176,7 @@ fn config_files(dir: &Path, m: &Marks, cni: Cni) -> anyhow::Result<Found> {
     let mut files = Vec::new();
     let mut networks = BTreeSet::new();
     let mut bridges = BTreeSet::new();
-    for d in [dir.to_path_buf(), dir.join(ROLLBACK_DIR)] {
+    for (d, kept_aside) in [(dir.to_path_buf(), false), (dir.join(ROLLBACK_DIR), true)] {
         let Ok(entries) = std::fs::read_dir(&d) else { continue };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -195,6 +195,11 @@ fn config_files(dir: &Path, m: &Marks, cni: Cni) -> anyhow::Result<Found> {
                 for p in plugins.iter().filter(|p| p.get("type").and_then(|t| t.as_str()) == Some("bridge")) {
                     allot_bridges.insert(p.get("bridge").and_then(|b| b.as_str()).unwrap_or("cni0").to_string());
                 }
+                continue;
+            }
+            // Any tool may run a bridge network (podman's, a VM's): only the configs `node
+            // switch` took from the runtime are the old bridge CNI's.
+            if cni == Cni::Bridge && !kept_aside {
                 continue;
             }
             let by_name = cni != Cni::Bridge && m.names.iter().any(|n| name.contains(n));

@@ -3,10 +3,12 @@
 //!
 //! libcni (containerd, CRI-O) loads the first file by byte order of name among `*.conf`,
 //! `*.conflist` and `*.json` in the config directory and skips subdirectories. The new conflist
-//! goes in as `00-allot.conflist`, the others move to `DIR/.allot-rollback/` (a subdirectory,
-//! so libcni ignores them; a rename, so they come back byte for byte with their modes and
-//! times). The new file is written aside, synced, renamed into place and the directory synced
-//! *before* the old ones move, so at every instant some valid config sorts first.
+//! goes in as `00-allot.conflist`; the config the runtime used so far, and any that would sort
+//! before allot's, move to `DIR/.allot-rollback/` (a subdirectory, so libcni ignores them; a
+//! rename, so they come back byte for byte with their modes and times). Other configs (another
+//! tool's network, podman's, say) stay where they are: the runtime no longer picks them. The new
+//! file is written aside, synced, renamed into place and the directory synced *before* the old
+//! ones move, so at every instant some valid config sorts first.
 
 use std::fs::File;
 use std::io::Write;
@@ -131,14 +133,24 @@ pub fn switch(conflist: &Path, dir: &Path, dry_run: bool) -> anyhow::Result<Vec<
     validate_conflist(conflist, &bytes)?;
     ensure!(dir.is_dir(), "CNI config directory {} does not exist (give it with --cni-conf-dir)", dir.display());
     let rollback = dir.join(ROLLBACK_DIR);
-    let mut state = read_state(&rollback)?.unwrap_or_else(|| SwitchState { installed: INSTALLED_NAME.into(), moved: vec![], switched_at: now_unix() });
+    let earlier = read_state(&rollback)?;
+    let ours_installed = earlier.is_some();
+    let mut state = earlier.unwrap_or_else(|| SwitchState { installed: INSTALLED_NAME.into(), moved: vec![], switched_at: now_unix() });
     let files = config_files(dir)?;
     let mut plan = Vec::new();
     let current = std::fs::read(dir.join(&state.installed)).ok();
     if current.as_deref() != Some(&bytes[..]) {
         plan.push(format!("install {} as {}", conflist.display(), dir.join(&state.installed).display()));
     }
-    let others: Vec<&String> = files.iter().filter(|f| **f != state.installed).collect();
+    // A file under allot's name that allot did not write is kept aside too (linked before the
+    // new one replaces it), unless it already is the new conflist.
+    let foreign_installed = !ours_installed && current.is_some() && current.as_deref() != Some(&bytes[..]);
+    // The runtime's choice so far, and whatever would sort before allot's.
+    let previous = files.first().filter(|f| !(ours_installed && **f == state.installed)).cloned();
+    let others: Vec<&String> = files
+        .iter()
+        .filter(|f| if **f == state.installed { foreign_installed } else { f.as_str() < state.installed.as_str() || previous.as_ref() == Some(*f) })
+        .collect();
     let mut moves = Vec::new();
     for name in others {
         // A file of the same name kept earlier (the old CNI's installer wrote it again) is kept
@@ -163,10 +175,14 @@ pub fn switch(conflist: &Path, dir: &Path, dry_run: bool) -> anyhow::Result<Vec<
     // The state first: a switch killed half way can still be rolled back.
     state.moved.extend(moves.iter().cloned());
     write_atomically(&rollback, STATE_FILE, &serde_json::to_vec_pretty(&state)?)?;
+    for m in moves.iter().filter(|m| m.name == state.installed) {
+        std::fs::hard_link(dir.join(&m.name), rollback.join(&m.kept_as))
+            .with_context(|| format!("keeping {} aside", dir.join(&m.name).display()))?;
+    }
     if current.as_deref() != Some(&bytes[..]) {
         write_atomically(dir, &state.installed, &bytes)?;
     }
-    for m in &moves {
+    for m in moves.iter().filter(|m| m.name != state.installed) {
         std::fs::rename(dir.join(&m.name), rollback.join(&m.kept_as))
             .with_context(|| format!("moving {} aside", dir.join(&m.name).display()))?;
     }
@@ -199,8 +215,16 @@ pub fn rollback(dir: &Path, dry_run: bool) -> anyhow::Result<Vec<String>> {
         }
     }
     let mut blocked = Vec::new();
+    let mut never_moved = Vec::new();
     for m in &restore {
-        if !rollback.join(&m.kept_as).exists() {
+        let kept = rollback.join(&m.kept_as).exists();
+        if !kept && dir.join(&m.name).exists() {
+            // A switch killed after writing its state and before this move: still in place.
+            never_moved.push(m.name.clone());
+            plan.push(format!("keep {} (never moved)", dir.join(&m.name).display()));
+            continue;
+        }
+        if !kept {
             blocked.push(format!("{} is missing from {}", m.kept_as, rollback.display()));
         } else if m.name != state.installed && dir.join(&m.name).exists() {
             blocked.push(format!("{} exists again in {}", m.name, dir.display()));
@@ -208,20 +232,26 @@ pub fn rollback(dir: &Path, dry_run: bool) -> anyhow::Result<Vec<String>> {
         plan.push(format!("restore {} -> {}", rollback.join(&m.kept_as).display(), dir.join(&m.name).display()));
     }
     ensure!(blocked.is_empty(), "rollback refused, nothing changed: {} (move it away, then roll back again)", blocked.join("; "));
-    plan.push(format!("remove {}", dir.join(&state.installed).display()));
+    // A file of another tool's under allot's name comes back in its place instead.
+    let reinstated = restore.iter().any(|m| m.name == state.installed);
+    if !reinstated {
+        plan.push(format!("remove {}", dir.join(&state.installed).display()));
+    }
     if dry_run {
         return Ok(plan);
     }
     // The old ones back first (allot's still sorts first meanwhile), then allot's goes.
-    for m in &restore {
+    for m in restore.iter().filter(|m| !never_moved.contains(&m.name)) {
         std::fs::rename(rollback.join(&m.kept_as), dir.join(&m.name))
             .with_context(|| format!("restoring {}", dir.join(&m.name).display()))?;
     }
     sync_dir(dir)?;
-    match std::fs::remove_file(dir.join(&state.installed)) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing {}", dir.join(&state.installed).display())),
+    if !reinstated {
+        match std::fs::remove_file(dir.join(&state.installed)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", dir.join(&state.installed).display())),
+        }
     }
     sync_dir(dir)?;
     for m in state.moved.iter().filter(|m| !restore.iter().any(|r| r.kept_as == m.kept_as)) {

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use allot_k8s::migration::{MIGRATION_NAME, Migration, MigrationSpec, MigrationStatus, ObjectRef};
 use k8s_openapi::api::apps::v1::{DaemonSet, ReplicaSet, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
-use k8s_openapi::api::policy::v1::Eviction as PodEviction;
+use k8s_openapi::api::policy::v1::{Eviction as PodEviction, PodDisruptionBudget};
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams};
 use kube::core::Status;
 use serde_json::{Value, json};
@@ -174,6 +174,18 @@ fn err(what: &str, e: kube::Error) -> ClusterError {
 }
 
 impl KubeCluster {
+    /// The names of the PDBs that select the pod (best effort: empty when they cannot be read).
+    async fn pdbs_of(&self, namespace: &str, name: &str) -> Vec<String> {
+        let Ok(pod) = pods_api(&self.client, namespace).get(name).await else { return vec![] };
+        let Ok(list) = Api::<PodDisruptionBudget>::namespaced(self.client.clone(), namespace).list(&ListParams::default()).await else { return vec![] };
+        let labels = pod.metadata.labels.unwrap_or_default();
+        list.items
+            .iter()
+            .filter(|b| b.spec.as_ref().and_then(|s| s.selector.as_ref()).is_some_and(|s| crate::plan::selector_matches(s, &labels)))
+            .filter_map(|b| b.metadata.name.clone())
+            .collect()
+    }
+
     pub fn new(client: kube::Client, switcher: Switcher, old_objects: Vec<DynamicObject>, daemonsets: CniDaemonSets) -> Self {
         KubeCluster { client, switcher, old_objects, daemonsets }
     }
@@ -396,6 +408,17 @@ impl Cluster for KubeCluster {
             Ok(_) => Ok(Eviction::Evicted),
             Err(e) if code(&e) == Some(429) => Ok(Eviction::Blocked),
             Err(e) if code(&e) == Some(404) => Ok(Eviction::Gone),
+            // The apiserver answers 500 for a pod more than one PDB selects: it is no outage,
+            // and retrying never helps.
+            Err(kube::Error::Api(s)) if s.code == 500 && s.message.contains("PodDisruptionBudget") => {
+                let pdbs = self.pdbs_of(namespace, name).await;
+                let which = if pdbs.is_empty() { String::new() } else { format!(" ({})", pdbs.join(", ")) };
+                Err(ClusterError::Failed(format!(
+                    "evicting {namespace}/{name}: more than one PodDisruptionBudget selects it{which} and the Eviction API refuses such a pod \
+                     (\"{}\"): leave one budget over it, then run the same command again",
+                    s.message
+                )))
+            }
             Err(e) => Err(err(&format!("evicting {namespace}/{name}"), e)),
         }
     }

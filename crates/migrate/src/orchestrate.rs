@@ -132,8 +132,24 @@ pub enum Error {
     Failed { phase: Phase, message: String },
     #[error("rollback stopped: {0}; every node it cordoned is schedulable again. Fix the cause and run `allot migrate rollback` again")]
     RollbackFailed(String),
+    /// The API stayed away longer than the run waits: the run stopped without finishing the
+    /// step; nodes it had cordoned were uncordoned if the API came back in time.
+    #[error("{}", stranded(.message, .cordoned, .command))]
+    Unreachable { message: String, cordoned: Vec<String>, command: &'static str },
     #[error(transparent)]
     Cluster(ClusterError),
+}
+
+fn stranded(message: &str, cordoned: &[String], command: &str) -> String {
+    if cordoned.is_empty() {
+        format!("stopped: {message}; every node this run cordoned is schedulable again. Run `{command}` again once the API answers: it resumes where it stopped")
+    } else {
+        format!(
+            "stopped: {message}; nodes {} may still be cordoned (the API did not answer the uncordon). Run `{command}` again once the API answers: it resumes and uncordons them; or `kubectl uncordon {}`",
+            cordoned.join(", "),
+            cordoned.join(" ")
+        )
+    }
 }
 
 fn refusals(r: &[Refusal]) -> String {
@@ -299,7 +315,7 @@ impl<'a, C: Cluster> Orchestrator<'a, C> {
             match self.step_forward().await {
                 Ok(true) => return Ok(()),
                 Ok(false) => {}
-                Err(Stop::Abort(e)) => return Err(Error::Cluster(e)),
+                Err(Stop::Abort(e)) => return Err(self.abort(e).await),
                 Err(Stop::Fail(m)) => return Err(self.fail(m).await),
             }
         }
@@ -324,7 +340,7 @@ impl<'a, C: Cluster> Orchestrator<'a, C> {
             match self.step_back().await {
                 Ok(true) => return Ok(()),
                 Ok(false) => {}
-                Err(Stop::Abort(e)) => return Err(Error::Cluster(e)),
+                Err(Stop::Abort(e)) => return Err(self.abort(e).await),
                 Err(Stop::Fail(m)) => return Err(self.fail(m).await),
             }
         }
@@ -366,13 +382,49 @@ impl<'a, C: Cluster> Orchestrator<'a, C> {
             }
         }
         if let Err(e) = self.save().await {
-            return Error::Cluster(e);
+            return self.unreachable(e);
         }
         if let Err(e) = self.uncordon_all().await {
-            return Error::Cluster(e);
+            return self.unreachable(e);
         }
         self.report(format!("stopped: {message}"));
         if back { Error::RollbackFailed(message) } else { Error::Failed { phase: self.st.failed_in.unwrap_or(Phase::Preflight), message } }
+    }
+
+    /// The API stayed away past `api_timeout`: make the nodes of the batch in progress Pending
+    /// again (the resumed run cordons them anew), then uncordon, as far as the API lets us.
+    /// An interruption stops at once: the same command resumes.
+    async fn abort(&mut self, e: ClusterError) -> Error {
+        if !matches!(e, ClusterError::Unavailable(_)) {
+            return Error::Cluster(e);
+        }
+        for n in &mut self.st.nodes {
+            if matches!(n.phase, NodePhase::Cordoned | NodePhase::Draining | NodePhase::Verifying) {
+                n.phase = NodePhase::Pending;
+            }
+        }
+        if let Err(e2) = self.save().await {
+            return self.unreachable(e2);
+        }
+        if let Err(e2) = self.uncordon_all().await {
+            return self.unreachable(e2);
+        }
+        let err = self.unreachable(e);
+        self.report(err.to_string());
+        err
+    }
+
+    /// The error for an API gone away, naming the nodes that may still be cordoned.
+    fn unreachable(&self, e: ClusterError) -> Error {
+        if matches!(e, ClusterError::Interrupted) {
+            return Error::Cluster(e);
+        }
+        let back = self.st.phase == Phase::RollingBack;
+        Error::Unreachable {
+            message: e.to_string(),
+            cordoned: self.st.nodes.iter().filter(|n| n.cordoned).map(|n| n.name.clone()).collect(),
+            command: if back { "allot migrate rollback" } else { "allot migrate apply" },
+        }
     }
 
     /// Uncordon every node this migration cordoned.

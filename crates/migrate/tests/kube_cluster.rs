@@ -236,6 +236,38 @@ async fn fake_api_apply_then_rollback_sends_what_an_apiserver_expects() {
     assert!(api.objects("rbac.authorization.k8s.io/v1", "ClusterRole").is_empty());
 }
 
+fn pdb(name: &str, app: &str) -> Value {
+    json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": name, "namespace": "default"},
+           "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": app}}}})
+}
+
+/// The apiserver answers the eviction of a pod two PDBs select with a 500 that says so: that
+/// is no outage to wait out but a failed step, named with the pod and both budgets, and the
+/// node is uncordoned.
+#[tokio::test]
+async fn fake_api_eviction_of_a_pod_two_pdbs_select_fails_the_step_and_uncordons() {
+    let api = cluster();
+    api.insert(pdb("web-a", "web-abc"));
+    api.insert(pdb("web-b", "web-abc"));
+    api.insert(pdb("other", "db"));
+    let k = kube(&api);
+    // The real answer, as often as asked: retrying would never help.
+    api.fail_next_with("create", "pods/eviction", 500, 1000, "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support.");
+    let mut o = Orchestrator::begin(&k, spec(None), &plan(), fast(), Box::new(|_, _| {})).await.unwrap();
+    let err = o.apply().await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, allot_migrate::orchestrate::Error::Failed { phase: Phase::Nodes, .. }), "{msg}");
+    assert!(msg.contains("evicting default/web-abc") && msg.contains("(web-a, web-b)") && msg.contains("more than one PodDisruptionBudget"), "{msg}");
+    assert_eq!(reqs(&api, "create", "pods", Some("eviction")).len(), 1, "not retried");
+    for n in api.objects("v1", "Node") {
+        assert_ne!(n["spec"]["unschedulable"], json!(true), "{n}");
+    }
+    let m = &api.objects("allot.dev/v1", "Migration")[0];
+    assert_eq!(m["status"]["phase"], "Failed");
+    assert_eq!(m["status"]["nodes"][0]["phase"], "Failed");
+    assert_eq!(m["status"]["nodes"][0]["cordoned"], false);
+}
+
 #[test]
 fn known_cni_daemonsets_and_plurals_without_discovery() {
     let ds = CniDaemonSets::of("canal:v3.27", "allot").unwrap();

@@ -503,3 +503,57 @@ fn a_shared_range_rollback_from_every_point_restores_the_old_cni() {
         }
     }
 }
+
+/// Apply on `sim`; when the line `at` is reported, the API goes away for `outage`.
+fn apply_with_outage(sim: &Sim, at: &str, outage: Duration) -> Result<(), Error> {
+    let plan = sim.plan("canal:3.27", "cilium:1.16", 2);
+    block_on(async {
+        let progress = Box::new(|_: &allot_k8s::migration::MigrationStatus, l: &str| {
+            if l == at {
+                let mut w = sim.world.borrow_mut();
+                let now = w.now;
+                w.api_down.push((now, now + outage));
+            }
+        });
+        let mut o = Orchestrator::begin(sim, spec(false), &plan, RunOptions::default(), progress).await?;
+        o.apply().await
+    })
+}
+
+/// The API goes away longer than the run waits (120 s) while n1 and n2 are cordoned: the run
+/// stops, and since the API is back before the uncordon gives up, both are schedulable again.
+#[test]
+fn an_outage_longer_than_the_api_timeout_leaves_every_node_schedulable() {
+    let sim = cluster(15);
+    let err = apply_with_outage(&sim, "batch 1: cordoned n1, n2", Duration::from_secs(200)).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Unreachable { ref cordoned, .. } if cordoned.is_empty()), "{msg}");
+    assert!(msg.contains("every node this run cordoned is schedulable again") && msg.contains("allot migrate apply"), "{msg}");
+    check_rules(&sim, false, "after the outage");
+    {
+        let w = sim.world.borrow();
+        let st = &w.migration.as_ref().unwrap().1;
+        assert_eq!(st.phase, Phase::Nodes);
+        assert!(st.nodes.iter().all(|n| !n.cordoned && n.phase != NodePhase::Cordoned && n.phase != NodePhase::Draining), "{st:?}");
+    }
+    // The same apply resumes: the batch is cordoned again and the run ends as usual.
+    apply(&sim, false).unwrap();
+    check_rules(&sim, false, "resumed");
+    let e = end(&sim);
+    assert_eq!((e.phase, e.on_old), (Phase::Done, 1), "{e:?}");
+}
+
+/// The API stays away through the uncordon too: the error names the nodes left cordoned and
+/// how to fix it; the resumed run uncordons them.
+#[test]
+fn an_outage_through_the_uncordon_names_the_cordoned_nodes() {
+    let sim = cluster(16);
+    let err = apply_with_outage(&sim, "batch 1: cordoned n1, n2", Duration::from_secs(1000)).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Unreachable { ref cordoned, .. } if *cordoned == ["n1", "n2"]), "{msg}");
+    assert!(msg.contains("nodes n1, n2 may still be cordoned") && msg.contains("kubectl uncordon n1 n2"), "{msg}");
+    sim.run_for(Duration::from_secs(1000));
+    apply(&sim, false).unwrap();
+    check_rules(&sim, false, "resumed after the outage");
+    assert_eq!(end(&sim).phase, Phase::Done);
+}

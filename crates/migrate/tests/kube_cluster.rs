@@ -319,7 +319,8 @@ async fn fake_api_kkp_switch_labels_then_patches_the_seed_cluster() {
         Switcher::Kkp { seed: seed.client(), cluster: "xyz".into() },
         vec![],
         CniDaemonSets::of("canal:v3.27", "cilium:1.16").unwrap(),
-    );
+    )
+    .with_proxy_wait(Duration::from_secs(5), Duration::from_millis(20));
     assert!(k.switch_to_target(&spec(None)).await.unwrap().is_empty());
     let patches = reqs(&seed, "patch", "clusters", None);
     assert_eq!(patches.len(), 2);
@@ -331,9 +332,32 @@ async fn fake_api_kkp_switch_labels_then_patches_the_seed_cluster() {
     assert_eq!(c["spec"]["clusterNetwork"]["konnectivityEnabled"], true, "a merge patch keeps the rest");
 
     assert_eq!(k.kube_proxy_mode().await.unwrap(), "ipvs");
+    // KKP writes the user cluster's ConfigMap some time after the Cluster changes: kube-proxy
+    // is restarted only once it shows the new mode (the manual's step 3).
+    let set = k.set_kube_proxy_mode("iptables");
+    let kkp = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(seed.objects("kubermatic.k8c.io/v1", "Cluster")[0]["spec"]["clusterNetwork"]["proxyMode"], "iptables");
+        assert!(reqs(&user, "patch", "daemonsets", None).is_empty(), "kube-proxy restarted before its ConfigMap shows the mode");
+        assert!(reqs(&user, "get", "configmaps", None).len() > 3, "the ConfigMap is polled");
+        user.insert(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "kube-proxy", "namespace": "kube-system"},
+                           "data": {"config.conf": "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: \"iptables\"\n"}}));
+    };
+    let (r, ()) = tokio::join!(set, kkp);
+    r.unwrap();
+    assert_eq!(reqs(&user, "patch", "daemonsets", None).len(), 1, "kube-proxy restarted in the user cluster");
+
+    // KKP never reconciles: a clear failure, and no restart.
+    let slow = KubeCluster::new(user.client(), Switcher::Kkp { seed: seed.client(), cluster: "xyz".into() }, vec![], CniDaemonSets::of("canal:v3.27", "cilium:1.16").unwrap())
+        .with_proxy_wait(Duration::from_millis(200), Duration::from_millis(20));
+    let e = slow.set_kube_proxy_mode("ipvs").await.unwrap_err().to_string();
+    assert!(e.contains("ConfigMap kube-system/kube-proxy still shows \"iptables\"") && e.contains("kube-proxy was not restarted"), "{e}");
+    assert_eq!(reqs(&user, "patch", "daemonsets", None).len(), 1);
+
+    // ebpf: KKP replaces kube-proxy (Cilium takes over): nothing to wait for or restart.
     k.set_kube_proxy_mode("ebpf").await.unwrap();
     assert_eq!(seed.objects("kubermatic.k8c.io/v1", "Cluster")[0]["spec"]["clusterNetwork"]["proxyMode"], "ebpf");
-    assert_eq!(reqs(&user, "patch", "daemonsets", None).len(), 1, "kube-proxy restarted in the user cluster");
+    assert_eq!(reqs(&user, "patch", "daemonsets", None).len(), 1);
 
     // Rollback: the Cluster names canal again; cilium's well-known objects go.
     user.insert(daemonset("kube-system", "cilium"));

@@ -40,8 +40,9 @@ pub struct MigrationSpec {
     /// How long one pod may take to be evicted (429 retried) or to come back Ready.
     #[serde(default = "default_pod_timeout")]
     pub pod_timeout_seconds: u64,
-    /// Where the new CNI's pod addresses come from: a pod is on the new CNI when an address of
-    /// its lies in one of these.
+    /// Where the new CNI's pod addresses come from. A pod is on the new CNI when it was started
+    /// after the switch and, unless the old CNI's pods already had addresses in these (a shared
+    /// range, as on KKP), an address of its lies in one of these.
     pub new_pod_cidrs: Vec<String>,
     /// Change kube-proxy's mode once every pod is on the new CNI (`ipvs`, `iptables`, `ebpf`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -109,6 +110,10 @@ pub struct MigrationStatus {
     /// Whether the old CNI's objects were removed (rollback must then bring them back).
     #[serde(default)]
     pub old_removed: bool,
+    /// Pods on the old CNI at the switch already had addresses in `newPodCidrs` (old and new CNI
+    /// share the range): only a pod's identity tells which CNI it is on.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared_range: bool,
     /// Pods counted at the end: on the new CNI, and all non-host-network running pods.
     #[serde(default)]
     pub pods_on_new: u32,
@@ -146,6 +151,16 @@ pub struct NodeStatus {
     /// Bare pods left on the old CNI (no `--force-bare`).
     #[serde(default)]
     pub kept: u32,
+    /// UIDs of the node's pods when the target was switched on: these run on the old CNI. The
+    /// address alone cannot tell when both CNIs hand out the same range.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub old_pods: Vec<String>,
+    /// UIDs of pods started while the target was coming up (either CNI): restarted too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub early_pods: Vec<String>,
+    /// Rollback: UIDs of pods not in `oldPods` when the old CNI was back (maybe on the new CNI).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub back_pods: Vec<String>,
     /// Controllers whose pods were restarted here (`Kind namespace/name`): the node is
     /// verified only once each is fully available again.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

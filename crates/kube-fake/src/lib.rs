@@ -167,12 +167,23 @@ impl FakeApiServer {
     /// create update patch delete deletecollection; `resource`: the plural, or
     /// "plural/subresource" (`"pods/eviction"`, `"allotnodes/status"`).
     pub fn fail_next(&self, verb: &str, resource: &str, status: u16, count: usize) {
+        self.push_failure(verb, resource, status, count, None);
+    }
+
+    /// [`Self::fail_next`] with the Status message the real apiserver sends (e.g. the eviction
+    /// of a pod that two PodDisruptionBudgets select is a 500 that says so).
+    pub fn fail_next_with(&self, verb: &str, resource: &str, status: u16, count: usize, message: &str) {
+        self.push_failure(verb, resource, status, count, Some(message.into()));
+    }
+
+    fn push_failure(&self, verb: &str, resource: &str, status: u16, count: usize, message: Option<String>) {
         if count > 0 {
             self.state().failures.push(server::Failure {
                 verb: verb.into(),
                 resource: resource.into(),
                 status,
                 remaining: count,
+                message,
             });
         }
     }

@@ -101,6 +101,8 @@ pub(crate) struct Failure {
     pub resource: String,
     pub status: u16,
     pub remaining: usize,
+    /// The Status message (None: says it was injected).
+    pub message: Option<String>,
 }
 
 pub(crate) struct State {
@@ -435,12 +437,12 @@ impl State {
         }
     }
 
-    fn take_failure(&mut self, verb: &str, resource: &str) -> Option<u16> {
+    fn take_failure(&mut self, verb: &str, resource: &str) -> Option<(u16, Option<String>)> {
         let f = self.failures.iter_mut().find(|f| f.remaining > 0 && f.verb == verb && f.resource == resource)?;
         f.remaining -= 1;
-        let code = f.status;
+        let out = (f.status, f.message.clone());
         self.failures.retain(|f| f.remaining > 0);
-        Some(code)
+        Some(out)
     }
 
     /// Serve one request and record it.
@@ -489,9 +491,10 @@ impl State {
                 None => record.resource.clone(),
             };
             match self.take_failure(verb, &resource) {
-                Some(code) => {
-                    err(code, format!("injected failure: {verb} {resource} answered {code} (FakeApiServer::fail_next)"))
-                }
+                Some((code, message)) => err(
+                    code,
+                    message.unwrap_or_else(|| format!("injected failure: {verb} {resource} answered {code} (FakeApiServer::fail_next)")),
+                ),
                 None => match route {
                     // dryRun=All: the write runs on a copy that is then thrown away.
                     // (A delete carries it in its DeleteOptions body.)

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use allot_k8s::migration::{MIGRATION_NAME, Migration, MigrationSpec, MigrationStatus, ObjectRef};
 use k8s_openapi::api::apps::v1::{DaemonSet, ReplicaSet, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
-use k8s_openapi::api::policy::v1::Eviction as PodEviction;
+use k8s_openapi::api::policy::v1::{Eviction as PodEviction, PodDisruptionBudget};
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams};
 use kube::core::Status;
 use serde_json::{Value, json};
@@ -38,6 +38,8 @@ pub struct KubeCluster {
     /// removed (from `--old-manifests`); empty: the well-known objects of the old CNI's type.
     old_objects: Vec<DynamicObject>,
     daemonsets: CniDaemonSets,
+    /// KKP: how long to wait for kube-proxy's ConfigMap to show a new mode, and how often to look.
+    proxy_wait: (Duration, Duration),
 }
 
 /// The DaemonSets (namespace, name) whose pods show each CNI Ready on a node.
@@ -174,8 +176,35 @@ fn err(what: &str, e: kube::Error) -> ClusterError {
 }
 
 impl KubeCluster {
+    /// The names of the PDBs that select the pod (best effort: empty when they cannot be read).
+    async fn pdbs_of(&self, namespace: &str, name: &str) -> Vec<String> {
+        let Ok(pod) = pods_api(&self.client, namespace).get(name).await else { return vec![] };
+        let Ok(list) = Api::<PodDisruptionBudget>::namespaced(self.client.clone(), namespace).list(&ListParams::default()).await else { return vec![] };
+        let labels = pod.metadata.labels.unwrap_or_default();
+        list.items
+            .iter()
+            .filter(|b| b.spec.as_ref().and_then(|s| s.selector.as_ref()).is_some_and(|s| crate::plan::selector_matches(s, &labels)))
+            .filter_map(|b| b.metadata.name.clone())
+            .collect()
+    }
+
     pub fn new(client: kube::Client, switcher: Switcher, old_objects: Vec<DynamicObject>, daemonsets: CniDaemonSets) -> Self {
-        KubeCluster { client, switcher, old_objects, daemonsets }
+        KubeCluster { client, switcher, old_objects, daemonsets, proxy_wait: (Duration::from_secs(300), Duration::from_secs(2)) }
+    }
+
+    /// How long `set_kube_proxy_mode` waits on KKP for the ConfigMap to show the mode (the
+    /// run's pod timeout), polling every `poll`.
+    pub fn with_proxy_wait(mut self, timeout: Duration, poll: Duration) -> Self {
+        self.proxy_wait = (timeout, poll);
+        self
+    }
+
+    /// The mode kube-system/kube-proxy's ConfigMap shows ("" when there is none).
+    async fn config_map_proxy_mode(&self) -> Result<String, ClusterError> {
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), "kube-system");
+        let cm = api.get_opt("kube-proxy").await.map_err(|e| err("reading ConfigMap kube-system/kube-proxy", e))?;
+        let conf = cm.and_then(|c| c.data).and_then(|d| d.get("config.conf").cloned());
+        Ok(conf.map(|c| proxy_mode_of(&c).unwrap_or("iptables").to_string()).unwrap_or_default())
     }
 
     fn dyn_api(client: &kube::Client, r: &ObjectRef) -> Api<DynamicObject> {
@@ -396,6 +425,17 @@ impl Cluster for KubeCluster {
             Ok(_) => Ok(Eviction::Evicted),
             Err(e) if code(&e) == Some(429) => Ok(Eviction::Blocked),
             Err(e) if code(&e) == Some(404) => Ok(Eviction::Gone),
+            // The apiserver answers 500 for a pod more than one PDB selects: it is no outage,
+            // and retrying never helps.
+            Err(kube::Error::Api(s)) if s.code == 500 && s.message.contains("PodDisruptionBudget") => {
+                let pdbs = self.pdbs_of(namespace, name).await;
+                let which = if pdbs.is_empty() { String::new() } else { format!(" ({})", pdbs.join(", ")) };
+                Err(ClusterError::Failed(format!(
+                    "evicting {namespace}/{name}: more than one PodDisruptionBudget selects it{which} and the Eviction API refuses such a pod \
+                     (\"{}\"): leave one budget over it, then run the same command again",
+                    s.message
+                )))
+            }
             Err(e) => Err(err(&format!("evicting {namespace}/{name}"), e)),
         }
     }
@@ -523,6 +563,28 @@ impl Cluster for KubeCluster {
                 )
                 .await
                 .map_err(|e| err(&format!("patching KKP Cluster {cluster}"), e))?;
+            if mode == "ebpf" {
+                // No kube-proxy with ebpf: KKP removes it and redeploys Cilium itself.
+                return Ok(());
+            }
+            // KKP writes the user cluster's ConfigMap when it reconciles (up to minutes): a
+            // restart before that keeps the old mode, as the manual warns.
+            let (timeout, poll) = self.proxy_wait;
+            let start = std::time::Instant::now();
+            loop {
+                let now = self.config_map_proxy_mode().await?;
+                if now == mode {
+                    break;
+                }
+                if start.elapsed() >= timeout {
+                    return Err(ClusterError::Failed(format!(
+                        "KKP Cluster {cluster} asks for kube-proxy mode {mode}, but ConfigMap kube-system/kube-proxy still shows {:?} after {timeout:?}: \
+                         KKP has not reconciled it (check the seed's controllers); kube-proxy was not restarted",
+                        if now.is_empty() { "no ConfigMap" } else { now.as_str() }
+                    )));
+                }
+                tokio::time::sleep(poll).await;
+            }
         } else {
             let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), "kube-system");
             let cm = api.get("kube-proxy").await.map_err(|e| err("reading ConfigMap kube-system/kube-proxy", e))?;

@@ -11,6 +11,7 @@
 //! optionally change kube-proxy's mode. Rollback: kube-proxy's mode back, old CNI back (target
 //! removed), then restart pods on every node that has pods on the new CNI, in reverse order.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -131,12 +132,36 @@ pub enum Error {
     Failed { phase: Phase, message: String },
     #[error("rollback stopped: {0}; every node it cordoned is schedulable again. Fix the cause and run `allot migrate rollback` again")]
     RollbackFailed(String),
+    /// The API stayed away longer than the run waits: the run stopped without finishing the
+    /// step; nodes it had cordoned were uncordoned if the API came back in time.
+    #[error("{}", stranded(.message, .cordoned, .command))]
+    Unreachable { message: String, cordoned: Vec<String>, command: &'static str },
     #[error(transparent)]
     Cluster(ClusterError),
 }
 
+fn stranded(message: &str, cordoned: &[String], command: &str) -> String {
+    if cordoned.is_empty() {
+        format!("stopped: {message}; every node this run cordoned is schedulable again. Run `{command}` again once the API answers: it resumes where it stopped")
+    } else {
+        format!(
+            "stopped: {message}; nodes {} may still be cordoned (the API did not answer the uncordon). Run `{command}` again once the API answers: it resumes and uncordons them; or `kubectl uncordon {}`",
+            cordoned.join(", "),
+            cordoned.join(" ")
+        )
+    }
+}
+
 fn refusals(r: &[Refusal]) -> String {
     r.iter().map(|r| format!("{}: {}", r.rule, r.message)).collect::<Vec<_>>().join("; ")
+}
+
+/// The pods' UIDs recorded in the status, by role (see [`NodeStatus`]).
+#[derive(Default)]
+struct Known {
+    old: HashSet<String>,
+    early: HashSet<String>,
+    back: HashSet<String>,
 }
 
 /// Why a step stopped.
@@ -290,7 +315,7 @@ impl<'a, C: Cluster> Orchestrator<'a, C> {
             match self.step_forward().await {
                 Ok(true) => return Ok(()),
                 Ok(false) => {}
-                Err(Stop::Abort(e)) => return Err(Error::Cluster(e)),
+                Err(Stop::Abort(e)) => return Err(self.abort(e).await),
                 Err(Stop::Fail(m)) => return Err(self.fail(m).await),
             }
         }
@@ -315,7 +340,7 @@ impl<'a, C: Cluster> Orchestrator<'a, C> {
             match self.step_back().await {
                 Ok(true) => return Ok(()),
                 Ok(false) => {}
-                Err(Stop::Abort(e)) => return Err(Error::Cluster(e)),
+                Err(Stop::Abort(e)) => return Err(self.abort(e).await),
                 Err(Stop::Fail(m)) => return Err(self.fail(m).await),
             }
         }
@@ -357,13 +382,49 @@ impl<'a, C: Cluster> Orchestrator<'a, C> {
             }
         }
         if let Err(e) = self.save().await {
-            return Error::Cluster(e);
+            return self.unreachable(e);
         }
         if let Err(e) = self.uncordon_all().await {
-            return Error::Cluster(e);
+            return self.unreachable(e);
         }
         self.report(format!("stopped: {message}"));
         if back { Error::RollbackFailed(message) } else { Error::Failed { phase: self.st.failed_in.unwrap_or(Phase::Preflight), message } }
+    }
+
+    /// The API stayed away past `api_timeout`: make the nodes of the batch in progress Pending
+    /// again (the resumed run cordons them anew), then uncordon, as far as the API lets us.
+    /// An interruption stops at once: the same command resumes.
+    async fn abort(&mut self, e: ClusterError) -> Error {
+        if !matches!(e, ClusterError::Unavailable(_)) {
+            return Error::Cluster(e);
+        }
+        for n in &mut self.st.nodes {
+            if matches!(n.phase, NodePhase::Cordoned | NodePhase::Draining | NodePhase::Verifying) {
+                n.phase = NodePhase::Pending;
+            }
+        }
+        if let Err(e2) = self.save().await {
+            return self.unreachable(e2);
+        }
+        if let Err(e2) = self.uncordon_all().await {
+            return self.unreachable(e2);
+        }
+        let err = self.unreachable(e);
+        self.report(err.to_string());
+        err
+    }
+
+    /// The error for an API gone away, naming the nodes that may still be cordoned.
+    fn unreachable(&self, e: ClusterError) -> Error {
+        if matches!(e, ClusterError::Interrupted) {
+            return Error::Cluster(e);
+        }
+        let back = self.st.phase == Phase::RollingBack;
+        Error::Unreachable {
+            message: e.to_string(),
+            cordoned: self.st.nodes.iter().filter(|n| n.cordoned).map(|n| n.name.clone()).collect(),
+            command: if back { "allot migrate rollback" } else { "allot migrate apply" },
+        }
     }
 
     /// Uncordon every node this migration cordoned.
@@ -404,10 +465,52 @@ impl<'a, C: Cluster> Orchestrator<'a, C> {
         }
     }
 
-    /// The pod runs on the CNI the run moves to (`back`: the old one).
-    fn on_wanted(&self, pod: &PodInfo, back: bool) -> bool {
-        let new = pod.ips.iter().any(|ip| self.cidrs.iter().any(|c| c.contains(ip)));
-        if back { !pod.ips.is_empty() && !new } else { new }
+    /// Record the UIDs of the pods running now on each node (the old CNI's), and whether their
+    /// addresses already lie in the new pod CIDRs.
+    async fn record_old(&mut self) -> Result<(), Stop> {
+        let mut shared = false;
+        for i in 0..self.st.nodes.len() {
+            let name = self.st.nodes[i].name.clone();
+            let pods: Vec<PodInfo> = call!(self, self.c.pods_on(&name))?.into_iter().filter(Self::counted).collect();
+            shared |= pods.iter().any(|p| self.in_new_cidr(p));
+            self.st.nodes[i].old_pods = pods.into_iter().map(|p| p.uid).collect();
+        }
+        self.st.shared_range = shared;
+        Ok(())
+    }
+
+    /// The UIDs recorded so far, to judge pods by.
+    fn known(&self) -> Known {
+        let mut k = Known::default();
+        for n in &self.st.nodes {
+            k.old.extend(n.old_pods.iter().cloned());
+            k.early.extend(n.early_pods.iter().cloned());
+            k.back.extend(n.back_pods.iter().cloned());
+        }
+        k
+    }
+
+    fn in_new_cidr(&self, pod: &PodInfo) -> bool {
+        pod.ips.iter().any(|ip| self.cidrs.iter().any(|c| c.contains(ip)))
+    }
+
+    /// The pod runs on the CNI the run moves to (`back`: the old one). Judged by identity: on
+    /// the new CNI means started after the switch (and the target was up); back on the old
+    /// one means never restarted since the switch, or started after the rollback switched
+    /// back. The address is checked too unless the old CNI's pods were already in the range.
+    fn on_wanted(&self, pod: &PodInfo, back: bool, k: &Known) -> bool {
+        let new = self.st.shared_range || self.in_new_cidr(pod);
+        if back {
+            k.old.contains(&pod.uid) || (!k.back.contains(&pod.uid) && !pod.ips.is_empty() && (self.st.shared_range || !new))
+        } else {
+            !k.old.contains(&pod.uid) && !k.early.contains(&pod.uid) && new
+        }
+    }
+
+    /// A pod recorded as one to move (old or early; rollback: started since the switch): it
+    /// is restarted even before it has an address.
+    fn to_move(pod: &PodInfo, back: bool, k: &Known) -> bool {
+        if back { k.back.contains(&pod.uid) } else { k.old.contains(&pod.uid) || k.early.contains(&pod.uid) }
     }
 
     fn is_bare(pod: &PodInfo) -> bool {
@@ -443,8 +546,17 @@ impl<'a, C: Cluster> Orchestrator<'a, C> {
             }
             Phase::Switching => {
                 if !self.st.switched {
+                    // Recorded with the switch: the pods running now are on the old CNI, whatever
+                    // their addresses say (KKP keeps the pods CIDR, so both CNIs share it).
+                    self.record_old().await?;
                     self.st.switched = true;
                     self.save().await?;
+                    if self.st.shared_range {
+                        self.report(format!(
+                            "pods on {} already have addresses in --new-pod-cidr: the range is shared, each pod is judged by whether it was started after the switch",
+                            self.spec.from
+                        ));
+                    }
                 }
                 let applied = call!(self, self.c.switch_to_target(&self.spec))?;
                 if !applied.is_empty() {
@@ -457,6 +569,13 @@ impl<'a, C: Cluster> Orchestrator<'a, C> {
                 }
                 self.report(format!("switched to {}: waiting for its pods on every node", self.spec.to));
                 self.wait_cni(Cni::Target).await?;
+                // Pods started while the target came up may have either CNI: restart them too.
+                let old = self.known().old;
+                for i in 0..self.st.nodes.len() {
+                    let name = self.st.nodes[i].name.clone();
+                    let pods = call!(self, self.c.pods_on(&name))?;
+                    self.st.nodes[i].early_pods = pods.into_iter().filter(|p| Self::counted(p) && !old.contains(&p.uid)).map(|p| p.uid).collect();
+                }
                 self.st.phase = Phase::Nodes;
                 self.save().await?;
                 self.report(format!("{} Ready on every node", self.spec.to));
@@ -521,17 +640,21 @@ impl<'a, C: Cluster> Orchestrator<'a, C> {
                     self.report(format!("switched back to {}: waiting for its pods on every node", self.spec.from));
                     self.wait_cni(Cni::Old).await?;
                 }
-                // Every node with a pod on the new CNI (or touched by the run) is restarted.
+                // Every node with a pod started since the switch (it may be on the new CNI), or
+                // touched by the run, is restarted; pods started from now on get the old CNI.
+                let old = self.known().old;
                 for i in 0..self.st.nodes.len() {
                     let name = self.st.nodes[i].name.clone();
                     let touched = self.st.nodes[i].phase != NodePhase::Pending;
-                    let on_new = if self.st.switched {
-                        call!(self, self.c.pods_on(&name))?.iter().any(|p| Self::counted(p) && self.on_wanted(p, false))
+                    let back_pods: Vec<String> = if self.st.switched {
+                        let pods = call!(self, self.c.pods_on(&name))?;
+                        pods.into_iter().filter(|p| Self::counted(p) && !old.contains(&p.uid)).map(|p| p.uid).collect()
                     } else {
-                        false
+                        vec![]
                     };
                     let n = &mut self.st.nodes[i];
-                    n.revert = touched || on_new;
+                    n.revert = touched || !back_pods.is_empty();
+                    n.back_pods = back_pods;
                     if n.revert {
                         n.phase = NodePhase::Pending;
                         n.restarted = 0;
@@ -559,13 +682,14 @@ impl<'a, C: Cluster> Orchestrator<'a, C> {
     /// Waits (up to the pod timeout) for pods still starting, so the figure is the settled one.
     async fn count(&mut self, back: bool) -> Result<(), Stop> {
         let deadline = self.c.now() + self.pod_timeout();
+        let k = self.known();
         let (on, total) = loop {
             let (mut on, mut total, mut starting) = (0, 0, false);
             for name in self.node_names() {
                 for p in call!(self, self.c.pods_on(&name))? {
                     if Self::counted(&p) {
                         total += 1;
-                        if self.on_wanted(&p, back) {
+                        if self.on_wanted(&p, back, &k) {
                             on += 1;
                         }
                         starting |= !p.ready;
@@ -691,9 +815,11 @@ impl<'a, C: Cluster> Orchestrator<'a, C> {
         self.finish_recreate().await?;
         let node = self.st.nodes[i].name.clone();
         let pods = call!(self, self.c.pods_on(&node))?;
+        let k = self.known();
         let mut kept = 0;
         for pod in pods {
-            if !Self::counted(&pod) || pod.ips.is_empty() || self.on_wanted(&pod, back) {
+            // A pod without an address yet is left to start, unless it is one recorded to move.
+            if !Self::counted(&pod) || (pod.ips.is_empty() && !Self::to_move(&pod, back, &k)) || self.on_wanted(&pod, back, &k) {
                 continue;
             }
             let (ns, name) = (pod.namespace.as_str(), pod.name.as_str());
@@ -780,6 +906,7 @@ impl<'a, C: Cluster> Orchestrator<'a, C> {
     /// Wait until every restarted pod on the batch's nodes is Ready on the wanted CNI.
     async fn verify(&mut self, idx: &[usize], back: bool) -> Result<(), Stop> {
         let deadline = self.c.now() + self.pod_timeout();
+        let k = self.known();
         loop {
             let mut bad = Vec::new();
             for &i in idx {
@@ -790,7 +917,7 @@ impl<'a, C: Cluster> Orchestrator<'a, C> {
                     }
                     if !p.ready {
                         bad.push(format!("{}/{} on {node} (not Ready)", p.namespace, p.name));
-                    } else if !self.on_wanted(&p, back) {
+                    } else if !self.on_wanted(&p, back, &k) {
                         let ips: Vec<String> = p.ips.iter().map(|ip| ip.to_string()).collect();
                         bad.push(format!("{}/{} on {node} ({}, {} CNI)", p.namespace, p.name, ips.join(" "), if back { "new" } else { "old" }));
                     }

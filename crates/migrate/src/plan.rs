@@ -291,6 +291,7 @@ pub fn plan_with_notes(snap: &ClusterSnapshot, opts: &PlanOptions) -> Result<(Pl
     let mut pods: Vec<&Pod> = snap.pods.iter().collect();
     pods.sort_by_key(|p| (ns_of(&p.metadata).to_string(), name_of(&p.metadata).to_string()));
     let mut unscheduled = Vec::new();
+    let mut multi_pdb = Vec::new();
     for pod in pods {
         let (ns, name) = (ns_of(&pod.metadata), name_of(&pod.metadata));
         let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
@@ -309,6 +310,13 @@ pub fn plan_with_notes(snap: &ClusterSnapshot, opts: &PlanOptions) -> Result<(Pl
         {
             risks.push(format!("node {node} is NotReady ({why}): the pod cannot be restarted or verified until the node is back"));
         }
+        if action == Action::Evict {
+            let pdbs = ctx.pdbs(pod);
+            if pdbs.len() > 1 {
+                let names: Vec<&str> = pdbs.iter().map(|(b, _, _)| name_of(&b.metadata)).collect();
+                multi_pdb.push(format!("{ns}/{name} ({})", names.join(", ")));
+            }
+        }
         for reason in risks {
             at_risk.push(AtRisk { namespace: ns.to_string(), name: name.to_string(), reason });
         }
@@ -317,6 +325,17 @@ pub fn plan_with_notes(snap: &ClusterSnapshot, opts: &PlanOptions) -> Result<(Pl
             name: name.to_string(),
             action,
             reason,
+        });
+    }
+    if !multi_pdb.is_empty() {
+        // The apiserver answers such an eviction with 500 every time: apply would stop there.
+        refusals.push(Refusal {
+            rule: "pod-with-several-pdbs".into(),
+            message: format!(
+                "the Eviction API refuses to evict a pod that more than one PodDisruptionBudget selects, so apply would stop at it: {}; \
+                 leave one budget over each pod (delete or narrow the others), then plan again",
+                multi_pdb.join(", ")
+            ),
         });
     }
     if !unscheduled.is_empty() {

@@ -78,6 +78,10 @@ pub struct SimPod {
     /// When its containers are up (Ready once it also has an address and its node is Ready).
     pub start_at_ms: u64,
     pub ip: Option<IpAddr>,
+    /// The address came from the target's CNI (the truth the tests check; the orchestrator
+    /// only sees the address).
+    #[serde(default)]
+    pub on_target: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -118,6 +122,9 @@ pub struct World {
     pub due: Vec<(Duration, usize, Option<String>)>,
     /// New pods get the target's addresses (on nodes where its agent is Ready).
     pub target_active: bool,
+    /// The target hands out addresses from the old CNI's range (KKP keeps the pods CIDR):
+    /// 10.1.128.0/17 instead of 10.2.0.0/16.
+    pub shared_range: bool,
     pub kube_proxy: String,
     pub migration: Option<(MigrationSpec, MigrationStatus)>,
     /// Every status written, in order.
@@ -191,6 +198,7 @@ impl World {
             finished: false,
             start_at_ms: (self.now + self.delays.start).as_millis() as u64,
             ip: None,
+            on_target: false,
         };
         self.pods.insert((wl.namespace, name), pod);
         true
@@ -217,16 +225,18 @@ impl World {
                 continue;
             }
             let node = p.node.clone();
-            let ip = if self.target_active && self.cni_ready(&node, Cni::Target) {
+            let (ip, on_target) = if self.target_active && self.cni_ready(&node, Cni::Target) {
                 self.next_new += 1;
-                Some(ip_in(10, 2, self.next_new))
+                (Some(if self.shared_range { ip_in(10, 1, 0x8000 + self.next_new) } else { ip_in(10, 2, self.next_new) }), true)
             } else if self.cni_ready(&node, Cni::Old) {
                 self.next_old += 1;
-                Some(ip_in(10, 1, self.next_old))
+                (Some(ip_in(10, 1, self.next_old)), false)
             } else {
-                None
+                (None, false)
             };
-            self.pods.get_mut(&k).unwrap().ip = ip;
+            let p = self.pods.get_mut(&k).unwrap();
+            p.ip = ip;
+            p.on_target = on_target;
         }
     }
 
@@ -268,15 +278,16 @@ impl World {
         }
     }
 
-    /// Every counted pod (pod network, running, not a mirror) and whether it is on the new CNI.
+    /// Every counted pod (pod network, running, not a mirror) and whether it is on the new CNI
+    /// (by which CNI gave its address, not by the address).
     pub fn pods_by_cni(&self) -> (u32, u32) {
-        let new: ipnet::IpNet = NEW_CIDR.parse().unwrap();
         let counted = self.pods.values().filter(|p| !p.host_network && !p.mirror && !p.finished);
         let (mut on_new, mut on_old) = (0, 0);
         for p in counted {
-            match p.ip {
-                Some(ip) if new.contains(&ip) => on_new += 1,
-                _ => on_old += 1,
+            if p.ip.is_some() && p.on_target {
+                on_new += 1;
+            } else {
+                on_old += 1;
             }
         }
         (on_new, on_old)
@@ -309,6 +320,7 @@ impl Sim {
                 pods: BTreeMap::new(),
                 due: vec![],
                 target_active: false,
+                shared_range: false,
                 kube_proxy: "ipvs".into(),
                 migration: None,
                 saves: 0,
@@ -357,6 +369,7 @@ impl Sim {
             finished,
             start_at_ms: w.now.as_millis() as u64,
             ip: None,
+            on_target: false,
         };
         w.pods.insert((namespace.into(), name.into()), pod);
     }
@@ -511,6 +524,7 @@ impl Cluster for Sim {
         }
         p.uid = w.uid();
         p.ip = None;
+        p.on_target = false;
         p.start_at_ms = (w.now + w.delays.start).as_millis() as u64;
         w.bare_deleted.retain(|k| *k != key);
         w.pods.insert(key, p);

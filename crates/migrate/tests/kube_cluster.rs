@@ -236,6 +236,38 @@ async fn fake_api_apply_then_rollback_sends_what_an_apiserver_expects() {
     assert!(api.objects("rbac.authorization.k8s.io/v1", "ClusterRole").is_empty());
 }
 
+fn pdb(name: &str, app: &str) -> Value {
+    json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": name, "namespace": "default"},
+           "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": app}}}})
+}
+
+/// The apiserver answers the eviction of a pod two PDBs select with a 500 that says so: that
+/// is no outage to wait out but a failed step, named with the pod and both budgets, and the
+/// node is uncordoned.
+#[tokio::test]
+async fn fake_api_eviction_of_a_pod_two_pdbs_select_fails_the_step_and_uncordons() {
+    let api = cluster();
+    api.insert(pdb("web-a", "web-abc"));
+    api.insert(pdb("web-b", "web-abc"));
+    api.insert(pdb("other", "db"));
+    let k = kube(&api);
+    // The real answer, as often as asked: retrying would never help.
+    api.fail_next_with("create", "pods/eviction", 500, 1000, "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support.");
+    let mut o = Orchestrator::begin(&k, spec(None), &plan(), fast(), Box::new(|_, _| {})).await.unwrap();
+    let err = o.apply().await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, allot_migrate::orchestrate::Error::Failed { phase: Phase::Nodes, .. }), "{msg}");
+    assert!(msg.contains("evicting default/web-abc") && msg.contains("(web-a, web-b)") && msg.contains("more than one PodDisruptionBudget"), "{msg}");
+    assert_eq!(reqs(&api, "create", "pods", Some("eviction")).len(), 1, "not retried");
+    for n in api.objects("v1", "Node") {
+        assert_ne!(n["spec"]["unschedulable"], json!(true), "{n}");
+    }
+    let m = &api.objects("allot.dev/v1", "Migration")[0];
+    assert_eq!(m["status"]["phase"], "Failed");
+    assert_eq!(m["status"]["nodes"][0]["phase"], "Failed");
+    assert_eq!(m["status"]["nodes"][0]["cordoned"], false);
+}
+
 #[test]
 fn known_cni_daemonsets_and_plurals_without_discovery() {
     let ds = CniDaemonSets::of("canal:v3.27", "allot").unwrap();
@@ -287,7 +319,8 @@ async fn fake_api_kkp_switch_labels_then_patches_the_seed_cluster() {
         Switcher::Kkp { seed: seed.client(), cluster: "xyz".into() },
         vec![],
         CniDaemonSets::of("canal:v3.27", "cilium:1.16").unwrap(),
-    );
+    )
+    .with_proxy_wait(Duration::from_secs(5), Duration::from_millis(20));
     assert!(k.switch_to_target(&spec(None)).await.unwrap().is_empty());
     let patches = reqs(&seed, "patch", "clusters", None);
     assert_eq!(patches.len(), 2);
@@ -299,9 +332,32 @@ async fn fake_api_kkp_switch_labels_then_patches_the_seed_cluster() {
     assert_eq!(c["spec"]["clusterNetwork"]["konnectivityEnabled"], true, "a merge patch keeps the rest");
 
     assert_eq!(k.kube_proxy_mode().await.unwrap(), "ipvs");
+    // KKP writes the user cluster's ConfigMap some time after the Cluster changes: kube-proxy
+    // is restarted only once it shows the new mode (the manual's step 3).
+    let set = k.set_kube_proxy_mode("iptables");
+    let kkp = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(seed.objects("kubermatic.k8c.io/v1", "Cluster")[0]["spec"]["clusterNetwork"]["proxyMode"], "iptables");
+        assert!(reqs(&user, "patch", "daemonsets", None).is_empty(), "kube-proxy restarted before its ConfigMap shows the mode");
+        assert!(reqs(&user, "get", "configmaps", None).len() > 3, "the ConfigMap is polled");
+        user.insert(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "kube-proxy", "namespace": "kube-system"},
+                           "data": {"config.conf": "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: \"iptables\"\n"}}));
+    };
+    let (r, ()) = tokio::join!(set, kkp);
+    r.unwrap();
+    assert_eq!(reqs(&user, "patch", "daemonsets", None).len(), 1, "kube-proxy restarted in the user cluster");
+
+    // KKP never reconciles: a clear failure, and no restart.
+    let slow = KubeCluster::new(user.client(), Switcher::Kkp { seed: seed.client(), cluster: "xyz".into() }, vec![], CniDaemonSets::of("canal:v3.27", "cilium:1.16").unwrap())
+        .with_proxy_wait(Duration::from_millis(200), Duration::from_millis(20));
+    let e = slow.set_kube_proxy_mode("ipvs").await.unwrap_err().to_string();
+    assert!(e.contains("ConfigMap kube-system/kube-proxy still shows \"iptables\"") && e.contains("kube-proxy was not restarted"), "{e}");
+    assert_eq!(reqs(&user, "patch", "daemonsets", None).len(), 1);
+
+    // ebpf: KKP replaces kube-proxy (Cilium takes over): nothing to wait for or restart.
     k.set_kube_proxy_mode("ebpf").await.unwrap();
     assert_eq!(seed.objects("kubermatic.k8c.io/v1", "Cluster")[0]["spec"]["clusterNetwork"]["proxyMode"], "ebpf");
-    assert_eq!(reqs(&user, "patch", "daemonsets", None).len(), 1, "kube-proxy restarted in the user cluster");
+    assert_eq!(reqs(&user, "patch", "daemonsets", None).len(), 1);
 
     // Rollback: the Cluster names canal again; cilium's well-known objects go.
     user.insert(daemonset("kube-system", "cilium"));

@@ -8,7 +8,7 @@ use std::time::Duration;
 use allot_k8s::migration::{MigrationSpec, NodePhase, Phase};
 use allot_migrate::orchestrate::{Error, Orchestrator, RunOptions};
 use allot_migrate::plan::Refusal;
-use allot_migrate::sim::{NEW_CIDR, Rng, Sim, block_on};
+use allot_migrate::sim::{NEW_CIDR, OLD_CIDR, Rng, Sim, block_on};
 
 const NODES: usize = 5;
 
@@ -44,11 +44,33 @@ fn quiet<'a>() -> allot_migrate::orchestrate::Progress<'a> {
 }
 
 fn apply(sim: &Sim, force_bare: bool) -> Result<(), Error> {
+    apply_spec(sim, spec(force_bare))
+}
+
+fn apply_spec(sim: &Sim, spec: MigrationSpec) -> Result<(), Error> {
     let plan = sim.plan("canal:3.27", "cilium:1.16", 2);
     block_on(async {
-        let mut o = Orchestrator::begin(sim, spec(force_bare), &plan, RunOptions::default(), quiet()).await?;
+        let mut o = Orchestrator::begin(sim, spec, &plan, RunOptions::default(), quiet()).await?;
         o.apply().await
     })
+}
+
+/// KKP's case: the pods CIDR cannot change, so the target hands out addresses from the old
+/// CNI's range and --new-pod-cidr is that range: every old pod's address is already in it.
+fn shared_cluster(seed: u64) -> Sim {
+    let sim = cluster(seed);
+    sim.world.borrow_mut().shared_range = true;
+    sim
+}
+
+fn shared_spec(force_bare: bool) -> MigrationSpec {
+    MigrationSpec { new_pod_cidrs: vec![OLD_CIDR.into()], ..spec(force_bare) }
+}
+
+/// UIDs of the counted pods a controller owns.
+fn owned_uids(sim: &Sim) -> Vec<String> {
+    let w = sim.world.borrow();
+    w.pods.values().filter(|p| p.owner.is_some() && !p.host_network && !p.mirror && !p.finished).map(|p| p.uid.clone()).collect()
 }
 
 fn rollback(sim: &Sim) -> Result<(), Error> {
@@ -406,3 +428,132 @@ fn apply_after_rollback_says_to_finish_the_rollback() {
     assert_eq!(end(&sim).phase, Phase::Done);
 }
 
+
+#[test]
+fn a_shared_range_restarts_every_pod_and_counts_them_right() {
+    let sim = shared_cluster(12);
+    let before = owned_uids(&sim);
+    let total = {
+        let (n, o) = sim.world.borrow().pods_by_cni();
+        assert_eq!(n, 0);
+        n + o
+    };
+    let mut lines = Vec::new();
+    let plan = sim.plan("canal:3.27", "cilium:1.16", 2);
+    block_on(async {
+        let mut o = Orchestrator::begin(&sim, shared_spec(false), &plan, RunOptions::default(), Box::new(|_, l: &str| lines.push(l.to_string())))
+            .await
+            .unwrap();
+        o.apply().await.unwrap();
+    });
+    check_rules(&sim, false, "shared range");
+    let after = owned_uids(&sim);
+    let stayed: Vec<&String> = before.iter().filter(|u| after.contains(u)).collect();
+    assert!(stayed.is_empty(), "pods never restarted: {stayed:?}");
+    let e = end(&sim);
+    assert_eq!(e.phase, Phase::Done);
+    assert_eq!((e.on_new, e.on_old), (total - 1, 1), "only the kept bare pod stays: {e:?}");
+    let last = lines.last().unwrap();
+    assert!(last.starts_with(&format!("{}/{total} pods on the new CNI", total - 1)), "{last}");
+    assert!(lines.iter().any(|l| l.contains("already have addresses in --new-pod-cidr")), "{lines:#?}");
+    let w = sim.world.borrow();
+    let st = &w.migration.as_ref().unwrap().1;
+    assert!(st.shared_range && st.pods_on_new == total - 1 && st.pods_total == total, "{st:?}");
+}
+
+#[test]
+fn a_shared_range_crash_before_any_call_resumes_to_the_same_end() {
+    let sim = shared_cluster(13);
+    apply_spec(&sim, shared_spec(false)).unwrap();
+    let calls = sim.world.borrow().calls;
+    let want = end(&sim);
+    assert_eq!((want.phase, want.on_old), (Phase::Done, 1), "{want:?}");
+    for k in 1..=calls {
+        let sim = shared_cluster(13);
+        sim.world.borrow_mut().crash_at = Some(k);
+        let r = apply_spec(&sim, shared_spec(false));
+        assert!(interrupted(&r), "k={k}: {r:?}");
+        sim.world.borrow_mut().crash_at = None;
+        apply_spec(&sim, shared_spec(false)).unwrap_or_else(|e| panic!("resume after crash at call {k}: {e}"));
+        check_rules(&sim, false, &format!("shared, crash at call {k}"));
+        assert_eq!(end(&sim), want, "shared, crash at call {k}");
+    }
+}
+
+#[test]
+fn a_shared_range_rollback_from_every_point_restores_the_old_cni() {
+    let sim = shared_cluster(14);
+    apply_spec(&sim, shared_spec(false)).unwrap();
+    let calls = sim.world.borrow().calls;
+    for k in 1..=calls + 1 {
+        let sim = shared_cluster(14);
+        sim.world.borrow_mut().crash_at = Some(k);
+        let _ = apply_spec(&sim, shared_spec(false));
+        sim.world.borrow_mut().crash_at = None;
+        match rollback(&sim) {
+            Ok(()) => check_rolled_back(&sim, &format!("shared, rollback after crash at {k}")),
+            Err(Error::NoMigration) => assert!(k <= 2, "k={k}"),
+            Err(e) => panic!("k={k}: {e}"),
+        }
+        if k == calls + 1 {
+            let w = sim.world.borrow();
+            let msg = w.migration.as_ref().unwrap().1.message.clone().unwrap();
+            let (_, on_old) = w.pods_by_cni();
+            assert_eq!(msg, format!("{on_old}/{on_old} pods on the old CNI"), "after a whole run");
+        }
+    }
+}
+
+/// Apply on `sim`; when the line `at` is reported, the API goes away for `outage`.
+fn apply_with_outage(sim: &Sim, at: &str, outage: Duration) -> Result<(), Error> {
+    let plan = sim.plan("canal:3.27", "cilium:1.16", 2);
+    block_on(async {
+        let progress = Box::new(|_: &allot_k8s::migration::MigrationStatus, l: &str| {
+            if l == at {
+                let mut w = sim.world.borrow_mut();
+                let now = w.now;
+                w.api_down.push((now, now + outage));
+            }
+        });
+        let mut o = Orchestrator::begin(sim, spec(false), &plan, RunOptions::default(), progress).await?;
+        o.apply().await
+    })
+}
+
+/// The API goes away longer than the run waits (120 s) while n1 and n2 are cordoned: the run
+/// stops, and since the API is back before the uncordon gives up, both are schedulable again.
+#[test]
+fn an_outage_longer_than_the_api_timeout_leaves_every_node_schedulable() {
+    let sim = cluster(15);
+    let err = apply_with_outage(&sim, "batch 1: cordoned n1, n2", Duration::from_secs(200)).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Unreachable { ref cordoned, .. } if cordoned.is_empty()), "{msg}");
+    assert!(msg.contains("every node this run cordoned is schedulable again") && msg.contains("allot migrate apply"), "{msg}");
+    check_rules(&sim, false, "after the outage");
+    {
+        let w = sim.world.borrow();
+        let st = &w.migration.as_ref().unwrap().1;
+        assert_eq!(st.phase, Phase::Nodes);
+        assert!(st.nodes.iter().all(|n| !n.cordoned && n.phase != NodePhase::Cordoned && n.phase != NodePhase::Draining), "{st:?}");
+    }
+    // The same apply resumes: the batch is cordoned again and the run ends as usual.
+    apply(&sim, false).unwrap();
+    check_rules(&sim, false, "resumed");
+    let e = end(&sim);
+    assert_eq!((e.phase, e.on_old), (Phase::Done, 1), "{e:?}");
+}
+
+/// The API stays away through the uncordon too: the error names the nodes left cordoned and
+/// how to fix it; the resumed run uncordons them.
+#[test]
+fn an_outage_through_the_uncordon_names_the_cordoned_nodes() {
+    let sim = cluster(16);
+    let err = apply_with_outage(&sim, "batch 1: cordoned n1, n2", Duration::from_secs(1000)).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Unreachable { ref cordoned, .. } if *cordoned == ["n1", "n2"]), "{msg}");
+    assert!(msg.contains("nodes n1, n2 may still be cordoned") && msg.contains("kubectl uncordon n1 n2"), "{msg}");
+    sim.run_for(Duration::from_secs(1000));
+    apply(&sim, false).unwrap();
+    check_rules(&sim, false, "resumed after the outage");
+    assert_eq!(end(&sim).phase, Phase::Done);
+}

@@ -383,6 +383,19 @@ fn pdb_budgets_are_computed_when_the_dump_has_no_status() {
 }
 
 #[test]
+fn a_pod_two_pdbs_select_is_a_refusal() {
+    let mut s = snapshot(true);
+    let mut second = s.pdbs.iter().find(|b| b.metadata.name.as_deref() == Some("web-pdb")).unwrap().clone();
+    second.metadata.name = Some("web-pdb-2".into());
+    s.pdbs.push(second);
+    let p = plan(&s, &opts("cilium:1.16")).unwrap();
+    let r = p.refusals.iter().find(|r| r.rule == "pod-with-several-pdbs").unwrap_or_else(|| panic!("{:?}", rules(&p)));
+    assert!(r.message.contains("shop/web-7d9f8b6c5d-x2vqk (web-pdb, web-pdb-2)"), "{}", r.message);
+    assert!(risks(&p).iter().any(|(pod, r)| pod == "shop/web-7d9f8b6c5d-x2vqk" && r.starts_with("2 PDBs select this pod")), "{:?}", risks(&p));
+    assert!(!rules(&plan(&snapshot(true), &opts("cilium:1.16")).unwrap()).contains(&"pod-with-several-pdbs"));
+}
+
+#[test]
 fn bad_options_are_errors_that_say_what_to_give() {
     let e = plan(&snapshot(true), &opts("cillium:1.16")).unwrap_err();
     assert!(matches!(e, PlanError::UnknownType { .. }));

@@ -148,7 +148,9 @@ async fn kube_cluster(kubeconfig: Option<&Path>, seed_kubeconfig: Option<&Path>,
     if let Some(v) = &args.target_daemonset {
         ds.target = daemonset_flag("--target-daemonset", v)?;
     }
-    Ok(KubeCluster::new(client, switcher, old, ds))
+    // KKP: kube-proxy's ConfigMap may take minutes to show a new mode; wait up to the pod timeout.
+    let wait = std::time::Duration::from_secs(spec.pod_timeout_seconds.max(1));
+    Ok(KubeCluster::new(client, switcher, old, ds).with_proxy_wait(wait, std::time::Duration::from_secs(2)))
 }
 
 async fn apply(a: ApplyArgs, plan: Plan, pod_timeout: std::time::Duration) -> anyhow::Result<()> {

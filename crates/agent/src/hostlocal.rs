@@ -191,7 +191,7 @@ mod tests {
         // Only the owner's own files go; host-local's files stay.
         let ip2: IpAddr = "10.1.0.2".parse().unwrap();
         let ip6: IpAddr = "fd00::2".parse().unwrap();
-        assert_eq!(remove_leases(&dir, "c2", "eth0", &[ip2]).unwrap(), vec![]);
+        assert_eq!(remove_leases(&dir, "c2", "eth0", &[ip2]).unwrap(), Vec::<IpAddr>::new());
         assert_eq!(remove_leases(&dir, "c1", "eth0", &[ip2, ip6, "10.1.0.9".parse().unwrap()]).unwrap(), vec![ip2, ip6]);
         assert!(!dir.join("10.1.0.2").exists() && dir.join("last_reserved_ip.0").exists() && dir.join("lock").exists());
         std::fs::write(dir.join("notes.txt"), "x").unwrap();

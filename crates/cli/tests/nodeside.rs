@@ -211,6 +211,39 @@ fn old_pods_del_and_gc_under_the_new_network_free_their_adopted_address_and_leas
     assert!(!["10.85.0.3", "10.85.0.4"].contains(&ip_of(&r).as_str()), "{r}");
 }
 
+/// Two adopted host-local directories with the same name (two dataDirs, one network name):
+/// neither's rescan takes the other's leases for gone. Only a file removed from its own
+/// directory frees an owner.
+#[test]
+fn two_adopted_directories_with_one_network_name_keep_each_others_leases() {
+    require_root();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for i in 0..2 {
+        let (code, r) = host_local("ADD", a.path(), "oldnet", "10.86.0.0/28", &format!("a{i}"));
+        assert_eq!(code, 0, "{r}");
+        let (code, r) = host_local("ADD", b.path(), "oldnet", "10.86.0.16/28", &format!("b{i}"));
+        assert_eq!(code, 0, "{r}");
+    }
+    let agent = Agent::start("n1", &["--pool", "mig=10.86.0.0/24@28", "--default-pool", "mig", "--pre-allocation", "mig=0"]);
+    for dir in [a.path().join("oldnet"), b.path().join("oldnet")] {
+        let (ok, out, err) = agent.cli(&["adopt", "host-local", dir.to_str().unwrap()]);
+        assert!(ok && out.contains("2 adopted"), "{out}{err}");
+    }
+    let ids = |agent: &Agent| -> Vec<String> {
+        let mut v: Vec<String> = listed(agent).into_values().filter(|(_, s)| s == "adopted:host-local").map(|(id, _)| id).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(ids(&agent), ["a0", "a1", "b0", "b1"], "adopting the second directory frees nothing of the first");
+    std::thread::sleep(allot_agent::RESCAN_EVERY * 2);
+    assert_eq!(ids(&agent), ["a0", "a1", "b0", "b1"]);
+    assert!(!agent.log().contains("adopted allocation freed"), "no rescan frees the other's leases:\n{}", agent.log());
+
+    let (code, r) = host_local("DEL", b.path(), "oldnet", "10.86.0.16/28", "b0");
+    assert_eq!(code, 0, "{r}");
+    poll("the rescan frees b0", Duration::from_secs(10), || (ids(&agent) == ["a0", "a1", "b1"]).then_some(()));
+}
+
 /// A block held by another node: adoption names the node and changes nothing (embedded store
 /// seeded before the agent opens it); an address in no pool is refused with the pools.
 #[test]

@@ -60,6 +60,12 @@ pub struct HostLocalDir {
     /// entry goes once the file is gone.
     #[serde(default)]
     pub released: BTreeSet<Owner>,
+    /// Owners adopted from this directory and still held: only these are freed when their file
+    /// is gone here. Another directory of the same name (another dataDir) holds its own. An
+    /// owner listed nowhere (adoptions.json of an older agent, a crash before it was saved) is
+    /// this directory's if no other directory of the name names it.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub adopted: BTreeSet<Owner>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -376,7 +382,10 @@ impl<S: Store> Node<S> {
             let known = ad.host_local.iter_mut().find(|h| h.dir == dir);
             match known {
                 Some(h) => h.pool = req.pool.clone(),
-                None => ad.host_local.push(HostLocalDir { dir: dir.clone(), network: scan_network, pool: req.pool.clone(), released: BTreeSet::new() }),
+                None => {
+                    let adopted = response.adopted.iter().map(|a| a.owner.clone()).chain(response.unchanged.iter().cloned()).collect();
+                    ad.host_local.push(HostLocalDir { dir: dir.clone(), network: scan_network, pool: req.pool.clone(), released: BTreeSet::new(), adopted })
+                }
             }
             self.save_adoptions(&ad)?;
         }
@@ -410,15 +419,31 @@ impl<S: Store> Node<S> {
             .filter(|(o, _)| !released.contains(o))
             .collect();
         let source = AllocationSource::Adopted(HOST_LOCAL.into());
-        // Gone: adopted from host-local in this network, and no file names the owner any more.
-        let gone: Vec<Owner> = self
+        // Gone: adopted from this directory, and no file names the owner any more.
+        let (here, elsewhere, namesakes) = {
+            let ad = self.adoptions.lock().unwrap_or_else(|p| p.into_inner());
+            let here: BTreeSet<Owner> = ad.host_local.iter().filter(|h| h.dir == dir).flat_map(|h| h.adopted.iter().cloned()).collect();
+            let elsewhere: BTreeSet<Owner> = ad.host_local.iter().filter(|h| h.dir != dir).flat_map(|h| h.adopted.iter().cloned()).collect();
+            let namesakes: Vec<PathBuf> = ad.host_local.iter().filter(|h| h.dir != dir && h.network == scan.network).map(|h| h.dir.clone()).collect();
+            (here, elsewhere, namesakes)
+        };
+        let mut gone: Vec<Owner> = self
             .lock()
             .owners
             .values()
             .filter(|a| a.source == source && a.owner.network == scan.network && !present.contains(&a.owner))
+            .filter(|a| here.contains(&a.owner) || !elsewhere.contains(&a.owner))
             .map(|a| a.owner.clone())
             .collect();
-        let mut response = match self.adopt(wanted, pool, source, Vec::new(), dry_run).await {
+        // Listed nowhere: gone only if no other directory of this name names it (one that
+        // cannot be read might: kept).
+        if gone.iter().any(|o| !here.contains(o)) {
+            for other in &namesakes {
+                let named: Option<BTreeSet<(String, String)>> = hostlocal::scan(other).ok().map(|s| s.by_attachment().into_keys().collect());
+                gone.retain(|o| here.contains(o) || named.as_ref().is_some_and(|n| !n.contains(&(o.container_id.clone(), o.ifname.clone()))));
+            }
+        }
+        let mut response = match self.adopt(wanted, pool, source.clone(), Vec::new(), dry_run).await {
             Ok(r) => r,
             // Frees still happen when a new lease cannot be adopted (in a rescan).
             Err(e) if !gone.is_empty() && !dry_run => {
@@ -430,13 +455,16 @@ impl<S: Store> Node<S> {
         if !gone.is_empty() {
             response.released = if dry_run { gone } else { self.release_adopted(&gone).await? };
         }
-        // Released owners whose file is gone are forgotten.
+        // Released owners whose file is gone are forgotten; the owners held from here noted.
         if !dry_run {
+            let held: BTreeSet<Owner> = self.lock().owners.values().filter(|a| a.source == source).map(|a| a.owner.clone()).collect();
             let mut ad = self.adoptions.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(h) = ad.host_local.iter_mut().find(|h| h.dir == dir) {
-                let before = h.released.len();
+                let before = (h.released.clone(), h.adopted.clone());
                 h.released.retain(|o| present.contains(o));
-                if h.released.len() != before {
+                h.adopted.extend(present.iter().filter(|o| held.contains(*o)).cloned());
+                h.adopted.retain(|o| held.contains(o));
+                if (&h.released, &h.adopted) != (&before.0, &before.1) {
                     self.save_adoptions(&ad)?;
                 }
             }

@@ -128,14 +128,29 @@ pub fn scan(dir: &Path) -> Result<Scan, HostLocalError> {
     Ok(scan)
 }
 
+/// How long `remove_leases` waits for host-local's lock: host-local holds it for one call; a
+/// plugin hung with it must not hang allot's DEL (the lease then stays, not adopted again).
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Removes the address files among `ips` that name (`container_id`, `ifname`), as host-local's
-/// DEL would: under its lock (an `flock` on `lock` in the directory), leaving
-/// `last_reserved_ip.*` alone, then syncs the directory so a crash cannot bring a lease back.
-/// Returns the addresses whose file it removed; a file naming another owner stays.
+/// DEL would: under its lock (an `flock` on `lock` in the directory, as host-local takes it),
+/// leaving `last_reserved_ip.*` alone, then syncs the directory so a crash cannot bring a lease
+/// back. Returns the addresses whose file it removed; a file naming another owner stays.
 pub fn remove_leases(dir: &Path, container_id: &str, ifname: &str, ips: &[IpAddr]) -> std::io::Result<Vec<IpAddr>> {
-    let lock = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join("lock"))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let lock = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(dir.join("lock"))?;
+    let started = std::time::Instant::now();
     // Released when `lock` is dropped.
-    lock.lock()?;
+    loop {
+        match lock.try_lock() {
+            Ok(()) => break,
+            Err(std::fs::TryLockError::WouldBlock) if started.elapsed() < LOCK_WAIT => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("host-local's lock {} held for more than {LOCK_WAIT:?}", dir.join("lock").display())));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+    }
     let mut removed = Vec::new();
     for ip in ips {
         let path = dir.join(ip.to_string());
@@ -194,6 +209,18 @@ mod tests {
         assert_eq!(remove_leases(&dir, "c2", "eth0", &[ip2]).unwrap(), Vec::<IpAddr>::new());
         assert_eq!(remove_leases(&dir, "c1", "eth0", &[ip2, ip6, "10.1.0.9".parse().unwrap()]).unwrap(), vec![ip2, ip6]);
         assert!(!dir.join("10.1.0.2").exists() && dir.join("last_reserved_ip.0").exists() && dir.join("lock").exists());
+        // host-local holds its lock (a running ADD or DEL): the removal waits for it.
+        std::fs::write(dir.join("10.1.0.4"), "c4\r\neth0").unwrap();
+        let held = std::fs::File::open(dir.join("lock")).unwrap();
+        held.lock().unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(held);
+        });
+        let started = std::time::Instant::now();
+        assert_eq!(remove_leases(&dir, "c4", "eth0", &["10.1.0.4".parse().unwrap()]).unwrap().len(), 1);
+        assert!(started.elapsed() >= std::time::Duration::from_millis(250), "waited for the lock: {:?}", started.elapsed());
+        release.join().unwrap();
         std::fs::write(dir.join("notes.txt"), "x").unwrap();
         let e = scan(&dir).unwrap_err().to_string();
         assert!(e.contains("notes.txt"), "{e}");

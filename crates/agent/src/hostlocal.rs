@@ -1,7 +1,9 @@
 //! Reads the reference `host-local` IPAM plugin's network directory
 //! (`/var/lib/cni/networks/<network>`): one file per address, named by the address and holding
 //! `CONTAINERID\r\nIFNAME` (plugins before 0.7 wrote the container ID alone), beside
-//! `last_reserved_ip.<range>` and `lock`. Read only: allot never writes there.
+//! `last_reserved_ip.<range>` and `lock`. allot only reads it, except to remove the lease of a
+//! pod whose DEL or GC came to allot under its own network name (`remove_leases`): the old
+//! plugin never runs for that pod again.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -126,6 +128,48 @@ pub fn scan(dir: &Path) -> Result<Scan, HostLocalError> {
     Ok(scan)
 }
 
+/// How long `remove_leases` waits for host-local's lock: host-local holds it for one call; a
+/// plugin hung with it must not hang allot's DEL (the lease then stays, not adopted again).
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Removes the address files among `ips` that name (`container_id`, `ifname`), as host-local's
+/// DEL would: under its lock (an `flock` on `lock` in the directory, as host-local takes it),
+/// leaving `last_reserved_ip.*` alone, then syncs the directory so a crash cannot bring a lease
+/// back. Returns the addresses whose file it removed; a file naming another owner stays.
+pub fn remove_leases(dir: &Path, container_id: &str, ifname: &str, ips: &[IpAddr]) -> std::io::Result<Vec<IpAddr>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let lock = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(dir.join("lock"))?;
+    let started = std::time::Instant::now();
+    // Released when `lock` is dropped.
+    loop {
+        match lock.try_lock() {
+            Ok(()) => break,
+            Err(std::fs::TryLockError::WouldBlock) if started.elapsed() < LOCK_WAIT => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("host-local's lock {} held for more than {LOCK_WAIT:?}", dir.join("lock").display())));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+    }
+    let mut removed = Vec::new();
+    for ip in ips {
+        let path = dir.join(ip.to_string());
+        let content = match std::fs::read_to_string(&path) {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        if parse_lease(&content).is_some_and(|(id, ifn)| id == container_id && ifn == ifname) {
+            std::fs::remove_file(&path)?;
+            removed.push(*ip);
+        }
+    }
+    if !removed.is_empty() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,6 +203,24 @@ mod tests {
         assert!(e.contains("k8s-pod-network") && e.contains("one network's directory"), "{e}");
         let e = scan(&root.path().join("nope")).unwrap_err().to_string();
         assert!(e.contains("does not exist"), "{e}");
+        // Only the owner's own files go; host-local's files stay.
+        let ip2: IpAddr = "10.1.0.2".parse().unwrap();
+        let ip6: IpAddr = "fd00::2".parse().unwrap();
+        assert_eq!(remove_leases(&dir, "c2", "eth0", &[ip2]).unwrap(), Vec::<IpAddr>::new());
+        assert_eq!(remove_leases(&dir, "c1", "eth0", &[ip2, ip6, "10.1.0.9".parse().unwrap()]).unwrap(), vec![ip2, ip6]);
+        assert!(!dir.join("10.1.0.2").exists() && dir.join("last_reserved_ip.0").exists() && dir.join("lock").exists());
+        // host-local holds its lock (a running ADD or DEL): the removal waits for it.
+        std::fs::write(dir.join("10.1.0.4"), "c4\r\neth0").unwrap();
+        let held = std::fs::File::open(dir.join("lock")).unwrap();
+        held.lock().unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(held);
+        });
+        let started = std::time::Instant::now();
+        assert_eq!(remove_leases(&dir, "c4", "eth0", &["10.1.0.4".parse().unwrap()]).unwrap().len(), 1);
+        assert!(started.elapsed() >= std::time::Duration::from_millis(250), "waited for the lock: {:?}", started.elapsed());
+        release.join().unwrap();
         std::fs::write(dir.join("notes.txt"), "x").unwrap();
         let e = scan(&dir).unwrap_err().to_string();
         assert!(e.contains("notes.txt"), "{e}");

@@ -106,6 +106,9 @@ pub struct Node<S> {
     pub(crate) route_failures: Mutex<Vec<RouteFailure>>,
     /// What was adopted from where (`adoptions.json`).
     adoptions: Mutex<adopt::Adoptions>,
+    /// Held across a host-local rescan (scan and apply) and across allot's own frees of adopted
+    /// owners: a scan older than a change must not undo it.
+    host_local_sync: tokio::sync::Mutex<()>,
     /// Pod and namespace annotations from elsewhere than the CNI call (the Kubernetes API).
     pods: std::sync::OnceLock<Arc<dyn crate::pods::PodAnnotations>>,
 }
@@ -168,6 +171,7 @@ impl<S: Store> Node<S> {
             blocks_sync: tokio::sync::Mutex::new(None),
             route_failures: Mutex::new(Vec::new()),
             adoptions: Mutex::new(adoptions),
+            host_local_sync: tokio::sync::Mutex::new(()),
             pods: std::sync::OnceLock::new(),
         });
         node.restore(replay, saved.unwrap_or_default());
@@ -702,8 +706,12 @@ impl<S: Store> Node<S> {
         }
     }
 
-    /// DEL: forgets the owner durably, then frees its addresses. Unknown owners succeed.
+    /// DEL: forgets the owner durably, then frees its addresses. Unknown owners succeed. An
+    /// adopted owner, or an adopted one of the same attachment, is freed by `del_adopted`.
     pub async fn del(&self, owner: &Owner) -> Result<Option<Allocation>, AgentError> {
+        if self.touches_adopted(owner) {
+            return self.del_adopted(owner).await;
+        }
         Ok(self.release_owners(std::slice::from_ref(owner)).await?.into_iter().next())
     }
 
@@ -740,7 +748,6 @@ impl<S: Store> Node<S> {
                 }
             }
         }
-        self.note_released(&taken);
         self.room_changed.notify_waiters();
         self.demand_changed.notify_one();
         Ok(taken)
@@ -750,17 +757,21 @@ impl<S: Store> Node<S> {
         self.lock().owners.get(owner).cloned()
     }
 
-    /// GC: within `network`, releases every owner not in `valid`.
+    /// GC: within `network`, releases every owner not in `valid`; adopted owners of any network
+    /// go by `gc_adopted`.
     pub async fn gc(&self, network: &str, valid: &[Attachment]) -> Result<GcResponse, AgentError> {
         let valid: HashSet<(&str, &str)> = valid.iter().map(|a| (a.container_id.as_str(), a.ifname.as_str())).collect();
         let stale: Vec<Owner> = self
             .lock()
             .owners
-            .keys()
+            .values()
+            .filter(|a| !a.source.is_adopted())
+            .map(|a| &a.owner)
             .filter(|o| o.network == network && !valid.contains(&(o.container_id.as_str(), o.ifname.as_str())))
             .cloned()
             .collect();
-        let released = self.release_owners(&stale).await?;
+        let mut released = self.release_owners(&stale).await?;
+        released.extend(self.gc_adopted(network, &valid).await?);
         for a in &released {
             tracing::info!(owner = %a.owner, "gc released");
         }

@@ -136,6 +136,114 @@ fn adopted_host_local_addresses_are_never_handed_out_and_freed_after_the_old_del
     assert!(agent.log().contains("adopted allocation freed"), "{}", agent.log());
 }
 
+/// allot's GC of `network` as a runtime sends it: the valid attachments, by container ID.
+fn allot_gc(agent: &Agent, network: &str, valid: &[&str]) -> (i32, Value) {
+    let mut conf = json!({"cniVersion": "1.1.0", "name": network, "type": "bridge", "ipam": {"type": "allot-ipam", "socket": agent.socket}});
+    conf["cni.dev/valid-attachments"] = valid.iter().map(|id| json!({"containerID": id, "ifname": "eth0"})).collect();
+    let plugin = bin_dir().join("allot-ipam");
+    cni(&CniCall { plugin: &plugin, command: "GC", container_id: "", netns: "", ifname: "", args: "" }, &conf)
+}
+
+/// After `allot node switch`, the runtime tears an old pod down with allot's conflist: the DEL
+/// names allot's network, not the adopted one. It frees the adopted allocation of the same
+/// container and ifname and removes its host-local file (under host-local's lock; its
+/// `last_reserved_ip.*` stays), so neither a rescan nor a restart adopts it again; another
+/// container's DEL frees nothing. GC under allot's network keeps adopted owners it lists as
+/// valid and frees (and unlinks) the others.
+#[test]
+fn old_pods_del_and_gc_under_the_new_network_free_their_adopted_address_and_lease_file() {
+    require_root();
+    let old = tempfile::tempdir().unwrap();
+    for i in 0..4 {
+        let (code, r) = host_local("ADD", old.path(), "oldnet", "10.85.0.0/28", &format!("old{i}"));
+        assert_eq!((code, ip_of(&r)), (0, format!("10.85.0.{}", 2 + i)), "host-local ADD: {r}");
+    }
+    let dir = old.path().join("oldnet");
+    let mut agent = Agent::start("n1", &["--pool", "mig=10.85.0.0/28@28", "--default-pool", "mig", "--pre-allocation", "mig=0", "--add-wait", "300ms"]);
+    let (ok, out, err) = agent.cli(&["adopt", "host-local", dir.to_str().unwrap()]);
+    assert!(ok && out.contains("4 adopted"), "{out}{err}");
+    let reserved = std::fs::read(dir.join("last_reserved_ip.0")).unwrap();
+
+    // Another container's DEL under allot's network frees nothing.
+    let (code, r) = allot_ipam(&agent, "DEL", "newnet", "stranger");
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(adopted_count(&agent), 4, "{:?}", listed(&agent));
+
+    // old0's DEL comes under allot's network name.
+    let (code, r) = allot_ipam(&agent, "DEL", "newnet", "old0");
+    assert_eq!(code, 0, "{r}");
+    let list = listed(&agent);
+    assert!(!list.contains_key("10.85.0.2"), "old0's adopted address is freed: {list:?}");
+    assert_eq!(adopted_count(&agent), 3, "{list:?}");
+    assert!(!dir.join("10.85.0.2").exists(), "its lease file is gone (the old plugin never runs)");
+    assert!(dir.join("10.85.0.3").exists() && dir.join("lock").exists());
+    assert_eq!(std::fs::read(dir.join("last_reserved_ip.0")).unwrap(), reserved, "last_reserved_ip is host-local's, left alone");
+    assert!(agent.log().contains("removed its host-local lease"), "{}", agent.log());
+
+    // GC under allot's network: old1 and old2 are valid and stay; old3 is not, and goes.
+    let (code, r) = allot_gc(&agent, "newnet", &["old1", "old2", "new0"]);
+    assert_eq!(code, 0, "{r}");
+    let adopted: Vec<String> = listed(&agent).into_iter().filter(|(_, (_, s))| s == "adopted:host-local").map(|(ip, _)| ip).collect();
+    assert_eq!(adopted, ["10.85.0.3", "10.85.0.4"], "GC keeps the valid adopted owners only");
+    assert!(!dir.join("10.85.0.5").exists() && dir.join("10.85.0.3").exists() && dir.join("10.85.0.4").exists());
+
+    // Neither a rescan nor a restart brings them back; their addresses go to new pods.
+    std::thread::sleep(allot_agent::RESCAN_EVERY * 2);
+    assert!(agent.terminate());
+    agent.spawn();
+    std::thread::sleep(allot_agent::RESCAN_EVERY * 2);
+    let list = listed(&agent);
+    assert_eq!(adopted_count(&agent), 2, "{list:?}");
+    // The block has 13 pod addresses: 11 ADDs fill it, the freed ones among them.
+    let mut given = Vec::new();
+    for i in 0..11 {
+        let (code, r) = allot_ipam(&agent, "ADD", "newnet", &format!("new{i}"));
+        assert_eq!(code, 0, "ADD {i}: {r}");
+        given.push(ip_of(&r));
+    }
+    assert!(given.contains(&"10.85.0.2".to_string()) && given.contains(&"10.85.0.5".to_string()), "{given:?}");
+    assert!(!given.contains(&"10.85.0.3".to_string()) && !given.contains(&"10.85.0.4".to_string()), "{given:?}");
+    let (code, r) = allot_ipam(&agent, "ADD", "newnet", "full");
+    assert!(code != 0 && r["code"] == 11, "{r}");
+    // host-local itself still works on its directory and does not hand out a live lease.
+    let (code, r) = host_local("ADD", old.path(), "oldnet", "10.85.0.0/28", "old9");
+    assert_eq!(code, 0, "{r}");
+    assert!(!["10.85.0.3", "10.85.0.4"].contains(&ip_of(&r).as_str()), "{r}");
+}
+
+/// Two adopted host-local directories with the same name (two dataDirs, one network name):
+/// neither's rescan takes the other's leases for gone. Only a file removed from its own
+/// directory frees an owner.
+#[test]
+fn two_adopted_directories_with_one_network_name_keep_each_others_leases() {
+    require_root();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for i in 0..2 {
+        let (code, r) = host_local("ADD", a.path(), "oldnet", "10.86.0.0/28", &format!("a{i}"));
+        assert_eq!(code, 0, "{r}");
+        let (code, r) = host_local("ADD", b.path(), "oldnet", "10.86.0.16/28", &format!("b{i}"));
+        assert_eq!(code, 0, "{r}");
+    }
+    let agent = Agent::start("n1", &["--pool", "mig=10.86.0.0/24@28", "--default-pool", "mig", "--pre-allocation", "mig=0"]);
+    for dir in [a.path().join("oldnet"), b.path().join("oldnet")] {
+        let (ok, out, err) = agent.cli(&["adopt", "host-local", dir.to_str().unwrap()]);
+        assert!(ok && out.contains("2 adopted"), "{out}{err}");
+    }
+    let ids = |agent: &Agent| -> Vec<String> {
+        let mut v: Vec<String> = listed(agent).into_values().filter(|(_, s)| s == "adopted:host-local").map(|(id, _)| id).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(ids(&agent), ["a0", "a1", "b0", "b1"], "adopting the second directory frees nothing of the first");
+    std::thread::sleep(allot_agent::RESCAN_EVERY * 2);
+    assert_eq!(ids(&agent), ["a0", "a1", "b0", "b1"]);
+    assert!(!agent.log().contains("adopted allocation freed"), "no rescan frees the other's leases:\n{}", agent.log());
+
+    let (code, r) = host_local("DEL", b.path(), "oldnet", "10.86.0.16/28", "b0");
+    assert_eq!(code, 0, "{r}");
+    poll("the rescan frees b0", Duration::from_secs(10), || (ids(&agent) == ["a0", "a1", "b1"]).then_some(()));
+}
+
 /// A block held by another node: adoption names the node and changes nothing (embedded store
 /// seeded before the agent opens it); an address in no pool is refused with the pools.
 #[test]

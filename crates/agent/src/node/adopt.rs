@@ -1,13 +1,14 @@
 //! Adoption: addresses another IPAM handed out on this node (host-local's files, a node's old
 //! pod CIDR) become allocations and blocks of this node, so that allot never hands them out
 //! while the old CNI's pods live. Adopted allocations are freed when host-local's file is gone
-//! (the old plugin's DEL), by CNI GC, or by an allot DEL of the same owner; never earlier.
+//! (the old plugin's DEL), by CNI GC, or by an allot DEL of the same owner or, once the node
+//! switched to allot, of the same container and ifname under allot's network; never earlier.
 //!
 //! What was adopted from where is kept in `adoptions.json` in the data directory, so the
 //! rescans and the pinned pod-CIDR blocks survive a restart; the allocations themselves are in
 //! the journal like any other, marked with their source.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -59,6 +60,12 @@ pub struct HostLocalDir {
     /// entry goes once the file is gone.
     #[serde(default)]
     pub released: BTreeSet<Owner>,
+    /// Owners adopted from this directory and still held: only these are freed when their file
+    /// is gone here. Another directory of the same name (another dataDir) holds its own. An
+    /// owner listed nowhere (adoptions.json of an older agent, a crash before it was saved) is
+    /// this directory's if no other directory of the name names it.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub adopted: BTreeSet<Owner>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -375,7 +382,10 @@ impl<S: Store> Node<S> {
             let known = ad.host_local.iter_mut().find(|h| h.dir == dir);
             match known {
                 Some(h) => h.pool = req.pool.clone(),
-                None => ad.host_local.push(HostLocalDir { dir: dir.clone(), network: scan_network, pool: req.pool.clone(), released: BTreeSet::new() }),
+                None => {
+                    let adopted = response.adopted.iter().map(|a| a.owner.clone()).chain(response.unchanged.iter().cloned()).collect();
+                    ad.host_local.push(HostLocalDir { dir: dir.clone(), network: scan_network, pool: req.pool.clone(), released: BTreeSet::new(), adopted })
+                }
             }
             self.save_adoptions(&ad)?;
         }
@@ -385,6 +395,10 @@ impl<S: Store> Node<S> {
     /// Reads the directory once: adopts new leases (all or nothing), frees adopted owners of
     /// that network whose file is gone.
     async fn sync_host_local(&self, dir: &Path, pool: Option<&str>, dry_run: bool) -> Result<AdoptResponse, AgentError> {
+        // One at a time (the rescan loop, `allot adopt`, allot's DEL and GC of adopted owners):
+        // a scan read before another's change would free what it just adopted, or adopt back
+        // what it just freed.
+        let _sync = self.host_local_sync.lock().await;
         let scan = hostlocal::scan(dir).map_err(|e| match e {
             hostlocal::HostLocalError::Invalid(m) => AgentError::Invalid(m),
             hostlocal::HostLocalError::Unreadable(m) => AgentError::Internal(m),
@@ -405,15 +419,31 @@ impl<S: Store> Node<S> {
             .filter(|(o, _)| !released.contains(o))
             .collect();
         let source = AllocationSource::Adopted(HOST_LOCAL.into());
-        // Gone: adopted from host-local in this network, and no file names the owner any more.
-        let gone: Vec<Owner> = self
+        // Gone: adopted from this directory, and no file names the owner any more.
+        let (here, elsewhere, namesakes) = {
+            let ad = self.adoptions.lock().unwrap_or_else(|p| p.into_inner());
+            let here: BTreeSet<Owner> = ad.host_local.iter().filter(|h| h.dir == dir).flat_map(|h| h.adopted.iter().cloned()).collect();
+            let elsewhere: BTreeSet<Owner> = ad.host_local.iter().filter(|h| h.dir != dir).flat_map(|h| h.adopted.iter().cloned()).collect();
+            let namesakes: Vec<PathBuf> = ad.host_local.iter().filter(|h| h.dir != dir && h.network == scan.network).map(|h| h.dir.clone()).collect();
+            (here, elsewhere, namesakes)
+        };
+        let mut gone: Vec<Owner> = self
             .lock()
             .owners
             .values()
             .filter(|a| a.source == source && a.owner.network == scan.network && !present.contains(&a.owner))
+            .filter(|a| here.contains(&a.owner) || !elsewhere.contains(&a.owner))
             .map(|a| a.owner.clone())
             .collect();
-        let mut response = match self.adopt(wanted, pool, source, Vec::new(), dry_run).await {
+        // Listed nowhere: gone only if no other directory of this name names it (one that
+        // cannot be read might: kept).
+        if gone.iter().any(|o| !here.contains(o)) {
+            for other in &namesakes {
+                let named: Option<BTreeSet<(String, String)>> = hostlocal::scan(other).ok().map(|s| s.by_attachment().into_keys().collect());
+                gone.retain(|o| here.contains(o) || named.as_ref().is_some_and(|n| !n.contains(&(o.container_id.clone(), o.ifname.clone()))));
+            }
+        }
+        let mut response = match self.adopt(wanted, pool, source.clone(), Vec::new(), dry_run).await {
             Ok(r) => r,
             // Frees still happen when a new lease cannot be adopted (in a rescan).
             Err(e) if !gone.is_empty() && !dry_run => {
@@ -425,13 +455,16 @@ impl<S: Store> Node<S> {
         if !gone.is_empty() {
             response.released = if dry_run { gone } else { self.release_adopted(&gone).await? };
         }
-        // Released owners whose file is gone are forgotten.
+        // Released owners whose file is gone are forgotten; the owners held from here noted.
         if !dry_run {
+            let held: BTreeSet<Owner> = self.lock().owners.values().filter(|a| a.source == source).map(|a| a.owner.clone()).collect();
             let mut ad = self.adoptions.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(h) = ad.host_local.iter_mut().find(|h| h.dir == dir) {
-                let before = h.released.len();
+                let before = (h.released.clone(), h.adopted.clone());
                 h.released.retain(|o| present.contains(o));
-                if h.released.len() != before {
+                h.adopted.extend(present.iter().filter(|o| held.contains(*o)).cloned());
+                h.adopted.retain(|o| held.contains(o));
+                if (&h.released, &h.adopted) != (&before.0, &before.1) {
                     self.save_adoptions(&ad)?;
                 }
             }
@@ -445,6 +478,93 @@ impl<S: Store> Node<S> {
             tracing::info!(owner = %a.owner, ips = ?a.ips.iter().map(|i| i.address).collect::<Vec<_>>(), "adopted allocation freed: its host-local file is gone (the old plugin's DEL)");
         }
         Ok(released.into_iter().map(|a| a.owner).collect())
+    }
+
+    /// Whether a DEL of `owner` concerns an adopted allocation: the owner's own, or, when allot
+    /// holds nothing for the owner, an adopted one of the same container and ifname.
+    pub(super) fn touches_adopted(&self, owner: &Owner) -> bool {
+        let st = self.lock();
+        match st.owners.get(owner) {
+            Some(a) => a.source.is_adopted(),
+            None => st.owners.values().any(|a| a.source.is_adopted() && same_attachment(&a.owner, owner)),
+        }
+    }
+
+    /// DEL of an adopted owner, or of one allot does not hold while an adopted owner of the same
+    /// container and ifname exists: after `allot node switch` the runtime tears an old pod down
+    /// with the config it has now, so the DEL names allot's network, not the adopted one. Such
+    /// an owner is freed and its host-local lease removed (the old plugin never runs for it
+    /// again). Durable before it returns, as any DEL.
+    pub(super) async fn del_adopted(&self, owner: &Owner) -> Result<Option<Allocation>, AgentError> {
+        // No rescan in between: one that read the directory before this would adopt it back.
+        let _sync = self.host_local_sync.lock().await;
+        if let Some(a) = self.release_owners(std::slice::from_ref(owner)).await?.into_iter().next() {
+            // The old network's own name: its file stays, remembered so it is not adopted again.
+            self.note_released(std::slice::from_ref(&a));
+            return Ok(Some(a));
+        }
+        let same: Vec<Owner> = self
+            .lock()
+            .owners
+            .values()
+            .filter(|a| a.source.is_adopted() && same_attachment(&a.owner, owner))
+            .map(|a| a.owner.clone())
+            .collect();
+        let freed = self.release_owners(&same).await?;
+        self.forget_leases(&freed, &format!("DEL of {owner}")).await;
+        Ok(freed.into_iter().next())
+    }
+
+    /// GC's share of adopted owners, of every network: the runtime lists the attachments valid
+    /// under the config it has now (allot's, once the node switched), old pods included. One
+    /// whose container and ifname are listed stays; one that is not is freed, and its lease
+    /// removed unless it was adopted from `network` itself (as an allot DEL of that owner).
+    pub(super) async fn gc_adopted(&self, network: &str, valid: &HashSet<(&str, &str)>) -> Result<Vec<Allocation>, AgentError> {
+        let stale = |st: &State| -> Vec<Owner> {
+            st.owners
+                .values()
+                .filter(|a| a.source.is_adopted() && !valid.contains(&(a.owner.container_id.as_str(), a.owner.ifname.as_str())))
+                .map(|a| a.owner.clone())
+                .collect()
+        };
+        if stale(&self.lock()).is_empty() {
+            return Ok(Vec::new());
+        }
+        let _sync = self.host_local_sync.lock().await;
+        let gone = stale(&self.lock());
+        let freed = self.release_owners(&gone).await?;
+        let (own, other): (Vec<Allocation>, Vec<Allocation>) = freed.iter().cloned().partition(|a| a.owner.network == network);
+        self.note_released(&own);
+        self.forget_leases(&other, &format!("GC of network {network:?}")).await;
+        Ok(freed)
+    }
+
+    /// Removes the host-local leases of adopted owners allot just freed (`why`: the DEL or GC)
+    /// from the directories they were adopted from, so no rescan or restart adopts them again.
+    async fn forget_leases(&self, freed: &[Allocation], why: &str) {
+        let host_local: Vec<&Allocation> = freed.iter().filter(|a| a.source == AllocationSource::Adopted(HOST_LOCAL.into())).collect();
+        if host_local.is_empty() {
+            return;
+        }
+        // Noted first: a lease that cannot be removed, or is still there after a crash, stays
+        // released; the next rescan forgets the note once the file is gone.
+        self.note_released(freed);
+        let dirs: Vec<HostLocalDir> = self.adoptions.lock().unwrap_or_else(|p| p.into_inner()).host_local.clone();
+        for a in host_local {
+            let ips: Vec<IpAddr> = a.ips.iter().map(|i| i.address.addr()).collect();
+            for h in dirs.iter().filter(|h| h.network == a.owner.network) {
+                let (dir, id, ifname, wanted) = (h.dir.clone(), a.owner.container_id.clone(), a.owner.ifname.clone(), ips.clone());
+                // host-local's lock may be held a moment by the old plugin: off the runtime.
+                let removed = tokio::task::spawn_blocking(move || hostlocal::remove_leases(&dir, &id, &ifname, &wanted))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+                match removed {
+                    Ok(ips) if ips.is_empty() => {}
+                    Ok(ips) => tracing::info!(owner = %a.owner, dir = %h.dir.display(), ips = %fmt_ips(&ips), "{why} freed an adopted allocation and removed its host-local lease (the old plugin never runs for it)"),
+                    Err(e) => tracing::warn!(owner = %a.owner, dir = %h.dir.display(), error = %e, "{why} freed an adopted allocation but removing its host-local lease failed: it stays, not adopted again"),
+                }
+            }
+        }
     }
 
     /// Remembers adopted host-local owners that allot released (DEL, GC) while their file may
@@ -651,6 +771,11 @@ impl<S: Store> Node<S> {
             }
         }
     }
+}
+
+/// The same pod interface, whatever network names it.
+fn same_attachment(a: &Owner, b: &Owner) -> bool {
+    a.container_id == b.container_id && a.ifname == b.ifname
 }
 
 fn response_network(dir: &Path) -> String {

@@ -757,8 +757,8 @@ impl<S: Store> Node<S> {
         self.lock().owners.get(owner).cloned()
     }
 
-    /// GC: within `network`, releases every owner not in `valid`; adopted owners of any network
-    /// go by `gc_adopted`.
+    /// GC: within `network`, releases every owner not in `valid`; adopted owners go by
+    /// `gc_adopted` (only those of `network` itself).
     pub async fn gc(&self, network: &str, valid: &[Attachment]) -> Result<GcResponse, AgentError> {
         let valid: HashSet<(&str, &str)> = valid.iter().map(|a| (a.container_id.as_str(), a.ifname.as_str())).collect();
         let stale: Vec<Owner> = self

@@ -515,15 +515,17 @@ impl<S: Store> Node<S> {
         Ok(freed.into_iter().next())
     }
 
-    /// GC's share of adopted owners, of every network: the runtime lists the attachments valid
-    /// under the config it has now (allot's, once the node switched), old pods included. One
-    /// whose container and ifname are listed stays; one that is not is freed, and its lease
-    /// removed unless it was adopted from `network` itself (as an allot DEL of that owner).
+    /// GC's share of adopted owners: those adopted under `network` itself whose container and
+    /// ifname it does not list. An old pod's attachment belongs to the old network; whether a
+    /// runtime lists it as valid under allot's network depends on the runtime (the spec's list
+    /// is per network), and guessing wrong hands a live address out twice. So a GC of another network frees none:
+    /// the old pod's DEL does (`del_adopted`), or its lease file's removal.
     pub(super) async fn gc_adopted(&self, network: &str, valid: &HashSet<(&str, &str)>) -> Result<Vec<Allocation>, AgentError> {
         let stale = |st: &State| -> Vec<Owner> {
             st.owners
                 .values()
-                .filter(|a| a.source.is_adopted() && !valid.contains(&(a.owner.container_id.as_str(), a.owner.ifname.as_str())))
+                .filter(|a| a.source.is_adopted() && a.owner.network == network)
+                .filter(|a| !valid.contains(&(a.owner.container_id.as_str(), a.owner.ifname.as_str())))
                 .map(|a| a.owner.clone())
                 .collect()
         };
@@ -533,9 +535,7 @@ impl<S: Store> Node<S> {
         let _sync = self.host_local_sync.lock().await;
         let gone = stale(&self.lock());
         let freed = self.release_owners(&gone).await?;
-        let (own, other): (Vec<Allocation>, Vec<Allocation>) = freed.iter().cloned().partition(|a| a.owner.network == network);
-        self.note_released(&own);
-        self.forget_leases(&other, &format!("GC of network {network:?}")).await;
+        self.note_released(&freed);
         Ok(freed)
     }
 

@@ -120,13 +120,21 @@ fn the_plans_in_docs_migration_md_are_what_the_command_prints() {
     let cluster = fixture("canal-cluster.yaml");
     let (_, out, _) = allot(&["migrate", "plan", "--to", "allot", "--snapshot", &cluster, "--self-node", "worker-a", "--batch", "2"]);
     assert!(docs.contains(&out), "docs/migration.md's plain-cluster plan is stale; paste:\n{out}");
+    // The README shows its head, the canary's rows, the summary and "Refusals: none".
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let shown = |l: &&str| l.starts_with("Migration plan:") || l.starts_with("  * ") || l.starts_with("0 ") || l.contains(" node(s) in ")
+        || l.starts_with("At risk:") || l.starts_with("Refusals:");
+    let lines: Vec<&str> = out.lines().filter(shown).collect();
+    assert!(lines.len() >= 12 && lines.contains(&"Refusals: none"), "{out}");
+    for line in lines {
+        assert!(readme.contains(line), "README's plain-cluster plan excerpt is stale: {line:?} missing");
+    }
     let (_, out, _) = allot(&[
         "migrate", "plan", "--to", "cilium:1.16", "--snapshot", &cluster, "--snapshot", &fixture("kkp-cluster.yaml"),
         "--self-node", "worker-a",
     ]);
     assert!(docs.contains(&out), "docs/migration.md's KKP plan is stale; paste:\n{out}");
     // The README shows the KKP plan's summary and first refusal, cut short.
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
     for line in out.lines().filter(|l| l.ends_with(" skip") || l.starts_with("At risk:") || l.starts_with("Refusals:")) {
         assert!(readme.contains(line), "README's KKP plan excerpt is stale: {line:?} missing");
     }

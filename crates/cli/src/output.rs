@@ -16,15 +16,20 @@ pub enum Format {
 /// Prints `value` as JSON or YAML, or calls `table` for the table form. A closed stdout (the
 /// reader went away, as with `| head`) comes back as an io error, not a panic.
 pub fn print<T: Serialize>(format: Format, value: &T, table: impl FnOnce() -> Table) -> anyhow::Result<()> {
-    let text = match format {
-        Format::Json => serde_json::to_string_pretty(value)? + "\n",
-        Format::Yaml => serde_saphyr::to_string(value)?,
-        Format::Table => table().render(),
-    };
+    let text = render(format, value, table)?;
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())?;
     out.flush()?;
     Ok(())
+}
+
+/// What `print` writes.
+pub fn render<T: Serialize>(format: Format, value: &T, table: impl FnOnce() -> Table) -> anyhow::Result<String> {
+    Ok(match format {
+        Format::Json => serde_json::to_string_pretty(value)? + "\n",
+        Format::Yaml => serde_saphyr::to_string(value)?,
+        Format::Table => table().render(),
+    })
 }
 
 /// True when `e` comes from writing to a pipe whose reader is gone.

@@ -13,7 +13,7 @@ use allot_migrate::plan::Plan;
 use anyhow::Context;
 
 use super::migrate::{PlanFlags, load_snapshot, make_plan};
-use crate::output::{Format, Table, print};
+use crate::output::{Format, Table, render};
 
 /// How the target is switched on and the CNIs are recognised; shared by apply and rollback.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -193,14 +193,20 @@ async fn run_until_interrupted(run: impl Future<Output = Result<(), allot_migrat
 
 async fn status(a: StatusArgs) -> anyhow::Result<()> {
     let client = allot_k8s::client(a.kubeconfig.as_deref()).await.context("connecting to the cluster")?;
+    let text = status_text(client, a.output).await?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    Ok(out.flush()?)
+}
+
+/// `allot migrate status` as it prints: the `Migration` object's phase and its nodes.
+pub async fn status_text(client: kube::Client, format: Format) -> anyhow::Result<String> {
     let m = kube::Api::<Migration>::all(client).get_opt(MIGRATION_NAME).await.context("reading the Migration object")?;
     let m = m.context("no migration found: start one with `allot migrate apply`")?;
     let st = m.status.clone().unwrap_or_default();
     let view = serde_json::json!({ "spec": m.spec, "status": st });
-    if a.output == Format::Table {
-        print!("{}", status_header(&m.spec, &st));
-    }
-    print(a.output, &view, || status_table(&st))
+    let header = if format == Format::Table { status_header(&m.spec, &st) } else { String::new() };
+    Ok(header + &render(format, &view, || status_table(&st))?)
 }
 
 pub fn status_header(spec: &MigrationSpec, st: &MigrationStatus) -> String {
@@ -365,6 +371,34 @@ mod tests {
         let t = status_table(&s).render();
         assert!(t.starts_with("NODE"), "{t}");
         assert!(t.lines().nth(2).unwrap().contains("Draining"), "{t}");
+    }
+
+    /// `allot migrate status` against the in-process fake API server (no Kubernetes API server
+    /// runs here): the Migration object's phase, message and nodes, as a table and as JSON; no
+    /// object is a clear error.
+    #[tokio::test]
+    async fn fake_api_status_reads_the_migration_object() {
+        let api = allot_kube_fake::FakeApiServer::new();
+        let err = status_text(api.client(), Format::Table).await.unwrap_err().to_string();
+        assert!(err.contains("no migration found") && err.contains("allot migrate apply"), "{err}");
+        let mut s = st();
+        s.message = Some("stopped at worker-c: eviction of shop/checkout refused by its PDB".into());
+        s.failed_in = Some(Phase::Nodes);
+        s.phase = Phase::Failed;
+        s.nodes[1].cordoned = true;
+        let spec = MigrationSpec { from: "canal:v3.27".into(), to: "cilium:1.16".into(), ..Default::default() };
+        let mut m = Migration::new(MIGRATION_NAME, spec);
+        m.status = Some(s);
+        api.insert(serde_json::to_value(&m).unwrap());
+        let table = status_text(api.client(), Format::Table).await.unwrap();
+        assert!(table.starts_with("migration canal:v3.27 -> cilium:1.16: Failed (in Nodes)\nstopped at worker-c"), "{table}");
+        let rows: Vec<&str> = table.lines().skip_while(|l| !l.starts_with("NODE")).collect();
+        assert_eq!(rows.len(), 5, "{table}");
+        assert!(rows[2].starts_with("n1") && rows[2].contains("Draining") && rows[2].contains("yes"), "{table}");
+        let json: serde_json::Value = serde_json::from_str(&status_text(api.client(), Format::Json).await.unwrap()).unwrap();
+        assert_eq!(json["status"]["phase"], "Failed");
+        assert_eq!(json["status"]["nodes"][3]["name"], "n3");
+        assert_eq!(json["spec"]["to"], "cilium:1.16");
     }
 
     #[test]

@@ -473,7 +473,11 @@ impl<'a, C: Cluster> Orchestrator<'a, C> {
             let name = self.st.nodes[i].name.clone();
             let pods: Vec<PodInfo> = call!(self, self.c.pods_on(&name))?.into_iter().filter(Self::counted).collect();
             shared |= pods.iter().any(|p| self.in_new_cidr(p));
-            self.st.nodes[i].old_pods = pods.into_iter().map(|p| p.uid).collect();
+            // A pod without an address yet may get it from either CNI: restarted like the
+            // pods started while the target comes up, and judged by its address on rollback.
+            let (old, early): (Vec<PodInfo>, Vec<PodInfo>) = pods.into_iter().partition(|p| !p.ips.is_empty());
+            self.st.nodes[i].old_pods = old.into_iter().map(|p| p.uid).collect();
+            self.st.nodes[i].early_pods = early.into_iter().map(|p| p.uid).collect();
         }
         self.st.shared_range = shared;
         Ok(())

@@ -504,6 +504,38 @@ fn a_shared_range_rollback_from_every_point_restores_the_old_cni() {
     }
 }
 
+/// A pod created just before the switch whose sandbox comes up only after the target's config
+/// landed (pods start slowly here): recorded at the switch without an address, it gets the
+/// target's. A rollback from every point still leaves no pod on the target.
+#[test]
+fn a_pod_without_an_address_at_the_switch_is_judged_by_its_address_on_rollback() {
+    let late = || {
+        let sim = cluster(16);
+        sim.world.borrow_mut().delays.start = Duration::from_secs(60);
+        sim.workload("default", "late", "ReplicaSet", 1, None);
+        sim
+    };
+    let sim = late();
+    apply(&sim, false).unwrap();
+    let calls = sim.world.borrow().calls;
+    let mut rolled_back = 0;
+    for k in 1..=calls + 1 {
+        let sim = late();
+        sim.world.borrow_mut().crash_at = Some(k);
+        let _ = apply(&sim, false);
+        sim.world.borrow_mut().crash_at = None;
+        match rollback(&sim) {
+            Ok(()) => {
+                check_rolled_back(&sim, &format!("late pod, rollback after crash at {k}"));
+                rolled_back += 1;
+            }
+            Err(Error::NoMigration) => assert!(k <= 2, "k={k}"),
+            Err(e) => panic!("k={k}: {e}"),
+        }
+    }
+    assert!(rolled_back >= calls - 1, "{rolled_back} of {calls}");
+}
+
 /// Apply on `sim`; when the line `at` is reported, the API goes away for `outage`.
 fn apply_with_outage(sim: &Sim, at: &str, outage: Duration) -> Result<(), Error> {
     let plan = sim.plan("canal:3.27", "cilium:1.16", 2);

@@ -404,6 +404,34 @@ fn switch_installs_first_and_rollback_restores_byte_for_byte() {
     let (ok, out, err) = allot(None, &["node", "switch", "--rollback", "--cni-conf-dir", conf_s]);
     assert!(ok, "{err}");
     assert_eq!(dir_bytes(&conf), before, "{out}");
+
+    // The same switch killed after recording that and before keeping the file aside: the run
+    // again keeps it before installing, and rollback brings it back.
+    let kept = conf.join(".allot-rollback");
+    std::fs::create_dir(&kept).unwrap();
+    std::fs::write(kept.join("state.json"), r#"{"installed":"00-allot.conflist","moved":[{"name":"00-aaa.conf","kept_as":"00-aaa.conf"},{"name":"00-allot.conflist","kept_as":"00-allot.conflist"}],"switchedAt":1}"#).unwrap();
+    let (ok, out, err) = allot(None, &["node", "switch", "--conflist", new.to_str().unwrap(), "--cni-conf-dir", conf_s]);
+    assert!(ok, "{err}");
+    assert!(out.contains("keep aside"), "{out}");
+    assert_eq!(std::fs::read(kept.join("00-allot.conflist")).unwrap(), b"someone else's");
+    assert_eq!(std::fs::read(conf.join("00-allot.conflist")).unwrap(), body.as_bytes());
+    let (ok, out, err) = allot(None, &["node", "switch", "--rollback", "--cni-conf-dir", conf_s]);
+    assert!(ok, "{err}");
+    assert_eq!(dir_bytes(&conf), before, "{out}");
+
+    // The runtime's choice sorted after allot's: moved all the same, and when the old CNI's
+    // installer writes it again, a second switch moves that copy too, so rollback can restore.
+    let d2 = tempfile::tempdir().unwrap();
+    std::fs::write(d2.path().join("10-calico.conflist"), "calico's").unwrap();
+    let d2_s = d2.path().to_str().unwrap();
+    let (ok, _, err) = allot(None, &["node", "switch", "--conflist", new.to_str().unwrap(), "--cni-conf-dir", d2_s]);
+    assert!(ok && !d2.path().join("10-calico.conflist").exists(), "{err}");
+    std::fs::write(d2.path().join("10-calico.conflist"), "calico's, again").unwrap();
+    let (ok, _, err) = allot(None, &["node", "switch", "--conflist", new.to_str().unwrap(), "--cni-conf-dir", d2_s]);
+    assert!(ok && !d2.path().join("10-calico.conflist").exists(), "{err}");
+    let (ok, out, err) = allot(None, &["node", "switch", "--rollback", "--cni-conf-dir", d2_s]);
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read(d2.path().join("10-calico.conflist")).unwrap(), b"calico's", "{out}");
 }
 
 fn sh(ns: &str, cmd: &str) {

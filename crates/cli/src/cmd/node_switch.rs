@@ -143,13 +143,26 @@ pub fn switch(conflist: &Path, dir: &Path, dry_run: bool) -> anyhow::Result<Vec<
         plan.push(format!("install {} as {}", conflist.display(), dir.join(&state.installed).display()));
     }
     // A file under allot's name that allot did not write is kept aside too (linked before the
-    // new one replaces it), unless it already is the new conflist.
-    let foreign_installed = !ours_installed && current.is_some() && current.as_deref() != Some(&bytes[..]);
-    // The runtime's choice so far, and whatever would sort before allot's.
+    // new one replaces it), unless it already is the new conflist. A switch killed after
+    // recording that and before linking left it in place: it is linked now.
+    let unlinked = state.moved.iter().find(|m| m.name == state.installed && !rollback.join(&m.kept_as).exists()).cloned();
+    let differs = current.is_some() && current.as_deref() != Some(&bytes[..]);
+    let foreign_installed = differs && !ours_installed;
+    if let (Some(m), true) = (&unlinked, differs) {
+        plan.push(format!("keep aside {} -> {}", dir.join(&m.name).display(), rollback.join(&m.kept_as).display()));
+    }
+    // The runtime's choice so far, whatever would sort before allot's, and a config moved
+    // before that the old CNI's installer wrote again.
     let previous = files.first().filter(|f| !(ours_installed && **f == state.installed)).cloned();
     let others: Vec<&String> = files
         .iter()
-        .filter(|f| if **f == state.installed { foreign_installed } else { f.as_str() < state.installed.as_str() || previous.as_ref() == Some(*f) })
+        .filter(|f| {
+            if **f == state.installed {
+                foreign_installed
+            } else {
+                f.as_str() < state.installed.as_str() || previous.as_ref() == Some(*f) || state.moved.iter().any(|m| m.name == **f)
+            }
+        })
         .collect();
     let mut moves = Vec::new();
     for name in others {
@@ -175,7 +188,8 @@ pub fn switch(conflist: &Path, dir: &Path, dry_run: bool) -> anyhow::Result<Vec<
     // The state first: a switch killed half way can still be rolled back.
     state.moved.extend(moves.iter().cloned());
     write_atomically(&rollback, STATE_FILE, &serde_json::to_vec_pretty(&state)?)?;
-    for m in moves.iter().filter(|m| m.name == state.installed) {
+    let link = unlinked.filter(|_| differs);
+    for m in moves.iter().chain(link.iter()).filter(|m| m.name == state.installed) {
         std::fs::hard_link(dir.join(&m.name), rollback.join(&m.kept_as))
             .with_context(|| format!("keeping {} aside", dir.join(&m.name).display()))?;
     }

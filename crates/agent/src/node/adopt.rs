@@ -498,19 +498,24 @@ impl<S: Store> Node<S> {
     pub(super) async fn del_adopted(&self, owner: &Owner) -> Result<Option<Allocation>, AgentError> {
         // No rescan in between: one that read the directory before this would adopt it back.
         let _sync = self.host_local_sync.lock().await;
-        if let Some(a) = self.release_owners(std::slice::from_ref(owner)).await?.into_iter().next() {
+        // Remembered as released before the journal frees them: after a crash in between, no
+        // restart adopts a lease file of a pod that is gone (and whose address may be reused).
+        let exact: Vec<Allocation> = self.lock().owners.get(owner).filter(|a| a.source.is_adopted()).cloned().into_iter().collect();
+        if !exact.is_empty() {
             // The old network's own name: its file stays, remembered so it is not adopted again.
-            self.note_released(std::slice::from_ref(&a));
-            return Ok(Some(a));
+            self.note_released(&exact);
+            return Ok(self.release_owners(std::slice::from_ref(owner)).await?.into_iter().next());
         }
-        let same: Vec<Owner> = self
+        let same: Vec<Allocation> = self
             .lock()
             .owners
             .values()
             .filter(|a| a.source.is_adopted() && same_attachment(&a.owner, owner))
-            .map(|a| a.owner.clone())
+            .cloned()
             .collect();
-        let freed = self.release_owners(&same).await?;
+        self.note_released(&same);
+        let owners: Vec<Owner> = same.iter().map(|a| a.owner.clone()).collect();
+        let freed = self.release_owners(&owners).await?;
         self.forget_leases(&freed, &format!("DEL of {owner}")).await;
         Ok(freed.into_iter().next())
     }
@@ -534,9 +539,12 @@ impl<S: Store> Node<S> {
         }
         let _sync = self.host_local_sync.lock().await;
         let gone = stale(&self.lock());
-        let freed = self.release_owners(&gone).await?;
-        self.note_released(&freed);
-        Ok(freed)
+        let noted: Vec<Allocation> = {
+            let st = self.lock();
+            gone.iter().filter_map(|o| st.owners.get(o).cloned()).collect()
+        };
+        self.note_released(&noted);
+        self.release_owners(&gone).await
     }
 
     /// Removes the host-local leases of adopted owners allot just freed (`why`: the DEL or GC)

@@ -256,6 +256,46 @@ impl KubeCluster {
         Ok(())
     }
 
+    /// The copy `keep_old_copy` made of the old CNI `from`'s objects (empty: none, or another
+    /// migration's).
+    async fn old_copy(&self, from: &str) -> Result<Vec<DynamicObject>, ClusterError> {
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), "kube-system");
+        let what = format!("reading ConfigMap kube-system/{OLD_CNI_COPY}");
+        let Some(cm) = api.get_opt(OLD_CNI_COPY).await.map_err(|e| err(&what, e))? else { return Ok(vec![]) };
+        let data = cm.data.unwrap_or_default();
+        if data.get("from").map(String::as_str) != Some(from) {
+            return Ok(vec![]);
+        }
+        serde_json::from_str(data.get("objects").map_or("[]", String::as_str))
+            .map_err(|e| ClusterError::Failed(format!("ConfigMap kube-system/{OLD_CNI_COPY} is unreadable ({e}): pass --old-manifests PATH for the rollback")))
+    }
+
+    /// Copies the old CNI's objects into a ConfigMap before they are deleted. A resumed run
+    /// finds some already gone: the copy keeps what it held of them.
+    async fn keep_old_copy(&self, spec: &MigrationSpec, refs: &[ObjectRef]) -> Result<(), ClusterError> {
+        let mut copy = self.old_copy(&spec.from).await?;
+        for r in refs {
+            let read = Self::dyn_api(&self.client, r).get_opt(&r.name).await.map_err(|e| err(&format!("reading {} {}", r.kind, r.name), e))?;
+            if let Some(mut obj) = read {
+                // What the API answers carries no kind for a dynamic read: the ref's.
+                obj.types = Some(kube::core::TypeMeta { api_version: r.api_version.clone(), kind: r.kind.clone() });
+                copy.retain(|o| object_ref(o) != *r);
+                copy.push(reapplicable(obj));
+            }
+        }
+        let objects = serde_json::to_string(&copy).expect("objects encode");
+        let cm = json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": OLD_CNI_COPY, "namespace": "kube-system", "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER}},
+            "data": {"from": spec.from, "objects": objects},
+        });
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), "kube-system");
+        api.patch(OLD_CNI_COPY, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&cm))
+            .await
+            .map_err(|e| err(&format!("keeping a copy of the old CNI's objects in ConfigMap kube-system/{OLD_CNI_COPY}"), e))?;
+        Ok(())
+    }
+
     fn old_refs(&self, spec: &MigrationSpec) -> Vec<ObjectRef> {
         if self.old_objects.is_empty() { cni_workloads(split_cni(&spec.from).0) } else { self.old_objects.iter().map(object_ref).collect() }
     }
@@ -275,6 +315,23 @@ impl KubeCluster {
         api.patch("kube-proxy", &PatchParams::default(), &Patch::Strategic(patch)).await.map_err(|e| err("restarting kube-proxy", e))?;
         Ok(())
     }
+}
+
+/// Where `remove_old` keeps the old CNI's objects it deletes when no `--old-manifests` named
+/// them (ConfigMap in kube-system: `from` and `objects`, a JSON list), so a rollback after the
+/// removal can install the old CNI again without them.
+pub const OLD_CNI_COPY: &str = "allot-migration-old-cni";
+
+/// An object as read, made fit to be applied again: no identity, version or status of the
+/// deleted one.
+fn reapplicable(mut obj: DynamicObject) -> DynamicObject {
+    let m = &mut obj.metadata;
+    (m.uid, m.resource_version, m.creation_timestamp, m.deletion_timestamp, m.generation) = (None, None, None, None, None);
+    (m.managed_fields, m.owner_references, m.deletion_grace_period_seconds) = (None, None, None);
+    if let Some(data) = obj.data.as_object_mut() {
+        data.remove("status");
+    }
+    obj
 }
 
 /// RFC 3339 UTC time of now, to the second (as `kubectl rollout restart` writes it).
@@ -515,7 +572,11 @@ impl Cluster for KubeCluster {
     }
 
     async fn remove_old(&self, spec: &MigrationSpec) -> Result<(), ClusterError> {
-        self.delete_all(&self.old_refs(spec)).await
+        let refs = self.old_refs(spec);
+        if self.old_objects.is_empty() {
+            self.keep_old_copy(spec, &refs).await?;
+        }
+        self.delete_all(&refs).await
     }
 
     async fn switch_back(&self, spec: &MigrationSpec, applied: &[ObjectRef], old_removed: bool) -> Result<(), ClusterError> {
@@ -523,13 +584,14 @@ impl Cluster for KubeCluster {
             // KKP deploys the CNI its Cluster names: the old one comes back by itself.
             Self::kkp_set_cni(seed, cluster, &spec.from).await?;
         } else if old_removed {
-            if self.old_objects.is_empty() {
+            let objects = if self.old_objects.is_empty() { self.old_copy(&spec.from).await? } else { self.old_objects.clone() };
+            if objects.is_empty() {
                 return Err(ClusterError::Failed(format!(
-                    "the old CNI's objects were removed: pass --old-manifests PATH ({}'s manifests) so rollback can install it again",
+                    "the old CNI's objects were removed and ConfigMap kube-system/{OLD_CNI_COPY} holds no copy of them: pass --old-manifests PATH ({}'s manifests) so rollback can install it again",
                     spec.from
                 )));
             }
-            self.apply_all(&self.old_objects).await?;
+            self.apply_all(&objects).await?;
         }
         let mut target = self.target_refs(spec);
         target.extend(applied.iter().cloned());

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use allot_k8s::migration::{MigrationSpec, MigrationStatus, NodePhase, Phase, Switch};
 use allot_kube_fake::FakeApiServer;
-use allot_migrate::kube_cluster::{CniDaemonSets, KubeCluster, Switcher, parse_manifests};
+use allot_migrate::kube_cluster::{CniDaemonSets, KubeCluster, OLD_CNI_COPY, Switcher, parse_manifests};
 use allot_migrate::orchestrate::{Cluster, ClusterError, Eviction, Orchestrator, RunOptions};
 use allot_migrate::plan::{NodePlan, Plan};
 use serde_json::{Value, json};
@@ -122,6 +122,11 @@ fn fast() -> RunOptions {
     RunOptions { api_timeout: Duration::from_secs(5), poll: Duration::from_millis(20) }
 }
 
+/// kube-system's ConfigMap `name`.
+fn config_map(api: &FakeApiServer, name: &str) -> Option<Value> {
+    api.objects("v1", "ConfigMap").into_iter().find(|c| c["metadata"]["name"] == name)
+}
+
 fn reqs(api: &FakeApiServer, verb: &str, resource: &str, sub: Option<&str>) -> Vec<allot_kube_fake::Request> {
     api.requests().into_iter().filter(|r| r.verb == verb && r.resource == resource && r.subresource.as_deref() == sub).collect()
 }
@@ -190,9 +195,10 @@ async fn fake_api_apply_then_rollback_sends_what_an_apiserver_expects() {
         assert_ne!(n["spec"]["unschedulable"], json!(true), "{n}");
     }
 
-    // The install, applied server-side by field manager allot.
+    // The install, applied server-side by field manager allot; later the copy of canal's
+    // objects, before they go.
     let applies: Vec<_> = api.requests().into_iter().filter(|r| r.content_type.as_deref() == Some("application/apply-patch+yaml")).collect();
-    assert_eq!(applies.iter().map(|r| r.resource.as_str()).collect::<Vec<_>>(), ["serviceaccounts", "clusterroles", "daemonsets"]);
+    assert_eq!(applies.iter().map(|r| r.resource.as_str()).collect::<Vec<_>>(), ["serviceaccounts", "clusterroles", "daemonsets", "configmaps"]);
     assert!(applies.iter().all(|r| r.query.contains("fieldManager=allot") && r.query.contains("force=true")), "{applies:?}");
 
     // Evictions: 2 × 429 then 201; the DaemonSet pod deleted; the bare pod untouched.
@@ -205,19 +211,29 @@ async fn fake_api_apply_then_rollback_sends_what_an_apiserver_expects() {
     // canal removed; kube-proxy's mode changed and its pods restarted.
     assert!(api.objects("apps/v1", "DaemonSet").iter().all(|d| d["metadata"]["name"] != "canal"));
     assert!(api.objects("apps/v1", "Deployment").is_empty());
-    let cm = &api.objects("v1", "ConfigMap")[0];
+    let cm = &config_map(&api, "kube-proxy").unwrap();
     assert!(cm["data"]["config.conf"].as_str().unwrap().contains("mode: \"iptables\""), "{cm}");
     let kp = api.objects("apps/v1", "DaemonSet").into_iter().find(|d| d["metadata"]["name"] == "kube-proxy").unwrap();
     assert!(kp["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/restartedAt"].is_string(), "{kp}");
 
-    // Rollback: canal was removed and no --old-manifests was given: refused with what to do,
-    // nothing deleted, nodes schedulable.
+    // Before canal went, its objects were copied (for a rollback without --old-manifests).
+    let copy = config_map(&api, OLD_CNI_COPY).expect("the old CNI's objects are kept");
+    assert_eq!(copy["data"]["from"], "canal:v3.27");
+    let kept: Vec<Value> = serde_json::from_str(copy["data"]["objects"].as_str().unwrap()).unwrap();
+    let kinds: Vec<String> = kept.iter().map(|o| format!("{}/{}", o["kind"].as_str().unwrap(), o["metadata"]["name"].as_str().unwrap())).collect();
+    assert_eq!(kinds, ["DaemonSet/canal", "Deployment/calico-kube-controllers"]);
+    assert!(kept[0]["metadata"].get("uid").is_none() && kept[0]["metadata"].get("resourceVersion").is_none() && kept[0].get("status").is_none(), "{}", kept[0]);
+    assert_eq!(kept[0]["spec"]["selector"]["matchLabels"]["app"], "canal");
+
+    // Rollback: canal was removed, no --old-manifests was given and the copy is gone: refused
+    // with what to do, nothing deleted, nodes schedulable.
+    kube::Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(api.client(), "kube-system").delete(OLD_CNI_COPY, &Default::default()).await.unwrap();
     let before = api.objects("apps/v1", "DaemonSet").len();
     let mut o = Orchestrator::resume(&k, fast(), Box::new(|_, _| {})).await.unwrap();
     let e = o.rollback().await.unwrap_err().to_string();
-    assert!(e.contains("pass --old-manifests PATH"), "{e}");
+    assert!(e.contains("holds no copy") && e.contains("pass --old-manifests PATH"), "{e}");
     assert_eq!(api.objects("apps/v1", "DaemonSet").len(), before);
-    assert!(api.objects("v1", "ConfigMap")[0]["data"]["config.conf"].as_str().unwrap().contains("ipvs"), "kube-proxy back first");
+    assert!(config_map(&api, "kube-proxy").unwrap()["data"]["config.conf"].as_str().unwrap().contains("ipvs"), "kube-proxy back first");
 
     // With canal's manifests it goes through: canal applied again, cilium's objects deleted.
     let canal = "apiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: canal\n  namespace: kube-system\nspec: {}\n";
@@ -234,6 +250,26 @@ async fn fake_api_apply_then_rollback_sends_what_an_apiserver_expects() {
     let ds: Vec<String> = api.objects("apps/v1", "DaemonSet").iter().map(|d| d["metadata"]["name"].as_str().unwrap().to_string()).collect();
     assert!(ds.contains(&"canal".to_string()) && !ds.contains(&"cilium".to_string()), "{ds:?}");
     assert!(api.objects("rbac.authorization.k8s.io/v1", "ClusterRole").is_empty());
+}
+
+/// A rollback after the old CNI was removed, without --old-manifests: the copy kept before the
+/// removal installs it again (as it was, without its old identity), and the target goes.
+#[tokio::test]
+async fn fake_api_rollback_after_the_old_cni_was_removed_installs_it_from_the_kept_copy() {
+    let api = cluster();
+    let k = kube(&api);
+    {
+        let mut o = Orchestrator::begin(&k, spec(None), &plan(), fast(), Box::new(|_, _| {})).await.unwrap();
+        o.apply().await.unwrap();
+    }
+    assert!(api.objects("apps/v1", "DaemonSet").iter().all(|d| d["metadata"]["name"] != "canal"), "canal removed");
+    let mut o = Orchestrator::resume(&k, fast(), Box::new(|_, _| {})).await.unwrap();
+    o.rollback().await.unwrap();
+    assert_eq!(api.objects("allot.dev/v1", "Migration")[0]["status"]["phase"], "RolledBack");
+    let canal = api.objects("apps/v1", "DaemonSet").into_iter().find(|d| d["metadata"]["name"] == "canal").expect("canal is back");
+    assert_eq!(canal["spec"]["template"]["spec"]["containers"][0]["image"], "i", "{canal}");
+    assert!(api.objects("apps/v1", "Deployment").iter().any(|d| d["metadata"]["name"] == "calico-kube-controllers"));
+    assert!(api.objects("apps/v1", "DaemonSet").iter().all(|d| d["metadata"]["name"] != "cilium"), "the target went");
 }
 
 fn pdb(name: &str, app: &str) -> Value {

@@ -375,7 +375,10 @@ impl<S: Store> Node<S> {
     pub async fn adopt_host_local(&self, req: &AdoptHostLocalRequest) -> Result<AdoptResponse, AgentError> {
         let dir = PathBuf::from(&req.dir);
         let dir = dir.canonicalize().unwrap_or(dir);
-        let response = self.sync_host_local(&dir, req.pool.as_deref(), req.dry_run).await?;
+        // The directory's record is written under the same lock as its scan: a DEL or a rescan of
+        // a namesake directory in between would not know whose owners these are.
+        let _sync = self.host_local_sync.lock().await;
+        let response = self.sync_host_local_locked(&dir, req.pool.as_deref(), req.dry_run).await?;
         if !req.dry_run {
             let scan_network = response_network(&dir);
             let mut ad = self.adoptions.lock().unwrap_or_else(|p| p.into_inner());
@@ -399,6 +402,11 @@ impl<S: Store> Node<S> {
         // a scan read before another's change would free what it just adopted, or adopt back
         // what it just freed.
         let _sync = self.host_local_sync.lock().await;
+        self.sync_host_local_locked(dir, pool, dry_run).await
+    }
+
+    /// `sync_host_local` with `host_local_sync` already held.
+    async fn sync_host_local_locked(&self, dir: &Path, pool: Option<&str>, dry_run: bool) -> Result<AdoptResponse, AgentError> {
         let scan = hostlocal::scan(dir).map_err(|e| match e {
             hostlocal::HostLocalError::Invalid(m) => AgentError::Invalid(m),
             hostlocal::HostLocalError::Unreadable(m) => AgentError::Internal(m),

@@ -634,7 +634,13 @@ impl Cluster for KubeCluster {
             let (timeout, poll) = self.proxy_wait;
             let start = std::time::Instant::now();
             loop {
-                let now = self.config_map_proxy_mode().await?;
+                // A read the API fails is one more look within the same wait: retrying the whole
+                // step would patch again and start the wait over.
+                let now = match self.config_map_proxy_mode().await {
+                    Ok(m) => m,
+                    Err(ClusterError::Unavailable(e)) => format!("an unreadable ConfigMap ({e})"),
+                    Err(e) => return Err(e),
+                };
                 if now == mode {
                     break;
                 }

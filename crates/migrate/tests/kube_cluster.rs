@@ -370,6 +370,8 @@ async fn fake_api_kkp_switch_labels_then_patches_the_seed_cluster() {
     assert_eq!(k.kube_proxy_mode().await.unwrap(), "ipvs");
     // KKP writes the user cluster's ConfigMap some time after the Cluster changes: kube-proxy
     // is restarted only once it shows the new mode (the manual's step 3).
+    // Two reads of the ConfigMap fail on the way: looks within the same wait, not a new patch.
+    user.fail_next("get", "configmaps", 503, 2);
     let set = k.set_kube_proxy_mode("iptables");
     let kkp = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -382,6 +384,8 @@ async fn fake_api_kkp_switch_labels_then_patches_the_seed_cluster() {
     let (r, ()) = tokio::join!(set, kkp);
     r.unwrap();
     assert_eq!(reqs(&user, "patch", "daemonsets", None).len(), 1, "kube-proxy restarted in the user cluster");
+    assert_eq!(reqs(&user, "get", "configmaps", None).iter().filter(|r| r.status == 503).count(), 2);
+    assert_eq!(reqs(&seed, "patch", "clusters", None).len(), 3, "the proxyMode patch sent once");
 
     // KKP never reconciles: a clear failure, and no restart.
     let slow = KubeCluster::new(user.client(), Switcher::Kkp { seed: seed.client(), cluster: "xyz".into() }, vec![], CniDaemonSets::of("canal:v3.27", "cilium:1.16").unwrap())

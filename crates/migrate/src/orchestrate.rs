@@ -306,7 +306,7 @@ impl<'a, C: Cluster> Orchestrator<'a, C> {
                 self.st.phase = self.st.failed_in.take().unwrap_or(Phase::Preflight);
                 self.st.message = None;
                 self.reset_failed_nodes();
-                self.save().await.map_err(Error::Cluster)?;
+                self.save().await.map_err(|e| self.saving_failed(e))?;
                 self.report(format!("retrying from phase {}", self.st.phase));
             }
             _ => {}
@@ -332,7 +332,7 @@ impl<'a, C: Cluster> Orchestrator<'a, C> {
             self.st.failed_in = None;
             self.st.message = None;
             self.st.rollback_step = Some(Phase::KubeProxy);
-            self.save().await.map_err(Error::Cluster)?;
+            self.save().await.map_err(|e| self.saving_failed(e))?;
             self.report("rolling back to the old CNI".into());
         }
         self.reset_failed_nodes();
@@ -412,6 +412,11 @@ impl<'a, C: Cluster> Orchestrator<'a, C> {
         let err = self.unreachable(e);
         self.report(err.to_string());
         err
+    }
+
+    /// A save before any step: an API gone away says how to go on, another answer is as it is.
+    fn saving_failed(&self, e: ClusterError) -> Error {
+        if matches!(e, ClusterError::Unavailable(_)) { self.unreachable(e) } else { Error::Cluster(e) }
     }
 
     /// The error for an API gone away, naming the nodes that may still be cordoned.

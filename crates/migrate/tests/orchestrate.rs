@@ -55,6 +55,17 @@ fn apply_spec(sim: &Sim, spec: MigrationSpec) -> Result<(), Error> {
     })
 }
 
+/// A whole apply that must succeed; the lines it reported.
+fn apply_reporting(sim: &Sim, spec: MigrationSpec) -> Vec<String> {
+    let mut lines = Vec::new();
+    let plan = sim.plan("canal:3.27", "cilium:1.16", 2);
+    block_on(async {
+        let mut o = Orchestrator::begin(sim, spec, &plan, RunOptions::default(), Box::new(|_, l: &str| lines.push(l.to_string()))).await.unwrap();
+        o.apply().await.unwrap();
+    });
+    lines
+}
+
 /// KKP's case: the pods CIDR cannot change, so the target hands out addresses from the old
 /// CNI's range and --new-pod-cidr is that range: every old pod's address is already in it.
 fn shared_cluster(seed: u64) -> Sim {
@@ -138,14 +149,7 @@ fn a_whole_run_moves_every_pod_keeps_bare_pods_and_says_how_many() {
         let (n, o) = w.pods_by_cni();
         (n + o, ())
     };
-    let mut lines = Vec::new();
-    let plan = sim.plan("canal:3.27", "cilium:1.16", 2);
-    block_on(async {
-        let mut o = Orchestrator::begin(&sim, spec(false), &plan, RunOptions::default(), Box::new(|_, l: &str| lines.push(l.to_string())))
-            .await
-            .unwrap();
-        o.apply().await.unwrap();
-    });
+    let lines = apply_reporting(&sim, spec(false));
     check_rules(&sim, false, "uncrashed");
     let e = end(&sim);
     assert_eq!(e.phase, Phase::Done);
@@ -438,14 +442,7 @@ fn a_shared_range_restarts_every_pod_and_counts_them_right() {
         assert_eq!(n, 0);
         n + o
     };
-    let mut lines = Vec::new();
-    let plan = sim.plan("canal:3.27", "cilium:1.16", 2);
-    block_on(async {
-        let mut o = Orchestrator::begin(&sim, shared_spec(false), &plan, RunOptions::default(), Box::new(|_, l: &str| lines.push(l.to_string())))
-            .await
-            .unwrap();
-        o.apply().await.unwrap();
-    });
+    let lines = apply_reporting(&sim, shared_spec(false));
     check_rules(&sim, false, "shared range");
     let after = owned_uids(&sim);
     let stayed: Vec<&String> = before.iter().filter(|u| after.contains(u)).collect();

@@ -533,6 +533,68 @@ fn cleanup_removes_exactly_the_old_cnis_leftovers() {
     assert!(!listing.contains("podman"), "another tool's bridge network listed:\n{listing}");
 }
 
+/// `--from calico` and `--from cilium` in one namespace holding both CNIs' leftovers and another
+/// tool's: each waits while a pod of its own still has its interface (cali*, lxc*), then takes
+/// its links, BIRD routes, chains, nft tables and config files, and nothing of the other or of
+/// the other tool.
+#[test]
+fn cleanup_of_calico_and_of_cilium_takes_only_theirs_and_waits_for_their_pods() {
+    require_root();
+    let ns = Netns::new();
+    let n = ns.name.as_str();
+    sh(n, "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1");
+    sh(n, "ip link add uplink type veth peer name uplink-peer && ip addr add 192.168.50.1/24 dev uplink && ip link set uplink-peer up && ip link set uplink up");
+    sh(n, "ip link add vxlan.calico type vxlan id 4096 dstport 4789 && ip link set vxlan.calico up");
+    sh(n, "ip route add 10.9.1.0/26 via 192.168.50.2 dev uplink proto bird");
+    sh(n, "iptables -N cali-FORWARD && iptables -A FORWARD -j cali-FORWARD && iptables -t nat -N cali-nat-outgoing && iptables -t nat -A POSTROUTING -j cali-nat-outgoing");
+    sh(n, "nft add table ip calico-filter");
+    sh(n, "ip link add cali1234abcd type veth peer name podeth1");
+    sh(n, "ip link add cilium_host type veth peer name cilium_net && ip link set cilium_host up && ip link set cilium_net up && ip route add 10.0.5.0/24 dev cilium_host");
+    sh(n, "iptables -N CILIUM_FORWARD && iptables -A FORWARD -j CILIUM_FORWARD && nft add table inet cilium-test");
+    sh(n, "ip link add lxc99 type veth peer name podeth2");
+    sh(n, "iptables -N MYAPP && iptables -A INPUT -j MYAPP && ip route add 10.77.0.0/24 via 192.168.50.3 dev uplink proto static && nft add table inet myapp");
+    let conf = tempfile::tempdir().unwrap();
+    std::fs::write(conf.path().join("10-calico.conflist"), r#"{"cniVersion":"0.3.1","name":"k8s-pod-network","plugins":[{"type":"calico"}]}"#).unwrap();
+    std::fs::write(conf.path().join("05-cilium.conf"), r#"{"cniVersion":"0.3.1","name":"cilium","type":"cilium-cni"}"#).unwrap();
+    let conf_s = conf.path().to_str().unwrap();
+    let cleanup = |from: &str, extra: &[&str]| {
+        let mut args = vec!["node", "cleanup", "--from", from, "--no-agent", "--cni-conf-dir", conf_s];
+        args.extend_from_slice(extra);
+        allot(Some(n), &args)
+    };
+    let state = || (out(n, "ip -o link show | awk '{print $2}' | sort"), out(n, "iptables-save | grep -v '^#'"), out(n, "nft list tables"), out(n, "ip -4 route show table all"));
+
+    for (from, pod) in [("calico", "cali1234abcd"), ("cilium", "lxc99")] {
+        let before = state();
+        let (ok, _, err) = cleanup(from, &[]);
+        assert!(!ok && err.contains(pod) && err.contains("nothing was removed"), "{from}: {err}");
+        assert_eq!(state(), before, "{from}: a refused cleanup removes nothing");
+        sh(n, &format!("ip link del {pod}"));
+    }
+
+    let (ok, listing, err) = cleanup("calico", &["--dry-run"]);
+    assert!(ok, "{err}");
+    for want in ["link vxlan.calico", "10.9.1.0/26", "chain filter/cali-FORWARD", "chain nat/cali-nat-outgoing", "-A FORWARD -j cali-FORWARD", "table ip calico-filter", "10-calico.conflist"] {
+        assert!(listing.contains(want), "{want:?} missing from:\n{listing}");
+    }
+    for never in ["cilium", "CILIUM", "MYAPP", "myapp", "10.77.0.0", "link uplink"] {
+        assert!(!listing.contains(never), "{never} listed:\n{listing}");
+    }
+    let (ok, done, err) = cleanup("calico", &[]);
+    assert!(ok, "{err}\n{done}");
+    let (links, rules, tables, routes) = state();
+    assert!(!links.contains("vxlan.calico") && !rules.contains("cali-") && !tables.contains("calico") && !routes.contains("10.9.1.0/26"), "{links}{rules}{tables}{routes}");
+    assert!(links.contains("cilium_host") && rules.contains("CILIUM_FORWARD") && tables.contains("cilium-test"), "cilium's stay: {links}{rules}{tables}");
+    assert!(!conf.path().join("10-calico.conflist").exists() && conf.path().join("05-cilium.conf").exists());
+
+    let (ok, done, err) = cleanup("cilium", &[]);
+    assert!(ok, "{err}\n{done}");
+    let (links, rules, tables, routes) = state();
+    assert!(!links.contains("cilium_") && !rules.contains("CILIUM") && !tables.contains("cilium") && !routes.contains("10.0.5.0/24"), "{links}{rules}{tables}{routes}");
+    assert!(!conf.path().join("05-cilium.conf").exists());
+    assert!(links.contains("uplink") && rules.contains("-A INPUT -j MYAPP") && tables.contains("inet myapp") && routes.contains("10.77.0.0/24"), "another tool's stay: {links}{rules}{tables}{routes}");
+}
+
 /// The agent's CNI readiness (`cni` in `/v1/status`): whether it serves ADDs now, and why not.
 fn cni_readiness(agent: &Agent) -> allot_wire::Readiness {
     agent.client().get::<allot_wire::Status>("/v1/status").unwrap().cni.expect("agent reports CNI readiness")

@@ -182,12 +182,12 @@ async fn rollback(a: RollbackArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Ctrl-C stops the run between two API calls; the `Migration` object says where, and the same
-/// command resumes.
+/// Ctrl-C or SIGTERM (a Job's pod being stopped) stops the run between two API calls; the
+/// `Migration` object says where, and the same command resumes.
 async fn run_until_interrupted(run: impl Future<Output = Result<(), allot_migrate::orchestrate::Error>>) -> anyhow::Result<()> {
     tokio::select! {
         r = run => Ok(r?),
-        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted: nodes this run cordoned may still be cordoned; run the same command again to resume (`allot migrate status` shows where it stopped)"),
+        _ = crate::cmd::agent::shutdown_signal() => anyhow::bail!("interrupted: nodes this run cordoned may still be cordoned; run the same command again to resume (`allot migrate status` shows where it stopped)"),
     }
 }
 

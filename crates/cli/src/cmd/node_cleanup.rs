@@ -406,7 +406,12 @@ fn remove(items: &[Item]) -> Vec<String> {
     }
     for i in items {
         let r = match i {
-            Item::Link { name, .. } => run("ip", &["link", "del", name]).map(drop),
+            Item::Link { name, .. } => match run("ip", &["link", "del", name]) {
+                // A veth goes with its peer: the other half of a pair (cilium_host and
+                // cilium_net) is gone already.
+                Err(_) if run("ip", &["link", "show", name]).is_err() => Ok(()),
+                r => r.map(drop),
+            },
             Item::File { path } => std::fs::remove_file(path).map_err(anyhow::Error::from),
             _ => continue,
         };

@@ -104,7 +104,7 @@ fn main() {
             Command::Allocations(c) => cmd::allocations::exec(c, &b),
             Command::Status(a) => cmd::status::exec(a, &b),
             Command::Gc(a) => cmd::gc::exec(a, &b),
-            Command::Adopt(c) => cmd::adopt::exec(c, &b),
+            Command::Adopt(c) => cmd::adopt::exec(c, &b, cli.cluster.kubeconfig.as_deref()),
             _ => unreachable!("handled above"),
         }),
     };

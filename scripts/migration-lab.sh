@@ -251,7 +251,9 @@ for i in $(seq 0 $((NODES - 1))); do
     in_ns "$tag-n$i" "$bin/allot" --socket "$work/agent$i.sock" node cleanup --from bridge --cni-conf-dir "$work/n$i/net.d" | sed "s|$work/||g; s/^/  node$i: /"
     n=$(in_ns "$tag-n$i" "$bin/allot" --socket "$work/agent$i.sock" node cleanup --from bridge --dry-run --cni-conf-dir "$work/n$i/net.d" | grep -c '^would remove' || true)
     leases=$(find "$work/n$i/cni/oldnet" -maxdepth 1 -name '10.*' | wc -l)
-    leftovers=$((leftovers + n + leases))
+    # Counted apart from cleanup's own listing: any config of the old network left, moved aside or not.
+    confs=$(grep -rls '"name":"oldnet"' "$work/n$i/net.d" | wc -l || true)
+    leftovers=$((leftovers + n + leases + confs))
 done
 # Pings go on past the cleanup: what it broke shows as losses (more than the 1 s grace below).
 sleep 2

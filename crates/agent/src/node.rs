@@ -950,7 +950,7 @@ impl<S: Store> Node<S> {
             let free: u128 = st
                 .alloc
                 .block_list()
-                .filter(|(_, b)| !b.draining && !b.reserved)
+                .filter(|(_, b)| b.serves())
                 .map(|(_, b)| b.pod_capacity().saturating_sub(b.pods()))
                 .sum();
             if free == 0 {

@@ -139,8 +139,13 @@ impl Block {
         (self.net.contains(&ip) && v >= self.first && v - self.first < self.capacity).then(|| v - self.first)
     }
 
+    /// Whether new addresses come from this block: not being given back, not reserved.
+    pub fn serves(&self) -> bool {
+        !self.draining && !self.reserved
+    }
+
     fn take(&mut self) -> Option<u128> {
-        if self.draining || self.reserved || self.in_use >= self.capacity {
+        if !self.serves() || self.in_use >= self.capacity {
             return None;
         }
         let off = self
@@ -219,14 +224,18 @@ impl NodeAllocator {
         }
     }
 
+    fn block_mut(&mut self, pool: &str, net: &IpNet) -> Option<&mut Block> {
+        self.blocks_mut(pool, Family::of(net)).and_then(|v| v.iter_mut().find(|b| b.net == *net))
+    }
+
     pub fn set_reserved(&mut self, pool: &str, net: &IpNet, reserved: bool) {
-        if let Some(b) = self.blocks_mut(pool, Family::of(net)).and_then(|v| v.iter_mut().find(|b| b.net == *net)) {
+        if let Some(b) = self.block_mut(pool, net) {
             b.reserved = reserved;
         }
     }
 
     pub fn set_draining(&mut self, pool: &str, net: &IpNet, draining: bool) {
-        if let Some(b) = self.blocks_mut(pool, Family::of(net)).and_then(|v| v.iter_mut().find(|b| b.net == *net)) {
+        if let Some(b) = self.block_mut(pool, net) {
             b.draining = draining;
         }
     }
@@ -302,7 +311,7 @@ impl NodeAllocator {
     pub fn usage(&self, pool: &str, family: Family) -> Usage {
         self.blocks(pool, family).map_or(Usage::default(), |v| Usage {
             blocks: v.len(),
-            capacity: v.iter().filter(|b| !b.draining && !b.reserved).map(Block::pod_capacity).sum(),
+            capacity: v.iter().filter(|b| b.serves()).map(Block::pod_capacity).sum(),
             in_use: v.iter().filter(|b| !b.reserved).map(Block::pods).sum(),
             reserved: v.iter().filter(|b| b.reserved).map(|b| b.capacity).sum(),
         })
@@ -316,9 +325,9 @@ impl NodeAllocator {
     /// the last ones first, so the low blocks stay in use.
     pub fn releasable(&self, pool: &str, family: Family, needed: u128) -> Vec<IpNet> {
         let Some(blocks) = self.blocks(pool, family) else { return Vec::new() };
-        let mut capacity: u128 = blocks.iter().filter(|b| !b.draining && !b.reserved).map(Block::pod_capacity).sum();
+        let mut capacity: u128 = blocks.iter().filter(|b| b.serves()).map(Block::pod_capacity).sum();
         let mut out = Vec::new();
-        for b in blocks.iter().rev().filter(|b| !b.draining && !b.reserved) {
+        for b in blocks.iter().rev().filter(|b| b.serves()) {
             if b.pods() == 0 && capacity - b.pod_capacity() >= needed {
                 capacity -= b.pod_capacity();
                 out.push(b.net);
